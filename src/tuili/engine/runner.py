@@ -1,0 +1,86 @@
+"""Builds a step's tensors from the scheduled sequences, runs the model, returns logits.
+
+The runner owns the KV cache tensors (per layer, K and V of shape
+`[num_blocks, block_size, num_kv_heads, head_dim]`) and is the only part of the engine
+that touches tensors besides the sampler. In the flat batch, single-token queries
+(decodes) come first and share one batched attention call; prefill chunks follow.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model.layers import AttentionMetadata, PrefillSpan
+from ..model.llama import LlamaModel
+from .kv_cache import cdiv
+from .scheduler import ScheduledSeq
+
+
+def kv_bytes_per_block(model: LlamaModel, block_size: int, kv_dtype: torch.dtype) -> int:
+    cfg = model.cfg
+    elem = torch.tensor([], dtype=kv_dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        cfg = model.cfg
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=kv_dtype, device=self.device))
+                          for _ in range(cfg.num_layers)]
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        """Runs one step; returns logits [N, V] for the sequences that sample, in the returned order."""
+        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        ordered = decodes + prefills
+        input_ids, positions, slots = self._flat_inputs(ordered)
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots))
+        if decodes:
+            self._decode_meta(decodes, meta)
+        start = len(decodes)
+        for s in prefills:
+            ctx = s.seq.num_computed_tokens + s.num_new_tokens
+            table = self._tensor(s.seq.block_table[: cdiv(ctx, self.block_size)])
+            meta.prefills.append(PrefillSpan(start, s.num_new_tokens, ctx, table))
+            start += s.num_new_tokens
+        hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
+        sampling, rows, offset = [], [], 0
+        for s in ordered:
+            offset += s.num_new_tokens
+            if s.samples:
+                sampling.append(s)
+                rows.append(offset - 1)
+        if not rows:
+            return torch.empty(0, self.model.cfg.vocab_size, device=self.device), []
+        return self.model.compute_logits(hidden[self._tensor(rows)]), sampling
+
+    def _flat_inputs(self, ordered: list[ScheduledSeq]) -> tuple[list[int], list[int], list[int]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for s in ordered:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            end = start + s.num_new_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        return input_ids, positions, slots
+
+    def _decode_meta(self, decodes: list[ScheduledSeq], meta: AttentionMetadata) -> None:
+        lens = [s.seq.num_computed_tokens + 1 for s in decodes]
+        width = cdiv(max(lens), self.block_size)
+        tables = [s.seq.block_table[:width] + [0] * (width - len(s.seq.block_table[:width])) for s in decodes]
+        meta.num_decodes = len(decodes)
+        meta.decode_block_tables = self._tensor(tables)
+        meta.decode_context_lens = self._tensor(lens)
+        meta.decode_max_context = max(lens)
+
+    def _tensor(self, data) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.long, device=self.device)

@@ -1,0 +1,166 @@
+"""Building blocks of the Llama family: RMSNorm, rotary embeddings, attention over the paged cache.
+
+The numerics follow Hugging Face transformers step by step (RMSNorm in float32 then cast,
+rotate-half rotary, softmax in float32) so greedy decoding matches it token for token.
+
+The KV cache layout is fixed by the design: per layer, K and V are each
+`[num_blocks, block_size, num_kv_heads, head_dim]`. Attention here only needs the
+flattened slot index of each new token (`slot_mapping`) and, per sequence, its block
+table and context length; scheduling is not its business.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the attention scaling factor, for the rope types we support."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low = scaling.get("low_freq_factor", 1.0)
+        high = scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    raise ValueError(f"unsupported rope scaling type {kind!r}")
+
+
+class Rotary(torch.nn.Module):
+    """Precomputed cos/sin tables indexed by absolute position (rotate-half convention)."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        inv_freq, attn_scale = rope_inv_freq(cfg)
+        pos = torch.arange(max_positions, dtype=torch.float32)
+        freqs = pos[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", (emb.cos() * attn_scale).to(dtype=dtype, device=device), persistent=False)
+        self.register_buffer("sin", (emb.sin() * attn_scale).to(dtype=dtype, device=device), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """q: [T, H, D], k: [T, KVH, D], positions: [T]."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's chunk in the step: its queries are tokens [q_start, q_start+q_len) of the
+    flattened batch; after this step the sequence has `ctx_len` tokens in the cache."""
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    block_table: torch.Tensor  # [num_blocks_of_seq] long
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs for one step. Decode tokens come first in the batch, one per sequence."""
+
+    slot_mapping: torch.Tensor  # [T] long: flat cache slot for each new token
+    num_decodes: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] long (padded with 0)
+    decode_context_lens: torch.Tensor | None = None  # [B] long
+    decode_max_context: int = 0
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the step's new K/V rows at their slots (the cache viewed as [slots, KVH, D])."""
+    kvh, d = k_cache.shape[-2:]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention of the step's queries q [T, H, D] over each sequence's cached context.
+
+    The new K/V of the step must already be written to the cache."""
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+    for span in meta.prefills:
+        q_seq = q[span.q_start: span.q_start + span.q_len]
+        out[span.q_start: span.q_start + span.q_len] = _prefill_attention(q_seq, k_cache, v_cache, span, scale)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
+    kvh, d = cache.shape[-2:]
+    return cache[block_table].reshape(-1, kvh, d)[:ctx_len]
+
+
+def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       span: PrefillSpan, scale: float) -> torch.Tensor:
+    k = _gather(k_cache, span.block_table, span.ctx_len).to(q.dtype)
+    v = _gather(v_cache, span.block_table, span.ctx_len).to(q.dtype)
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, len, D]
+    past = span.ctx_len - span.q_len
+    if past == 0:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        rows = torch.arange(span.q_len, device=q.device)[:, None] + past
+        cols = torch.arange(span.ctx_len, device=q.device)[None, :]
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=cols <= rows, scale=scale, enable_gqa=True)
+    return o.transpose(0, 1)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence; K/V gathered into a padded [B, L] batch and masked by length."""
+    b, h, d = q.shape
+    kvh = k_cache.shape[-2]
+    group = h // kvh
+    tables = meta.decode_block_tables
+    max_len = meta.decode_max_context
+    k = k_cache[tables].reshape(b, -1, kvh, d)[:, :max_len].to(q.dtype)  # [B, L, KVH, D]
+    v = v_cache[tables].reshape(b, -1, kvh, d)[:, :max_len].to(q.dtype)
+    qg = q.view(b, kvh, group, d)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k).float() * scale
+    pad = torch.arange(max_len, device=q.device)[None, :] >= meta.decode_context_lens[:, None]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    o = torch.einsum("bkgl,blkd->bkgd", probs, v)
+    return o.reshape(b, h, d)

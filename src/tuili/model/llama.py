@@ -1,0 +1,112 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3) over a paged KV cache.
+
+One model serves all of them; the differences are flags on `ModelConfig`:
+q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), head_dim not equal to hidden/heads
+(Qwen3), tied embeddings, and rope scaling. Weights arrive under Hugging Face names and
+are fused at load time (q/k/v into one matmul, gate/up into another) so a layer runs
+four matmuls instead of seven.
+
+The forward pass takes a flat batch of tokens (decodes first, then prefill chunks) and
+returns hidden states; the caller picks the rows it needs logits for.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .layers import AttentionMetadata, RMSNorm, Rotary, paged_attention, write_kv
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        # Filled by LlamaModel.load_weights.
+        self.qkv_weight: torch.Tensor
+        self.qkv_bias: torch.Tensor | None = None
+        self.o_weight: torch.Tensor
+        self.gate_up_weight: torch.Tensor
+        self.down_weight: torch.Tensor
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        h = self.input_norm(x)
+        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, k, positions)
+        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        attn = paged_attention(q, kv[0], kv[1], meta, self.scale)
+        x = x + F.linear(attn.reshape(t, self.q_size), self.o_weight)
+        h = self.post_attn_norm(x)
+        gate, up = F.linear(h, self.gate_up_weight).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.down_weight)
+
+
+class LlamaModel(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = device
+        self.layers = torch.nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.rotary = Rotary(cfg, max_positions or cfg.max_position_embeddings, dtype, device)
+        self.embed: torch.Tensor
+        self.lm_head: torch.Tensor
+
+    @torch.inference_mode()
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Take HF-named tensors, fuse what can be fused, cast to the model dtype and device."""
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise ValueError(f"weights are missing tensor {name!r}")
+            return weights[name].to(device=self.device, dtype=self.dtype).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")
+        has_head = "lm_head.weight" in weights
+        self.lm_head = take("lm_head.weight") if has_head and not self.cfg.tie_word_embeddings else self.embed
+        self.norm.weight.copy_(take("model.norm.weight"))
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            layer.qkv_weight = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
+                                          take(a + "v_proj.weight")]).contiguous()
+            if self.cfg.attention_bias:
+                layer.qkv_bias = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
+                                            take(a + "v_proj.bias")]).contiguous()
+            layer.o_weight = take(a + "o_proj.weight")
+            layer.gate_up_weight = torch.cat([take(p + "mlp.gate_proj.weight"),
+                                              take(p + "mlp.up_proj.weight")]).contiguous()
+            layer.down_weight = take(p + "mlp.down_proj.weight")
+            layer.input_norm.weight.copy_(take(p + "input_layernorm.weight"))
+            layer.post_attn_norm.weight.copy_(take(p + "post_attention_layernorm.weight"))
+            if layer.q_norm is not None:
+                layer.q_norm.weight.copy_(take(a + "q_norm.weight"))
+                layer.k_norm.weight.copy_(take(a + "k_norm.weight"))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, positions, self.rotary, kv, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()

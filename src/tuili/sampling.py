@@ -1,0 +1,207 @@
+"""Sampling parameters (validated on construction) and the batched sampler.
+
+Decisions:
+- Processing order: penalties -> min_tokens masking -> temperature -> min_p -> top_k/top_p -> draw.
+- `temperature == 0` means greedy (argmax of the penalised logits).
+- Returned logprobs are those of the model's raw distribution (log_softmax of the logits
+  before penalties and temperature), as OpenAI and vLLM report them.
+- A request with a `seed` owns a torch.Generator; its draws depend only on that generator
+  and its own logits row, so the same seed gives the same text whatever else is batched.
+  Draws use the exponential-race form argmax(p / E), E ~ Exp(1), one E per vocab entry.
+- `n > 1` completions of a seeded request use seed, seed+1, ... so they differ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence as Seq
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs to return per token (0: only the sampled one)
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == 0:
+            self.top_k = -1
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            bad("n", "must be an integer >= 1")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad("max_tokens", "must be an integer >= 1")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens})")
+        if not 0.0 <= self.temperature <= 100.0:
+            bad("temperature", "must be in [0, 100]")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", "must be -1 (off) or a positive integer")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", "must be in [0, 1]")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            bad("presence_penalty", "must be in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            bad("frequency_penalty", "must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            bad("repetition_penalty", "must be in (0, 10]")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "must be an integer")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            bad("logprobs", "must be an integer in [0, 20]")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "must be non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def child_seed(self, index: int) -> int | None:
+        return None if self.seed is None else self.seed + index
+
+
+@dataclass
+class SampleRequest:
+    """One row of the batch to sample: its parameters, history and random state."""
+
+    params: SamplingParams
+    prompt_token_ids: Seq[int]
+    output_token_ids: Seq[int]
+    generator: torch.Generator | None = None
+    eos_token_ids: Seq[int] = field(default_factory=tuple)
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    # Per row: (logprob of the chosen token, [(token id, logprob) of the top k]) or None.
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int | None = None):
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> SampleResult:
+        """logits: [N, V] float32, one row per request in `rows`."""
+        raw = logits
+        logits = logits.clone()
+        self._apply_penalties(logits, rows)
+        self._mask_early_stop(logits, rows)
+        tokens = logits.argmax(dim=-1)
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if sampled:
+            idx = torch.tensor(sampled, device=logits.device)
+            probs = self._probs(logits[idx], [rows[i] for i in sampled])
+            tokens[idx] = self._draw(probs, [rows[i] for i in sampled])
+        token_list = tokens.tolist()
+        return SampleResult(token_list, self._logprobs(raw, rows, token_list))
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> None:
+        for i, r in enumerate(rows):
+            p = r.params
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(list(r.prompt_token_ids) + list(r.output_token_ids),
+                                    dtype=torch.long, device=logits.device).unique()
+                vals = logits[i, seen]
+                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and len(r.output_token_ids):
+                out = torch.tensor(list(r.output_token_ids), dtype=torch.long, device=logits.device)
+                counts = torch.bincount(out, minlength=logits.shape[1])[: logits.shape[1]].to(logits.dtype)
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+    def _mask_early_stop(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> None:
+        for i, r in enumerate(rows):
+            if len(r.output_token_ids) < r.params.min_tokens:
+                banned = list(r.params.stop_token_ids)
+                if not r.params.ignore_eos:
+                    banned += list(r.eos_token_ids)
+                if banned:
+                    logits[i, banned] = float("-inf")
+
+    def _probs(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
+        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        logits = logits / temps[:, None]
+        probs = torch.softmax(logits, dim=-1)
+        min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device)
+        if bool((min_p > 0).any()):
+            floor = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+            probs = probs.masked_fill(probs < floor, 0.0)
+        top_k = [r.params.top_k for r in rows]
+        top_p = [r.params.top_p for r in rows]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            probs = self._top_k_top_p(probs, top_k, top_p)
+        return probs / probs.sum(dim=-1, keepdim=True)
+
+    @staticmethod
+    def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        vocab = probs.shape[-1]
+        k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=probs.device)
+        ranks = torch.arange(vocab, device=probs.device)[None, :]
+        drop = ranks >= k[:, None]
+        p = torch.tensor(top_p, device=probs.device, dtype=probs.dtype)
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        # Keep the smallest prefix whose mass reaches top_p (mass before a token < top_p).
+        before = sorted_p.cumsum(dim=-1) - sorted_p
+        total = sorted_p.sum(dim=-1, keepdim=True)
+        drop |= before >= p[:, None] * total
+        drop[:, 0] = False
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+
+    def _draw(self, probs: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
+        noise = torch.empty_like(probs)
+        for i, r in enumerate(rows):
+            noise[i].exponential_(generator=r.generator or self.generator)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, rows: Seq[SampleRequest], tokens: list[int]):
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        result: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
+        if not wanted:
+            return result
+        idx = torch.tensor(wanted, device=raw.device)
+        lp = torch.log_softmax(raw[idx], dim=-1)
+        k = max(rows[i].params.logprobs for i in wanted)
+        top_v, top_i = lp.topk(max(k, 1), dim=-1) if k else (None, None)
+        chosen = lp[torch.arange(len(wanted), device=raw.device),
+                    torch.tensor([tokens[i] for i in wanted], device=raw.device)].tolist()
+        for j, i in enumerate(wanted):
+            n = rows[i].params.logprobs
+            top = list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist())) if n else []
+            result[i] = (chosen[j], top)
+        return result
