@@ -1,0 +1,1 @@
+"""Data files shipped with tuili (a public-domain text corpus)."""
