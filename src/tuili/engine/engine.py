@@ -75,6 +75,7 @@ class Engine:
         cfg = self.config
         loaded = load_model(model) if isinstance(model, str) else model
         self.model_name = loaded.name
+        self.model_folder = loaded.folder
         self.model_config = loaded.config
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
@@ -99,17 +100,24 @@ class Engine:
                  num_blocks * cfg.block_size, self.max_model_len)
 
     # ---- requests ------------------------------------------------------------
-    def encode(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
+    def encode(self, prompt: str, tokenizer=None) -> list[int]:
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
             raise ValueError("prompt: this model has no tokenizer; send token ids")
-        return self.tokenizer(prompt).input_ids
+        return tokenizer(prompt).input_ids
+
+    def prepare(self, prompt: str | list[int], params: SamplingParams, tokenizer=None) -> list[int]:
+        """Tokenize and check a prompt without changing engine state (safe from another thread
+        when given its own tokenizer). Raises ValueError naming the field at fault."""
+        ids = self.encode(prompt, tokenizer) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids, params)
+        return ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
         text = prompt if isinstance(prompt, str) else None
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(ids, params)
+        ids = self.prepare(prompt, params)
         req = Request(request_id, text, ids, params)
         for i in range(params.n):
             seq = Sequence(request_id, i, ids, params, arrival_time=req.arrival_time)
@@ -126,7 +134,7 @@ class Engine:
         if not ids:
             raise ValueError("prompt: must not be empty")
         vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
         limit = self.max_model_len
         if len(ids) >= limit:

@@ -1,0 +1,183 @@
+"""The background loop that HTTP requests join and leave.
+
+One thread per model owns the `Engine` and runs `step()` whenever there is work. Requests
+from the event loop are tokenized and validated in the caller (with a tokenizer instance
+of their own, since Hugging Face fast tokenizers must not be shared across threads), then
+handed to the loop thread through a locked inbox; outputs travel back through each
+request's asyncio queue. Joining and leaving happen between steps, so concurrent requests
+share batches. A consumer that stops listening (a client disconnect) aborts its request
+at once, which frees its KV blocks at the next step boundary.
+
+If a step raises, every request in flight gets the error, is aborted, and the loop keeps
+serving new requests: one bad batch never takes the server down.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from ..sampling import SamplingParams
+from .engine import Engine, RequestOutput
+
+log = logging.getLogger("tuili.engine")
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the caller should retry later (HTTP 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop is not running."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_queue: int = 1024):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.tokenizer = _own_tokenizer(engine)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._adds: list[tuple[str, list[int], SamplingParams, _Stream]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = False
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name=f"engine-{engine.model_name}", daemon=True)
+        self.step_count = 0
+        self.last_step_time = 0.0
+
+    # ---- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot taken by the loop after its last step (reading it never blocks the loop)."""
+        stats = dict(self._stats)
+        with self._lock:
+            stats["waiting"] += len(self._adds)
+        return stats
+
+    # ---- requests ------------------------------------------------------------
+    def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        return self.engine.prepare(prompt, params, self.tokenizer)
+
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Queue a validated request; returns the iterator of its cumulative outputs.
+
+        Raises QueueFullError at once (not on first iteration) so callers can answer 429
+        before they start a response. Leaving the iterator early aborts the request."""
+        if not self._thread.is_alive():
+            raise EngineDeadError("the engine loop is not running")
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            if self._stats["waiting"] + len(self._adds) >= self.max_queue:
+                raise QueueFullError(f"the queue of model {self.model_name!r} is full ({self.max_queue} waiting)")
+            self._adds.append((request_id, prompt_ids, params, stream))
+            self._streams[request_id] = stream
+        self._wake.set()
+        return self._iterate(request_id, stream)
+
+    async def generate(self, request_id: str, prompt: str | list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Convenience: prepare + add + iterate."""
+        async for out in self.add(request_id, self.prepare(prompt, params), params):
+            yield out
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+            self._streams.pop(request_id, None)
+        self._wake.set()
+
+    # ---- the loop ------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            self._take_inbox()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            start = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - keep serving; fail only the requests in flight
+                log.exception("engine step failed; aborting %d requests", len(self.engine.requests))
+                self._fail_all(e)
+                continue
+            self.step_count += 1
+            self.last_step_time = time.perf_counter() - start
+            with self._lock:
+                for out in outputs:
+                    stream = self._streams.get(out.request_id)
+                    if stream is not None:
+                        stream.put(out)
+                    if out.finished:
+                        self._streams.pop(out.request_id, None)
+            self._stats = self.engine.stats()
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
+        for rid, ids, params, stream in adds:
+            try:
+                self.engine.add_request(rid, ids, params)
+            except ValueError as e:
+                stream.put(e)
+        for rid in aborts:
+            self.engine.abort_request(rid)
+        if adds or aborts:
+            self._stats = self.engine.stats()
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid in list(self.engine.requests):
+            self.engine.abort_request(rid)
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(RuntimeError(f"engine error: {error}"))
+        self._stats = self.engine.stats()
+
+
+def _own_tokenizer(engine: Engine):
+    if engine.tokenizer is None or engine.model_folder is None:
+        return engine.tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(engine.model_folder))

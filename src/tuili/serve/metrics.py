@@ -1,0 +1,59 @@
+"""Prometheus metrics. Counters and histograms are fed by the routes; gauges are read from
+each engine's stats snapshot when /metrics is scraped, so the engine loop never waits."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .models import ModelRegistry
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("tuili_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("tuili_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("tuili_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("tuili_time_to_first_token_seconds", "Time to first token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("tuili_time_per_output_token_seconds", "Time per output token after the first",
+                              ["model"], buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("tuili_e2e_request_latency_seconds", "End-to-end request latency", ["model"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.finished = Counter("tuili_request_finished", "Finished requests by finish reason",
+                                ["model", "finish_reason"], registry=r)
+        g = lambda name, doc: Gauge(name, doc, ["model"], registry=r)  # noqa: E731
+        self.running = g("tuili_requests_running", "Sequences running in the engine")
+        self.waiting = g("tuili_requests_waiting", "Sequences waiting for admission")
+        self.kv_used = g("tuili_kv_blocks_used", "KV cache blocks in use")
+        self.kv_free = g("tuili_kv_blocks_free", "KV cache blocks free (including reusable cached ones)")
+        self.preemptions = g("tuili_preemptions", "Sequences preempted since start")
+        self.prefix_hits = g("tuili_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache")
+        self.prefix_queries = g("tuili_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache")
+
+    def observe_request(self, model: str, prompt_tokens: int, completion_tokens: int, ttft: float | None,
+                        e2e: float, finish_reasons: list[str]) -> None:
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.generation_tokens.labels(model).inc(completion_tokens)
+        self.e2e.labels(model).observe(e2e)
+        if ttft is not None:
+            self.ttft.labels(model).observe(ttft)
+            if completion_tokens > 1:
+                self.tpot.labels(model).observe((e2e - ttft) / (completion_tokens - 1))
+        for reason in finish_reasons:
+            self.finished.labels(model, reason or "unknown").inc()
+
+    def render(self, models: ModelRegistry) -> bytes:
+        for m in models.all():
+            s = m.engine.stats()
+            self.running.labels(m.name).set(s["running"])
+            self.waiting.labels(m.name).set(s["waiting"])
+            self.kv_used.labels(m.name).set(s["kv_blocks_used"])
+            self.kv_free.labels(m.name).set(s["kv_blocks_free"])
+            self.preemptions.labels(m.name).set(s["preemptions"])
+            self.prefix_hits.labels(m.name).set(s["prefix_hit_tokens"])
+            self.prefix_queries.labels(m.name).set(s["prefix_query_tokens"])
+        return generate_latest(self.registry)

@@ -1,0 +1,121 @@
+"""Response bodies and stream chunks in OpenAI's shapes, built from engine outputs.
+
+A streamed choice remembers how much text and how many tokens it has already sent, so
+each chunk carries only the new part; text that might be the start of a stop string is
+held back by the engine until it is known not to be one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.engine import CompletionOutput, RequestOutput
+from ..engine.sequence import TokenLogprob
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+class TokenText:
+    """Token id -> its text, cached (decoding one token at a time is the OpenAI convention)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+            self.cache[token_id] = text
+        return text
+
+
+def completion_logprobs(entries: list[TokenLogprob], tok: TokenText, offset: int) -> dict[str, Any]:
+    """The legacy completions form: parallel lists plus text offsets."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in entries:
+        text = tok(e.token_id)
+        tokens.append(text)
+        lps.append(e.logprob)
+        tops.append({tok(t): lp for t, lp in e.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[TokenLogprob], tok: TokenText) -> dict[str, Any]:
+    def item(token_id: int, lp: float) -> dict[str, Any]:
+        text = tok(token_id)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+@dataclass
+class ChoiceState:
+    """What a streamed choice has sent so far."""
+
+    text_len: int = 0
+    tokens: int = 0
+    started: bool = False
+    done: bool = False
+
+
+@dataclass
+class StreamState:
+    """Per-response streaming state: one ChoiceState per (prompt index, completion index)."""
+
+    n: int
+    choices: dict[int, ChoiceState] = field(default_factory=dict)
+
+    def choice(self, index: int) -> ChoiceState:
+        return self.choices.setdefault(index, ChoiceState())
+
+
+def new_pieces(c: CompletionOutput, state: ChoiceState) -> tuple[str, list[TokenLogprob], bool]:
+    """The text and logprob entries not yet sent, and whether the choice just finished."""
+    delta = c.text[state.text_len:]
+    entries = c.logprobs[state.tokens:] if c.logprobs is not None else []
+    state.text_len = max(state.text_len, len(c.text))
+    state.tokens = len(c.token_ids)
+    finished = c.finish_reason is not None and not state.done
+    state.done = state.done or finished
+    return delta, entries, finished
+
+
+def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
+                     logprobs: dict[str, Any] | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, Any],
+               logprobs: dict[str, Any] | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, use: dict[str, Any]) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
+
+
+def finish_reason(c: CompletionOutput) -> str:
+    return "stop" if c.finish_reason in ("stop", "abort") else (c.finish_reason or "length")
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def totals(outputs: list[RequestOutput]) -> tuple[int, int, int]:
+    """(prompt tokens, completion tokens, cached prompt tokens) over a response's prompts."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return prompt, completion, cached
