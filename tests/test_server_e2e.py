@@ -68,7 +68,9 @@ def test_usage_in_chat_stream(client):
     chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     usage = chunks[-1].usage
-    assert chunks[-1].choices == [] and usage.completion_tokens == 10 or usage.completion_tokens < 10
+    assert chunks[-1].choices == [] and 0 < usage.completion_tokens <= 10
+    streamed = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+    assert streamed <= usage.completion_tokens
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 

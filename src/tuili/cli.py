@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="bench-results/throughput.jsonl", help="JSON lines file to append to")
     _engine_args(p)
     p.set_defaults(func=cmd_bench_throughput, seed=0)
+
+    from .bench.serve_bench import add_arguments as add_serve_bench_arguments
+
+    p = bench.add_parser("serve", help="online benchmark of any OpenAI-compatible server")
+    add_serve_bench_arguments(p)
+    p.set_defaults(func=cmd_bench_serve)
     return parser
 
 
@@ -152,6 +158,12 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from .bench.throughput import run_from_args
 
     return run_from_args(args, engine_options(args))
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from .bench.serve_bench import run_from_args
+
+    return run_from_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:
