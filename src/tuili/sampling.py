@@ -7,7 +7,7 @@ Decisions:
   before penalties and temperature), as OpenAI and vLLM report them.
 - A request with a `seed` owns a torch.Generator; its draws depend only on that generator
   and its own logits row, so the same seed gives the same text whatever else is batched.
-  Draws use the exponential-race form argmax(p / E), E ~ Exp(1), one E per vocab entry.
+  Draws use the exponential-race form argmax(p / E), E = -log(U) ~ Exp(1), one per vocab entry.
 - `n > 1` completions of a seeded request use seed, seed+1, ... so they differ.
 """
 from __future__ import annotations
@@ -183,10 +183,15 @@ class Sampler:
         return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
     def _draw(self, probs: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
-        noise = torch.empty_like(probs)
-        for i, r in enumerate(rows):
-            noise[i].exponential_(generator=r.generator or self.generator)
-        return (probs / noise).argmax(dim=-1)
+        """Exponential race: argmax(p / E) with E = -log(U) ~ Exp(1). Seeded rows draw their U
+        from their own generator; the others share one draw from the sampler's generator."""
+        u = torch.empty_like(probs)
+        own = [i for i, r in enumerate(rows) if r.generator is not None]
+        if len(own) < len(rows):
+            u.uniform_(generator=self.generator)
+        for i in own:
+            u[i].uniform_(generator=rows[i].generator)
+        return (probs / -torch.log(u)).argmax(dim=-1)
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, rows: Seq[SampleRequest], tokens: list[int]):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .layers import AttentionMetadata, RMSNorm, Rotary, paged_attention, write_kv
+from .layers import AttentionMetadata, RMSNorm, Rotary, linear, paged_attention, write_kv
 
 
 class DecoderLayer(torch.nn.Module):
@@ -42,7 +42,7 @@ class DecoderLayer(torch.nn.Module):
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         h = self.input_norm(x)
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)
+        qkv = linear(h, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
@@ -52,10 +52,10 @@ class DecoderLayer(torch.nn.Module):
         q, k = rotary(q, k, positions)
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         attn = paged_attention(q, kv[0], kv[1], meta, self.scale)
-        x = x + F.linear(attn.reshape(t, self.q_size), self.o_weight)
+        x = x + linear(attn.reshape(t, self.q_size), self.o_weight)
         h = self.post_attn_norm(x)
-        gate, up = F.linear(h, self.gate_up_weight).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_weight)
+        gate, up = linear(h, self.gate_up_weight).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, self.down_weight)
 
 
 class LlamaModel(torch.nn.Module):
@@ -109,4 +109,4 @@ class LlamaModel(torch.nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()
