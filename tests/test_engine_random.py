@@ -71,3 +71,34 @@ def test_preemption_keeps_outputs(saved):
     assert generate_ids(llm, prompts) == refs
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.blocks.num_used_blocks == 0
+
+
+def test_abort_running_request_frees_blocks(tmp_path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**COMMON)).save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", block_size=4, num_kv_blocks=64)
+    engine = llm.engine
+    engine.add_request("a", list(range(3, 30)), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request("b", list(range(40, 50)), SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    used_both = engine.blocks.num_used_blocks
+    engine.abort_request("a")
+    assert engine.blocks.num_used_blocks < used_both
+    assert [s.request_id for s in engine.scheduler.running] == ["b"]
+    engine.abort_request("b")
+    assert engine.blocks.num_used_blocks == 0 and not engine.has_unfinished_requests()
+    assert engine.step() == []
+
+
+def test_engine_rejects_requests_that_cannot_fit(tmp_path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**COMMON)).save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", block_size=4, num_kv_blocks=8)
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate([[5] * 10], SamplingParams(max_tokens=COMMON["max_position_embeddings"]))
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.generate([[5] * 30], SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate([[COMMON["vocab_size"]]], SamplingParams(max_tokens=1))
+    assert llm.generate([[5] * 10], SamplingParams(max_tokens=4))[0].outputs[0].finish_reason == "length"
