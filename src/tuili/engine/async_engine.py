@@ -70,6 +70,10 @@ class AsyncEngine:
             self._thread.join(timeout=10)
 
     @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def model_name(self) -> str:
         return self.engine.model_name
 
@@ -89,7 +93,7 @@ class AsyncEngine:
 
         Raises QueueFullError at once (not on first iteration) so callers can answer 429
         before they start a response. Leaving the iterator early aborts the request."""
-        if not self._thread.is_alive():
+        if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig, cpu_has_fast_bf16
+from .kernels import cpu_kernels
 
 # A CPU without native bfloat16 (no AVX512-BF16/AMX) emulates bf16 matmuls at a fraction of
 # float32 speed once there are more than a few rows, while for a handful of rows (decode)
@@ -169,7 +170,18 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query per sequence; K/V gathered into a padded [B, L] batch and masked by length."""
+    """One query per sequence. On CPU the compiled kernel reads the blocks in place; otherwise
+    K/V are gathered into a padded [B, L] batch and masked by length."""
+    ext = cpu_kernels() if q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16) else None
+    if ext is not None:
+        out = ext.paged_decode_attention(q.float().contiguous(), k_cache, v_cache, meta.decode_block_tables,
+                                         meta.decode_context_lens, scale)
+        return out.to(q.dtype)
+    return decode_attention_torch(q, k_cache, v_cache, meta, scale)
+
+
+def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
     b, h, d = q.shape
     kvh = k_cache.shape[-2]
     tables = meta.decode_block_tables.flatten()

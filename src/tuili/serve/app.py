@@ -140,7 +140,7 @@ def create_app(models: ModelRegistry, api_key: str | None = None, on_ready=None)
 
     @app.get("/health")
     async def health():
-        dead = [m.name for m in models.all() if not m.engine._thread.is_alive()]
+        dead = [m.name for m in models.all() if not m.engine.is_alive]
         if dead:
             return error_response(503, f"engine loop not running for {', '.join(dead)}", "server_error")
         return {"status": "ok"}
@@ -246,10 +246,10 @@ class _Call:
         self.first_token: float | None = None
         self.latest: dict[int, RequestOutput] = {}
         try:
-            self.iterators = [served.engine.add(f"{rid}-{k}", ids, params) for k, ids in enumerate(prompt_ids)]
+            self.iterators = [served.engine.add(self.sub_id(k), ids, params) for k, ids in enumerate(prompt_ids)]
         except QueueFullError as e:
             for k in range(len(prompt_ids)):
-                served.engine.abort(f"{rid}-{k}")
+                served.engine.abort(self.sub_id(k))
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
         except EngineDeadError as e:
             raise APIError(503, str(e), "server_error", code="engine_unavailable") from None
@@ -284,8 +284,15 @@ class _Call:
         finally:
             for t in tasks:
                 t.cancel()
-            for it in self.iterators:
-                await it.aclose()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # A pump cancelled before it started never ran its iterator's cleanup: abort
+            # every engine request of this call that has not finished (a no-op for the rest).
+            for k in range(len(self.iterators)):
+                if k not in self.latest or not self.latest[k].finished:
+                    self.served.engine.abort(self.sub_id(k))
+
+    def sub_id(self, k: int) -> str:
+        return f"{self.rid}-{k}"
 
     async def collect(self) -> list[RequestOutput]:
         """Run to completion; abort if the client disconnects first."""
@@ -340,19 +347,18 @@ class _Call:
 
 
 async def _completion_events(call: _Call, req: CompletionRequest, prompts: list) -> AsyncIterator[dict]:
-    state = R.StreamState(call.params.n)
+    state = R.StreamState()
     tok = R.TokenText(call.served.tokenizer)
     model = call.served.name
+    n = call.params.n
     if req.echo:
         for k, p in enumerate(prompts):
-            for j in range(call.params.n):
-                text = _prompt_text(p, call.served)
-                call_state = state.choice(k * call.params.n + j)
-                call_state.started = True
-                yield R.completion_chunk(call.rid, call.created, model, k * call.params.n + j, text, None, None)
+            for j in range(n):
+                yield R.completion_chunk(call.rid, call.created, model, k * n + j, _prompt_text(p, call.served),
+                                         None, None)
     async for k, out in call.outputs():
         for c in out.outputs:
-            index = k * call.params.n + c.index
+            index = k * n + c.index
             st = state.choice(index)
             offset = st.text_len
             delta, entries, finished = R.new_pieces(c, st)
@@ -366,11 +372,10 @@ async def _completion_events(call: _Call, req: CompletionRequest, prompts: list)
 
 
 async def _chat_events(call: _Call, req: ChatCompletionRequest) -> AsyncIterator[dict]:
-    state = R.StreamState(call.params.n)
+    state = R.StreamState()
     tok = R.TokenText(call.served.tokenizer)
     model = call.served.name
     for j in range(call.params.n):
-        state.choice(j).started = True
         yield R.chat_chunk(call.rid, call.created, model, j, {"role": "assistant", "content": ""}, None, None)
     async for _, out in call.outputs():
         for c in out.outputs:

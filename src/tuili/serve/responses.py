@@ -63,15 +63,13 @@ class ChoiceState:
 
     text_len: int = 0
     tokens: int = 0
-    started: bool = False
     done: bool = False
 
 
 @dataclass
 class StreamState:
-    """Per-response streaming state: one ChoiceState per (prompt index, completion index)."""
+    """Per-response streaming state: one ChoiceState per choice index."""
 
-    n: int
     choices: dict[int, ChoiceState] = field(default_factory=dict)
 
     def choice(self, index: int) -> ChoiceState:

@@ -1,0 +1,118 @@
+// Decode attention that reads each sequence's KV blocks in place.
+//
+// One query token per sequence. The cache layout is the engine's:
+// [num_blocks, block_size, num_kv_heads, head_dim], float32 or bfloat16.
+// Work is split over (sequence, kv head) pairs; the G query heads that share a kv head
+// are processed together so every K/V row is read once. Scores go to a per-task buffer
+// (two-pass softmax in float32), then V rows are accumulated with those weights.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(at::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename T>
+void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+                   const int64_t* lens, float* out, int64_t batch, int64_t heads, int64_t kv_heads,
+                   int64_t dim, int64_t block_size, int64_t table_width, float scale) {
+  const int64_t group = heads / kv_heads;
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<float> row(dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads;
+      const int64_t kvh = task % kv_heads;
+      const int64_t len = lens[b];
+      const int64_t* table = tables + b * table_width;
+      const float* qb = q + (b * heads + kvh * group) * dim;
+      float* ob = out + (b * heads + kvh * group) * dim;
+      scores.assign(group * len, 0.f);
+      const int64_t row_stride = kv_heads * dim;  // between consecutive tokens of a block
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const T* kp = k_cache + (table[t0 / block_size] * block_size * kv_heads + kvh) * dim;
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        for (int64_t i = 0; i < n; ++i, kp += row_stride) {
+          for (int64_t d = 0; d < dim; ++d) row[d] = to_float(kp[d]);
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = qb + g * dim;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < dim; ++d) s += qg[d] * row[d];
+            scores[g * len + t0 + i] = s * scale;
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) m = sg[t] > m ? sg[t] : m;
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) {
+          sg[t] = std::exp(sg[t] - m);
+          sum += sg[t];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+        std::memset(ob + g * dim, 0, dim * sizeof(float));
+      }
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const T* vp = v_cache + (table[t0 / block_size] * block_size * kv_heads + kvh) * dim;
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        for (int64_t i = 0; i < n; ++i, vp += row_stride) {
+          for (int64_t d = 0; d < dim; ++d) row[d] = to_float(vp[d]);
+          for (int64_t g = 0; g < group; ++g) {
+            const float w = scores[g * len + t0 + i];
+            float* og = ob + g * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) og[d] += w * row[d];
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// q: [B, H, D] float32; caches: [NB, BS, KVH, D]; tables: [B, W] int64; lens: [B] int64.
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor tables, torch::Tensor lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(), "q: [B, H, D] float32");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: 4-d contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches differ in dtype");
+  TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.is_contiguous(), "tables: int64");
+  TORCH_CHECK(lens.scalar_type() == torch::kInt64 && lens.is_contiguous(), "lens: int64");
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == dim && heads % kv_heads == 0, "head shapes do not match");
+  auto out = torch::empty_like(q);
+  if (k_cache.scalar_type() == torch::kFloat32) {
+    decode_kernel<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                         tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), batch,
+                         heads, kv_heads, dim, block_size, tables.size(1), static_cast<float>(scale));
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == torch::kBFloat16, "caches must be float32 or bfloat16");
+    decode_kernel<at::BFloat16>(q.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
+                                v_cache.data_ptr<at::BFloat16>(), tables.data_ptr<int64_t>(),
+                                lens.data_ptr<int64_t>(), out.data_ptr<float>(), batch, heads, kv_heads, dim,
+                                block_size, tables.size(1), static_cast<float>(scale));
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
+}

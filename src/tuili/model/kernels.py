@@ -1,0 +1,75 @@
+"""Optional C++ kernels for the CPU, compiled once per machine with torch's cpp_extension.
+
+The build needs a C++ compiler and ninja; it is tried once per process, on first use
+(`make setup` triggers it ahead of time through `python -m tuili.model.kernels`), and the
+result is kept under `$TUILI_CACHE/kernels/<cpu-and-torch-key>`, so a build made with
+`-march=native` is never loaded on a different CPU or torch. If the build fails, or
+`TUILI_KERNELS=0` is set, callers fall back to the pure-PyTorch path: same results up
+to float rounding, only slower.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..config import cache_dir
+
+log = logging.getLogger("tuili.kernels")
+_SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+_ext: ModuleType | None = None
+_tried = False
+
+
+def _build_key() -> str:
+    h = hashlib.sha256()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(platform.machine().encode())
+    try:
+        with open("/proc/cpuinfo") as f:
+            h.update(next((line for line in f if line.startswith("flags")), "").encode())
+    except OSError:
+        pass
+    return h.hexdigest()[:16]
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The compiled extension, or None when it is disabled or cannot be built here."""
+    global _ext, _tried
+    if _tried:
+        return _ext
+    _tried = True
+    if os.environ.get("TUILI_KERNELS", "1") == "0":
+        return None
+    key = _build_key()
+    build_dir = cache_dir() / "kernels" / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        from torch.utils.cpp_extension import load
+
+        fresh = not any(build_dir.glob("*.so"))
+        if fresh:
+            log.info("compiling the CPU attention kernel (once per machine)...")
+        _ext = load(name=f"tuili_cpu_{key}", sources=[str(s) for s in _SOURCES], build_directory=str(build_dir),
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        if fresh:
+            log.info("compiled the CPU attention kernel in %.1f s", time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
+        log.warning("CPU attention kernel unavailable, using the PyTorch path: %s", str(e).splitlines()[0][:200])
+        _ext = None
+    return _ext
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.exit(0 if cpu_kernels() is not None else 1)

@@ -1,0 +1,41 @@
+"""The compiled CPU decode-attention kernel against the PyTorch path, on random paged caches."""
+import pytest
+import torch
+
+from tuili.model.kernels import cpu_kernels
+from tuili.model.layers import AttentionMetadata, decode_attention_torch
+
+ext = cpu_kernels()
+pytestmark = pytest.mark.skipif(ext is None, reason="the C++ kernel could not be built on this machine")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 48)])
+def test_kernel_matches_torch_path(dtype, heads, kv_heads, dim):
+    torch.manual_seed(0)
+    num_blocks, block_size = 40, 16
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(dtype)
+    lens = torch.tensor([1, 17, 70, 33, 160])
+    width = int((lens.max() + block_size - 1) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens])
+    q = torch.randn(len(lens), heads, dim)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=len(lens),
+                             decode_block_tables=tables, decode_context_lens=lens,
+                             decode_max_context=int(lens.max()))
+    got = ext.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim ** -0.5)
+    want = decode_attention_torch(q, k_cache, v_cache, meta, dim ** -0.5)
+    torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
+
+
+def test_kernel_ignores_blocks_past_the_length():
+    torch.manual_seed(1)
+    k_cache = torch.randn(8, 4, 2, 16)
+    v_cache = torch.randn(8, 4, 2, 16)
+    q = torch.randn(1, 4, 16)
+    tables = torch.tensor([[3, 5, 7]])
+    a = ext.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor([6]), 0.25)
+    k_cache[7] = 1e6  # beyond the 6 live tokens (blocks 3 and half of 5)
+    k_cache[5, 2:] = -1e6
+    b = ext.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor([6]), 0.25)
+    torch.testing.assert_close(a, b)
