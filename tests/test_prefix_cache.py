@@ -1,0 +1,37 @@
+"""Prefix reuse gives the same greedy outputs as recomputing, with the default model.
+
+Requests share a long system prompt; the first round runs them all at once (sharing
+blocks while running), the second round finds them in the cache.
+"""
+import pytest
+
+from tuili import LLM, SamplingParams
+
+SYSTEM = ("You are a careful assistant for a public library. " * 12).strip()
+QUESTIONS = ["How do I renew a book?", "What are the opening hours?", "Can I print documents?",
+             "Do you lend e-books?", "How many books can I borrow?", "Is there a reading room?"]
+GREEDY = SamplingParams(temperature=0, max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def prompts(default_model_folder):
+    llm = LLM("smollm2-135m-instruct", dtype="float32", kv_cache_memory="64MiB", enable_prefix_caching=False)
+    ids = [llm.chat_prompt_ids([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+           for q in QUESTIONS]
+    expected = [o.outputs[0].token_ids for o in llm.generate(ids, GREEDY)]
+    assert llm.engine.blocks.prefix_hit_tokens == 0
+    return ids, expected
+
+
+def test_shared_prefix_outputs_equal_recompute(prompts):
+    ids, expected = prompts
+    llm = LLM("smollm2-135m-instruct", dtype="float32", kv_cache_memory="64MiB", max_num_batched_tokens=256)
+    first = llm.generate(ids, GREEDY)  # concurrent: later requests reuse blocks of the earlier ones
+    assert [o.outputs[0].token_ids for o in first] == expected
+    hits_first = llm.engine.blocks.prefix_hit_tokens
+    assert hits_first > 0 and any(o.num_cached_tokens > 0 for o in first)
+    second = llm.generate(ids, GREEDY)  # everything but each prompt's tail is now cached
+    assert [o.outputs[0].token_ids for o in second] == expected
+    shared = min(len(p) for p in ids) // 16 * 16 - 16
+    assert all(o.num_cached_tokens >= shared for o in second)
+    assert llm.engine.blocks.num_used_blocks == 0
