@@ -102,3 +102,13 @@ def test_engine_rejects_requests_that_cannot_fit(tmp_path):
     with pytest.raises(ValueError, match="prompt"):
         llm.generate([[COMMON["vocab_size"]]], SamplingParams(max_tokens=1))
     assert llm.generate([[5] * 10], SamplingParams(max_tokens=4))[0].outputs[0].finish_reason == "length"
+
+
+def test_no_max_tokens_stops_at_the_pool_size(tmp_path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**COMMON)).save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", block_size=4, num_kv_blocks=10)  # 40 tokens < 256 context
+    outs = llm.generate([[5] * 10, [7] * 6], SamplingParams(max_tokens=None, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [30, 34]
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert llm.engine.blocks.num_used_blocks == 0

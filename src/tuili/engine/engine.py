@@ -8,7 +8,9 @@ Decisions:
   cache lets later siblings reuse the first one's prompt blocks).
 - The KV pool is sized from `kv_cache_memory` (or `num_kv_blocks`); a request that could
   never fit in the pool or the context window is refused at `add_request` with a
-  ValueError naming both lengths, instead of waiting forever.
+  ValueError naming both lengths, instead of waiting forever. A request without
+  max_tokens stops ("length") at the context window or at the pool's size, whichever
+  is smaller.
 - Output token ids include a final EOS or stop token id; the text never does, and never
   includes a matched stop string.
 """
@@ -91,6 +93,9 @@ class Engine:
             raise ValueError(f"kv_cache_memory: {cfg.kv_cache_memory} holds no block of {per_block} bytes")
         salt = f"{self.model_name}|{self.dtype}|{mc}".encode()
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching, salt)
+        # The longest a sequence may grow: the context window, or the whole pool if smaller,
+        # so that a sequence running alone can always finish.
+        self.max_seq_len = min(self.max_model_len, num_blocks * cfg.block_size)
         self.scheduler = Scheduler(cfg.scheduler_config(), self.blocks)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.dtype)
         self.sampler = Sampler(self.device, cfg.seed)
@@ -142,10 +147,10 @@ class Engine:
         if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
             raise ValueError(f"max_tokens: the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}, "
                              f"together more than this model's context of {limit} tokens")
-        need = cdiv(min(len(ids) + (params.max_tokens or limit), limit), self.config.block_size)
-        if need > self.blocks.num_blocks:
-            raise ValueError(f"prompt: {len(ids)} tokens plus max_tokens need {need} KV blocks, "
-                             f"but the pool has only {self.blocks.num_blocks}")
+        total = len(ids) + (params.max_tokens or 1)
+        if total > self.max_seq_len:
+            raise ValueError(f"prompt: {len(ids)} tokens plus max_tokens need {cdiv(total, self.config.block_size)} "
+                             f"KV blocks, but the pool has only {self.blocks.num_blocks}")
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -202,7 +207,7 @@ class Engine:
                     seq.text = seq.text[: hit[0]]
                     reason, stop = "stop", hit[1]
         if reason is None and ((p.max_tokens is not None and n_out >= p.max_tokens)
-                               or seq.num_tokens >= self.max_model_len):
+                               or seq.num_tokens >= self.max_seq_len):
             reason = "length"
         if reason is not None:
             if reason == "length":
