@@ -30,7 +30,7 @@ from .detokenizer import find_stop, update_text, visible_text
 from .kv_cache import BlockManager, cdiv
 from .runner import ModelRunner, kv_bytes_per_block
 from .scheduler import Scheduler
-from .sequence import Sequence, SeqStatus, TokenLogprob
+from .sequence import Sequence, TokenLogprob
 
 log = logging.getLogger("tuili.engine")
 
