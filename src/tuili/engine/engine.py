@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import EngineConfig, parse_size, resolve_device, resolve_dtype
+from ..model.kernels import cpu_kernels
 from ..model.llama import LlamaModel
 from ..model.loader import LoadedModel, load_model
 from ..sampling import SampleRequest, Sampler, SamplingParams
@@ -87,6 +88,8 @@ class Engine:
         self.eos_token_ids = self._eos_ids(loaded)
         self.model = LlamaModel(mc, self.dtype, self.device, max_positions=self.max_model_len)
         self.model.load_weights(loaded.weights)
+        if self.device.type == "cpu":
+            cpu_kernels()  # build or load the attention kernel now, not in the middle of the first request
         per_block = kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
         num_blocks = cfg.num_kv_blocks or parse_size(cfg.kv_cache_memory) // per_block
         if num_blocks < 1:

@@ -9,6 +9,7 @@ to float rounding, only slower.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -57,13 +58,20 @@ def cpu_kernels() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        fresh = not any(build_dir.glob("*.so"))
-        if fresh:
-            log.info("compiling the CPU attention kernel (once per machine)...")
-        _ext = load(name=f"tuili_cpu_{key}", sources=[str(s) for s in _SOURCES], build_directory=str(build_dir),
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-        if fresh:
-            log.info("compiled the CPU attention kernel in %.1f s", time.perf_counter() - start)
+        # torch's own build lock is a plain file that a killed build leaves behind, and the
+        # next build would wait on it forever. Our flock dies with its process: whoever
+        # holds it is the only builder, so any torch lock file still there is stale.
+        with open(build_dir / "tuili.lock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            fresh = not any(build_dir.glob("*.so"))
+            if fresh:
+                log.info("compiling the CPU attention kernel (once per machine)...")
+            _ext = load(name=f"tuili_cpu_{key}", sources=[str(s) for s in _SOURCES],
+                        build_directory=str(build_dir), extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"], verbose=False)
+            if fresh:
+                log.info("compiled the CPU attention kernel in %.1f s", time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
         log.warning("CPU attention kernel unavailable, using the PyTorch path: %s", str(e).splitlines()[0][:200])
         _ext = None
