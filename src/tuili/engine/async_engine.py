@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -56,8 +55,6 @@ class AsyncEngine:
         self._stopping = False
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name=f"engine-{engine.model_name}", daemon=True)
-        self.step_count = 0
-        self.last_step_time = 0.0
 
     # ---- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -104,12 +101,6 @@ class AsyncEngine:
         self._wake.set()
         return self._iterate(request_id, stream)
 
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Convenience: prepare + add + iterate."""
-        async for out in self.add(request_id, self.prepare(prompt, params), params):
-            yield out
-
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
@@ -137,15 +128,12 @@ class AsyncEngine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            start = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception as e:  # noqa: BLE001 - keep serving; fail only the requests in flight
                 log.exception("engine step failed; aborting %d requests", len(self.engine.requests))
                 self._fail_all(e)
                 continue
-            self.step_count += 1
-            self.last_step_time = time.perf_counter() - start
             with self._lock:
                 for out in outputs:
                     stream = self._streams.get(out.request_id)
