@@ -24,13 +24,18 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix reuse off")
     g.add_argument("--seed", type=int, default=None, help="seed for requests that bring none")
+    g.add_argument("--quantization", default="none",
+                   help="weights: none, int8 (per channel) or int4 (groups of 32; int4:64, int4:128)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="KV cache entries: auto (the model dtype) or int8 (a scale per token and head)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                 block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+                enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -100,6 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("serve", help="online benchmark of any OpenAI-compatible server")
     add_serve_bench_arguments(p)
     p.set_defaults(func=cmd_bench_serve)
+
+    p = bench.add_parser("decode", help="batch-1 decode speed of several quantization settings, side by side")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--configs", default="none/auto,int8/auto,int4/auto",
+                   help="comma-separated QUANTIZATION/KV_DTYPE pairs, run interleaved in one process")
+    p.add_argument("--input-len", type=int, default=100)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5, help="runs per setting; the median is reported")
+    p.add_argument("--output", default="bench-results/decode.jsonl", help="JSON lines file to append to")
+    _engine_args(p)
+    p.set_defaults(func=cmd_bench_decode)
+
+    ev = sub.add_parser("eval", help="quality evaluation").add_subparsers(dest="eval", required=True)
+    p = ev.add_parser("perplexity", help="perplexity on a fixed text (and agreement with full precision)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--text", default=None, help="UTF-8 text file (default: the shipped public-domain corpus)")
+    p.add_argument("--max-text-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window (no overlap)")
+    p.add_argument("--chunk", type=int, default=256, help="prefill chunk size inside a window")
+    p.add_argument("--compare", action="store_true",
+                   help="also run the full-precision model and report top-1 agreement and logit error")
+    p.add_argument("--output", default=None, help="JSON lines file to append the result to")
+    _engine_args(p)
+    p.set_defaults(func=cmd_eval_perplexity)
     return parser
 
 
@@ -164,6 +193,41 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from .bench.serve_bench import run_from_args
 
     return run_from_args(args)
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from .bench.decode import run_from_args
+
+    return run_from_args(args, engine_options(args))
+
+
+def cmd_eval_perplexity(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .engine.engine import Engine
+    from .engine.evaluate import DEFAULT_TEXT, evaluate
+
+    path = Path(args.text) if args.text else DEFAULT_TEXT
+    if not path.is_file():
+        raise FileNotFoundError(f"--text: no such file {path}")
+    options = engine_options(args)
+    engine = Engine(args.model, **options)
+    ids = engine.encode(path.read_text(encoding="utf-8"))[: args.max_text_tokens]
+    reference = None
+    if args.compare:
+        reference = Engine(args.model, **{**options, "quantization": "none", "kv_cache_dtype": "auto"})
+    result = evaluate(engine, ids, window=args.window, chunk=args.chunk, reference=reference)
+    record = {"model": engine.model_name, "text": path.name, "dtype": str(engine.dtype).removeprefix("torch."),
+              "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype, "window": args.window,
+              **result.to_dict()}
+    line = json.dumps(record)
+    print(line)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.output, "a") as f:
+            f.write(line + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

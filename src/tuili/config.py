@@ -170,6 +170,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     seed: int | None = None  # seeds the sampler of requests that bring no seed
+    quantization: str = "none"  # weights: none, int8, int4 (group 32), int4:64, int4:128
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) or int8 (a scale per token and head)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -179,6 +181,11 @@ class EngineConfig:
         parse_size(self.kv_cache_memory)
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
+        from .model.quant import parse_quantization
+
+        parse_quantization(self.quantization)
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype: unknown value {self.kv_cache_dtype!r}; use auto or int8")
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.long_prefill_token_threshold)

@@ -25,6 +25,7 @@ import torch
 from ..config import EngineConfig, parse_size, resolve_device, resolve_dtype
 from ..model.kernels import cpu_kernels
 from ..model.llama import LlamaModel
+from ..model.quant import parse_quantization
 from ..model.loader import LoadedModel, load_model
 from ..sampling import SampleRequest, Sampler, SamplingParams
 from .detokenizer import find_stop, update_text, visible_text
@@ -86,26 +87,29 @@ class Engine:
         mc = loaded.config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_token_ids = self._eos_ids(loaded)
-        self.model = LlamaModel(mc, self.dtype, self.device, max_positions=self.max_model_len)
+        self.model = LlamaModel(mc, self.dtype, self.device, max_positions=self.max_model_len,
+                                quantization=parse_quantization(cfg.quantization))
         self.model.load_weights(loaded.weights)
         if self.device.type == "cpu":
             cpu_kernels()  # build or load the attention kernel now, not in the middle of the first request
-        per_block = kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
+        self.kv_dtype = torch.int8 if cfg.kv_cache_dtype == "int8" else self.dtype
+        self.kv_bytes_per_block = per_block = kv_bytes_per_block(self.model, cfg.block_size, self.kv_dtype)
         num_blocks = cfg.num_kv_blocks or parse_size(cfg.kv_cache_memory) // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory: {cfg.kv_cache_memory} holds no block of {per_block} bytes")
-        salt = f"{self.model_name}|{self.dtype}|{mc}".encode()
+        salt = f"{self.model_name}|{self.dtype}|{cfg.quantization}|{self.kv_dtype}|{mc}".encode()
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching, salt)
         # The longest a sequence may grow: the context window, or the whole pool if smaller,
         # so that a sequence running alone can always finish.
         self.max_seq_len = min(self.max_model_len, num_blocks * cfg.block_size)
         self.scheduler = Scheduler(cfg.scheduler_config(), self.blocks)
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.dtype)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.kv_dtype)
         self.sampler = Sampler(self.device, cfg.seed)
         self.requests: dict[str, Request] = {}
-        log.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d (%d tokens) max_model_len=%d",
-                 self.model_name, str(self.dtype).removeprefix("torch."), self.device, num_blocks,
-                 num_blocks * cfg.block_size, self.max_model_len)
+        log.info("engine ready: model=%s dtype=%s quantization=%s kv_dtype=%s device=%s weights=%.1fMB "
+                 "kv_blocks=%d (%d tokens) max_model_len=%d", self.model_name, str(self.dtype).removeprefix("torch."),
+                 cfg.quantization, str(self.kv_dtype).removeprefix("torch."), self.device,
+                 self.model.weight_bytes() / 1e6, num_blocks, num_blocks * cfg.block_size, self.max_model_len)
 
     # ---- requests ------------------------------------------------------------
     def encode(self, prompt: str, tokenizer=None) -> list[int]:

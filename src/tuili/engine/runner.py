@@ -1,7 +1,8 @@
 """Builds a step's tensors from the scheduled sequences, runs the model, returns logits.
 
 The runner owns the KV cache tensors (per layer, K and V of shape
-`[num_blocks, block_size, num_kv_heads, head_dim]`) and is the only part of the engine
+`[num_blocks, block_size, num_kv_heads, head_dim]`, and for an int8 cache also a float32
+scale per token and head, `[num_blocks, block_size, num_kv_heads]`, for each) and is the only part of the engine
 that touches tensors besides the sampler. In the flat batch, single-token queries
 (decodes) come first and share one batched attention call; prefill chunks follow.
 """
@@ -16,9 +17,12 @@ from .scheduler import ScheduledSeq
 
 
 def kv_bytes_per_block(model: LlamaModel, block_size: int, kv_dtype: torch.dtype) -> int:
+    """Bytes of K and V for one block over all layers, scales included for an int8 cache."""
     cfg = model.cfg
-    elem = torch.tensor([], dtype=kv_dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    per_row = cfg.head_dim * torch.tensor([], dtype=kv_dtype).element_size()
+    if kv_dtype is torch.int8:
+        per_row += 4  # the float32 scale of each (token, kv head) row
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * per_row
 
 
 class ModelRunner:
@@ -28,9 +32,16 @@ class ModelRunner:
         self.block_size = block_size
         cfg = model.cfg
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
-                           torch.zeros(shape, dtype=kv_dtype, device=self.device))
-                          for _ in range(cfg.num_layers)]
+
+        def layer_cache() -> tuple[torch.Tensor, ...]:
+            kv = (torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                  torch.zeros(shape, dtype=kv_dtype, device=self.device))
+            if kv_dtype is torch.int8:
+                kv += (torch.zeros(shape[:-1], dtype=torch.float32, device=self.device),
+                       torch.zeros(shape[:-1], dtype=torch.float32, device=self.device))
+            return kv
+
+        self.kv_caches = [layer_cache() for _ in range(cfg.num_layers)]
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, cpu_has_fast_bf16
 from .kernels import cpu_kernels
+from .quant import QuantWeight
 
 # A CPU without native bfloat16 (no AVX512-BF16/AMX) emulates bf16 matmuls at a fraction of
 # float32 speed once there are more than a few rows, while for a handful of rows (decode)
@@ -29,7 +30,10 @@ BF16_UPCAST_MIN_ROWS = 8
 _CPU_BF16_IS_SLOW = not cpu_has_fast_bf16()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):  # int8 / int4 weight-only (model/quant.py)
+        out = weight.matmul(x, _CPU_BF16_IS_SLOW and x.device.type == "cpu")
+        return out if bias is None else out + bias
     if (_CPU_BF16_IS_SLOW and x.dtype is torch.bfloat16 and x.device.type == "cpu"
             and x.shape[0] > BF16_UPCAST_MIN_ROWS):
         out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
@@ -123,40 +127,67 @@ class AttentionMetadata:
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
+KVScales = tuple[torch.Tensor, torch.Tensor]  # int8 cache: float32 [num_blocks, block_size, KVH] for K and V
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per token and head: x [T, KVH, D] -> codes int8 and scales float32 [T, KVH]."""
+    x32 = x.float()
+    scale = (x32.abs().amax(dim=-1) / 127.0).clamp(min=1e-8)
+    return torch.round(x32 / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, kv_scales: KVScales | None = None) -> None:
     """Store the step's new K/V rows at their slots (the cache viewed as [slots, KVH, D])."""
     kvh, d = k_cache.shape[-2:]
+    if kv_scales is not None:
+        (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+        k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, kq)
+        v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, vq)
+        kv_scales[0].view(-1, kvh).index_copy_(0, slot_mapping, ks)
+        kv_scales[1].view(-1, kvh).index_copy_(0, slot_mapping, vs)
+        return
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, kv_scales: KVScales | None = None) -> torch.Tensor:
     """Attention of the step's queries q [T, H, D] over each sequence's cached context.
 
-    The new K/V of the step must already be written to the cache. On CPUs with slow
-    bfloat16 the attention arithmetic runs in float32 (K/V are upcast as they are gathered)."""
+    The new K/V of the step must already be written to the cache (an int8 cache is read
+    back dequantized, so a chunk's own keys are seen as later steps will see them). On
+    CPUs with slow bfloat16 the attention arithmetic runs in float32 (K/V are upcast as
+    they are gathered)."""
     out = torch.empty_like(q)
     if _CPU_BF16_IS_SLOW and q.dtype is torch.bfloat16 and q.device.type == "cpu":
         q = q.float()
     if meta.num_decodes:
-        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale, kv_scales)
     for span in meta.prefills:
         q_seq = q[span.q_start: span.q_start + span.q_len]
-        out[span.q_start: span.q_start + span.q_len] = _prefill_attention(q_seq, k_cache, v_cache, span, scale)
+        out[span.q_start: span.q_start + span.q_len] = _prefill_attention(q_seq, k_cache, v_cache, span, scale,
+                                                                          kv_scales)
     return out
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int, dtype: torch.dtype,
+            scales: torch.Tensor | None) -> torch.Tensor:
+    """One sequence's first ctx_len rows [ctx_len, KVH, D], dequantized to dtype."""
     kvh, d = cache.shape[-2:]
-    return cache.index_select(0, block_table).view(-1, kvh, d)[:ctx_len]
+    rows = cache.index_select(0, block_table).view(-1, kvh, d)[:ctx_len]
+    if scales is None:
+        return rows.to(dtype)
+    s = scales.index_select(0, block_table).view(-1, kvh)[:ctx_len]
+    return (rows.float() * s[..., None]).to(dtype)
 
 
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       span: PrefillSpan, scale: float) -> torch.Tensor:
-    k = _gather(k_cache, span.block_table, span.ctx_len).to(q.dtype)
-    v = _gather(v_cache, span.block_table, span.ctx_len).to(q.dtype)
+                       span: PrefillSpan, scale: float, kv_scales: KVScales | None) -> torch.Tensor:
+    ks, vs = kv_scales if kv_scales is not None else (None, None)
+    k = _gather(k_cache, span.block_table, span.ctx_len, q.dtype, ks)
+    v = _gather(v_cache, span.block_table, span.ctx_len, q.dtype, vs)
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, len, D]
     past = span.ctx_len - span.q_len
     if past == 0:
@@ -168,26 +199,38 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     return o.transpose(0, 1)
 
 
+_NO_SCALES = torch.empty(0)
+
+
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                      meta: AttentionMetadata, scale: float, kv_scales: KVScales | None) -> torch.Tensor:
     """One query per sequence. On CPU the compiled kernel reads the blocks in place; otherwise
     K/V are gathered into a padded [B, L] batch and masked by length."""
-    ext = cpu_kernels() if q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16) else None
+    kernel_dtypes = (torch.float32, torch.bfloat16, torch.int8)
+    ext = cpu_kernels() if q.device.type == "cpu" and k_cache.dtype in kernel_dtypes else None
     if ext is not None:
+        ks, vs = kv_scales if kv_scales is not None else (_NO_SCALES, _NO_SCALES)
         out = ext.paged_decode_attention(q.float().contiguous(), k_cache, v_cache, meta.decode_block_tables,
-                                         meta.decode_context_lens, scale)
+                                         meta.decode_context_lens, scale, ks, vs)
         return out.to(q.dtype)
-    return decode_attention_torch(q, k_cache, v_cache, meta, scale)
+    return decode_attention_torch(q, k_cache, v_cache, meta, scale, kv_scales)
 
 
 def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                           meta: AttentionMetadata, scale: float, kv_scales: KVScales | None = None) -> torch.Tensor:
     b, h, d = q.shape
     kvh = k_cache.shape[-2]
     tables = meta.decode_block_tables.flatten()
     max_len = meta.decode_max_context
-    k = k_cache.index_select(0, tables).view(b, -1, kvh, d)[:, :max_len].transpose(1, 2).to(q.dtype)
-    v = v_cache.index_select(0, tables).view(b, -1, kvh, d)[:, :max_len].transpose(1, 2).to(q.dtype)
+
+    def batch(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        rows = cache.index_select(0, tables).view(b, -1, kvh, d)[:, :max_len]
+        if scales is not None:
+            rows = rows.float() * scales.index_select(0, tables).view(b, -1, kvh, 1)[:, :max_len]
+        return rows.transpose(1, 2).to(q.dtype)
+
+    ks, vs = kv_scales if kv_scales is not None else (None, None)
+    k, v = batch(k_cache, ks), batch(v_cache, vs)
     valid = torch.arange(max_len, device=q.device)[None, :] < meta.decode_context_lens[:, None]
     o = F.scaled_dot_product_attention(q.view(b, h, 1, d), k, v, attn_mask=valid[:, None, None, :],
                                        scale=scale, enable_gqa=True)

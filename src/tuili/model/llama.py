@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .layers import AttentionMetadata, RMSNorm, Rotary, linear, paged_attention, write_kv
+from .quant import QuantWeight, quantize, weight_nbytes
 
 
 class DecoderLayer(torch.nn.Module):
@@ -32,14 +33,16 @@ class DecoderLayer(torch.nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         # Filled by LlamaModel.load_weights.
-        self.qkv_weight: torch.Tensor
+        self.qkv_weight: torch.Tensor | QuantWeight
         self.qkv_bias: torch.Tensor | None = None
-        self.o_weight: torch.Tensor
-        self.gate_up_weight: torch.Tensor
-        self.down_weight: torch.Tensor
+        self.o_weight: torch.Tensor | QuantWeight
+        self.gate_up_weight: torch.Tensor | QuantWeight
+        self.down_weight: torch.Tensor | QuantWeight
+
+    LINEARS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
-                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                kv: tuple[torch.Tensor, ...], meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         h = self.input_norm(x)
         qkv = linear(h, self.qkv_weight, self.qkv_bias)
@@ -50,8 +53,9 @@ class DecoderLayer(torch.nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, positions)
-        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        attn = paged_attention(q, kv[0], kv[1], meta, self.scale)
+        kv_scales = (kv[2], kv[3]) if len(kv) == 4 else None  # an int8 cache carries its scales
+        write_kv(kv[0], kv[1], k, v, meta.slot_mapping, kv_scales)
+        attn = paged_attention(q, kv[0], kv[1], meta, self.scale, kv_scales)
         x = x + linear(attn.reshape(t, self.q_size), self.o_weight)
         h = self.post_attn_norm(x)
         gate, up = linear(h, self.gate_up_weight).chunk(2, dim=-1)
@@ -60,9 +64,10 @@ class DecoderLayer(torch.nn.Module):
 
 class LlamaModel(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, quantization: tuple[str, int] = ("none", 0)):
         super().__init__()
         self.cfg = cfg
+        self.quantization = quantization
         self.dtype = dtype
         self.device = device
         self.layers = torch.nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
@@ -100,9 +105,32 @@ class LlamaModel(torch.nn.Module):
             if layer.q_norm is not None:
                 layer.q_norm.weight.copy_(take(a + "q_norm.weight"))
                 layer.k_norm.weight.copy_(take(a + "k_norm.weight"))
+        if self.quantization[0] != "none":
+            self._quantize()
+
+    def _quantize(self) -> None:
+        """Weight-only quantization of every linear layer, the output head included (a tied
+        head gets its own quantized copy; the embedding lookup keeps the full-precision table)."""
+        from tqdm import tqdm
+
+        mode, group = self.quantization
+        for layer in tqdm(self.layers, desc=f"quantizing to {mode}", unit="layer", leave=False):
+            for name in DecoderLayer.LINEARS:
+                setattr(layer, name, quantize(getattr(layer, name), mode, group))
+        self.lm_head = quantize(self.lm_head, mode, group)
+
+    def weight_bytes(self) -> int:
+        """Bytes of all weights as held in memory (a tied, unquantized head is counted once)."""
+        total = sum(weight_nbytes(getattr(layer, n)) for layer in self.layers for n in DecoderLayer.LINEARS)
+        total += sum(weight_nbytes(layer.qkv_bias) for layer in self.layers if layer.qkv_bias is not None)
+        total += sum(p.numel() * p.element_size() for p in self.parameters())
+        total += weight_nbytes(self.embed)
+        if self.lm_head is not self.embed:
+            total += weight_nbytes(self.lm_head)
+        return total
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, ...]], meta: AttentionMetadata) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, positions, self.rotary, kv, meta)

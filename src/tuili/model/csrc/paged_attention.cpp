@@ -1,7 +1,9 @@
 // Decode attention that reads each sequence's KV blocks in place.
 //
 // One query token per sequence. The cache layout is the engine's:
-// [num_blocks, block_size, num_kv_heads, head_dim], float32 or bfloat16.
+// [num_blocks, block_size, num_kv_heads, head_dim], float32, bfloat16 or int8; an int8
+// cache comes with float32 scales [num_blocks, block_size, num_kv_heads] (one per token
+// and kv head) that each row is multiplied by as it is read.
 // Work is split over (sequence, kv head) pairs; the G query heads that share a kv head
 // are processed together so every K/V row is read once. Scores go to a per-task buffer
 // (two-pass softmax in float32), then V rows are accumulated with those weights.
@@ -17,6 +19,8 @@ namespace {
 
 inline float to_float(float x) { return x; }
 
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+
 inline float to_float(at::BFloat16 x) {
   uint32_t bits = static_cast<uint32_t>(x.x) << 16;
   float f;
@@ -25,8 +29,8 @@ inline float to_float(at::BFloat16 x) {
 }
 
 template <typename T>
-void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int64_t* tables,
-                   const int64_t* lens, float* out, int64_t batch, int64_t heads, int64_t kv_heads,
+void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const float* k_scales,
+                   const float* v_scales, const int64_t* tables, const int64_t* lens, float* out, int64_t batch, int64_t heads, int64_t kv_heads,
                    int64_t dim, int64_t block_size, int64_t table_width, float scale) {
   const int64_t group = heads / kv_heads;
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -42,10 +46,12 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int
       scores.assign(group * len, 0.f);
       const int64_t row_stride = kv_heads * dim;  // between consecutive tokens of a block
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const T* kp = k_cache + (table[t0 / block_size] * block_size * kv_heads + kvh) * dim;
+        const int64_t slot0 = table[t0 / block_size] * block_size;
+        const T* kp = k_cache + (slot0 * kv_heads + kvh) * dim;
         const int64_t n = len - t0 < block_size ? len - t0 : block_size;
         for (int64_t i = 0; i < n; ++i, kp += row_stride) {
-          for (int64_t d = 0; d < dim; ++d) row[d] = to_float(kp[d]);
+          const float ks = k_scales ? k_scales[(slot0 + i) * kv_heads + kvh] : 1.f;
+          for (int64_t d = 0; d < dim; ++d) row[d] = to_float(kp[d]) * ks;
           for (int64_t g = 0; g < group; ++g) {
             const float* qg = qb + g * dim;
             float s = 0.f;
@@ -69,10 +75,12 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int
         std::memset(ob + g * dim, 0, dim * sizeof(float));
       }
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const T* vp = v_cache + (table[t0 / block_size] * block_size * kv_heads + kvh) * dim;
+        const int64_t slot0 = table[t0 / block_size] * block_size;
+        const T* vp = v_cache + (slot0 * kv_heads + kvh) * dim;
         const int64_t n = len - t0 < block_size ? len - t0 : block_size;
         for (int64_t i = 0; i < n; ++i, vp += row_stride) {
-          for (int64_t d = 0; d < dim; ++d) row[d] = to_float(vp[d]);
+          const float vs = v_scales ? v_scales[(slot0 + i) * kv_heads + kvh] : 1.f;
+          for (int64_t d = 0; d < dim; ++d) row[d] = to_float(vp[d]) * vs;
           for (int64_t g = 0; g < group; ++g) {
             const float w = scores[g * len + t0 + i];
             float* og = ob + g * dim;
@@ -87,9 +95,11 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int
 
 }  // namespace
 
-// q: [B, H, D] float32; caches: [NB, BS, KVH, D]; tables: [B, W] int64; lens: [B] int64.
+// q: [B, H, D] float32; caches: [NB, BS, KVH, D]; tables: [B, W] int64; lens: [B] int64;
+// k_scales / v_scales: [NB, BS, KVH] float32 for an int8 cache, empty tensors otherwise.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor tables, torch::Tensor lens, double scale) {
+                                     torch::Tensor tables, torch::Tensor lens, double scale,
+                                     torch::Tensor k_scales, torch::Tensor v_scales) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(), "q: [B, H, D] float32");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: 4-d contiguous");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches differ in dtype");
@@ -99,16 +109,32 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == dim && heads % kv_heads == 0, "head shapes do not match");
   auto out = torch::empty_like(q);
-  if (k_cache.scalar_type() == torch::kFloat32) {
-    decode_kernel<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                         tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), batch,
-                         heads, kv_heads, dim, block_size, tables.size(1), static_cast<float>(scale));
-  } else {
-    TORCH_CHECK(k_cache.scalar_type() == torch::kBFloat16, "caches must be float32 or bfloat16");
-    decode_kernel<at::BFloat16>(q.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
-                                v_cache.data_ptr<at::BFloat16>(), tables.data_ptr<int64_t>(),
-                                lens.data_ptr<int64_t>(), out.data_ptr<float>(), batch, heads, kv_heads, dim,
-                                block_size, tables.size(1), static_cast<float>(scale));
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float fs = static_cast<float>(scale);
+  const int64_t width = tables.size(1);
+  switch (k_cache.scalar_type()) {
+    case torch::kFloat32:
+      decode_kernel<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr,
+                           nullptr, tp, lp, op, batch, heads, kv_heads, dim, block_size, width, fs);
+      break;
+    case torch::kBFloat16:
+      decode_kernel<at::BFloat16>(q.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
+                                  v_cache.data_ptr<at::BFloat16>(), nullptr, nullptr, tp, lp, op, batch, heads,
+                                  kv_heads, dim, block_size, width, fs);
+      break;
+    case torch::kChar:
+      TORCH_CHECK(k_scales.scalar_type() == torch::kFloat32 && v_scales.scalar_type() == torch::kFloat32 &&
+                      k_scales.is_contiguous() && v_scales.is_contiguous() &&
+                      k_scales.numel() == k_cache.numel() / dim && v_scales.numel() == k_scales.numel(),
+                  "an int8 cache needs float32 scales [NB, BS, KVH]");
+      decode_kernel<int8_t>(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                            k_scales.data_ptr<float>(), v_scales.data_ptr<float>(), tp, lp, op, batch, heads,
+                            kv_heads, dim, block_size, width, fs);
+      break;
+    default:
+      TORCH_CHECK(false, "caches must be float32, bfloat16 or int8");
   }
   return out;
 }

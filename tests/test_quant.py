@@ -1,0 +1,146 @@
+"""Low precision: int8 / int4 weights and the int8 KV cache, held to stated tolerances.
+
+Tolerances, on the default model over the first 512 tokens of the shipped corpus, each
+mode against the same model in full precision (bfloat16 weights and KV):
+- int8 weights, and an int8 KV cache: perplexity at most 1% above, top-1 agreement >= 95%;
+- int4 weights (groups of 32): perplexity at most 8% above, top-1 agreement >= 85%.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tuili.engine.engine import Engine
+from tuili.engine.evaluate import DEFAULT_TEXT, evaluate
+from tuili.model.quant import (dequantize_int4_codes, int4_codes, parse_quantization, quantize_int4,
+                               quantize_int8)
+
+
+def test_parse_quantization():
+    assert parse_quantization(None) == ("none", 0)
+    assert parse_quantization("int8") == ("int8", 0)
+    assert parse_quantization("int4") == ("int4", 32)
+    assert parse_quantization("int4:128") == ("int4", 128)
+    for bad in ("int3", "int4:48", "int8:32", "fp8"):
+        with pytest.raises(ValueError, match="quantization"):
+            parse_quantization(bad)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_int8_matmul_equals_dequantized_weight(rows):
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    qw = quantize_int8(w)
+    deq = qw.dequantize(torch.float32)
+    assert (deq - w).abs().max() <= w.abs().amax(1).max() / 127  # within half a step, plus bf16 scale rounding
+    x = torch.randn(rows, 64)
+    want = x.bfloat16().float() @ deq.T
+    for slow_bf16 in (False, True):  # the op, and the dequantized float32 path for many rows
+        got = qw.matmul(x, slow_bf16).float()
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+
+
+def test_int4_codes_reproduce_a_q4_1_grid_exactly():
+    """Weights already on a 4-bit grid per group of 32 (llama.cpp's Q4_1) come back unchanged."""
+    torch.manual_seed(1)
+    codes = torch.randint(0, 16, (8, 64))
+    codes[:, ::32] = 0  # every group uses its full range, as Q4_1 blocks do
+    codes[:, 1::32] = 15
+    scale = torch.rand(8, 2) + 0.1
+    lo = torch.randn(8, 2)
+    w = dequantize_int4_codes(codes, scale, lo, 32)
+    q, s, m = int4_codes(w, 32)
+    torch.testing.assert_close(dequantize_int4_codes(q, s, m, 32), w, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_matmul_equals_dequantized_weight(group):
+    torch.manual_seed(2)
+    w = torch.randn(64, 128)
+    x = torch.randn(5, 128)
+    q, s, m = int4_codes(w, group)
+    # the op reads scale and zero in bfloat16
+    s_b, zero_b = s.bfloat16().float(), (m + 8 * s).bfloat16().float()
+    deq = dequantize_int4_codes(q, s_b, zero_b - 8 * s_b, group)
+    want = x.bfloat16().float() @ deq.T
+    got = quantize_int4(w, group).matmul(x, slow_bf16=False).float()
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.02)
+    assert (deq - w).abs().max() < 0.6 * s.max() + 0.05  # half a step, plus bf16 rounding of scale/zero
+
+
+def test_int4_group_must_divide_the_input_width():
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_int4(torch.randn(4, 96), 64)
+
+
+@pytest.fixture(scope="module")
+def corpus_ids(default_model_folder):
+    engine = Engine(str(default_model_folder), dtype="bfloat16", num_kv_blocks=40)
+    return engine.encode(DEFAULT_TEXT.read_text())[:512]
+
+
+@pytest.fixture(scope="module")
+def reference(default_model_folder):
+    return Engine(str(default_model_folder), dtype="bfloat16", num_kv_blocks=40)
+
+
+@pytest.mark.parametrize("quantization,kv,max_ppl_ratio,min_agree", [
+    ("int8", "auto", 1.01, 0.95),
+    ("none", "int8", 1.01, 0.95),
+    ("int4", "auto", 1.08, 0.85),
+    ("int8", "int8", 1.02, 0.93),
+])
+def test_quantized_model_stays_close_to_full_precision(default_model_folder, corpus_ids, reference,
+                                                       quantization, kv, max_ppl_ratio, min_agree):
+    engine = Engine(str(default_model_folder), dtype="bfloat16", num_kv_blocks=40, quantization=quantization,
+                    kv_cache_dtype=kv)
+    r = evaluate(engine, corpus_ids, window=512, chunk=128, reference=reference, progress=False)
+    assert r.tokens_scored == 511
+    assert r.perplexity / r.reference_perplexity <= max_ppl_ratio
+    assert r.top1_agreement >= min_agree
+    assert 0 < r.logit_mean_abs_diff < 1.0  # really quantized, and close
+    if quantization != "none":
+        assert r.weight_bytes < 0.75 * reference.model.weight_bytes()
+
+
+def test_int8_kv_pool_holds_about_twice_the_tokens(default_model_folder):
+    full = Engine(str(default_model_folder), dtype="bfloat16", kv_cache_memory="32MiB")
+    small = Engine(str(default_model_folder), dtype="bfloat16", kv_cache_memory="32MiB", kv_cache_dtype="int8")
+    ratio = small.blocks.num_blocks / full.blocks.num_blocks
+    assert 1.8 <= ratio <= 2.0  # 64 int8 + a 4-byte scale per row against 64 bf16 values: 128/68
+
+
+def test_quantized_engine_generates_in_a_batch(default_model_folder):
+    """Batched decode with int4 weights and an int8 KV cache (both matmul paths, the int8 kernel)."""
+    from tuili import LLM, SamplingParams
+
+    llm = LLM(str(default_model_folder), dtype="bfloat16", num_kv_blocks=64, quantization="int4",
+              kv_cache_dtype="int8")
+    prompts = [[{"role": "user", "content": q}] for q in
+               ("What is the capital of France?", "Name a color.", "Count from one to five.")]
+    outs = llm.chat(prompts * 4, SamplingParams(max_tokens=16, temperature=0))
+    texts = [o.outputs[0].text for o in outs]
+    assert "Paris" in texts[0]
+    assert texts[:3] == texts[3:6]  # the same prompt gives the same greedy text wherever it sits in the batch
+    assert llm.engine.blocks.num_used_blocks() == 0
+
+
+def test_cli_eval_perplexity_compare(default_model_folder):
+    cmd = [sys.executable, "-m", "tuili.cli", "eval", "perplexity", str(default_model_folder), "--dtype", "bfloat16",
+           "--quantization", "int8", "--compare", "--max-text-tokens", "200", "--window", "100",
+           "--kv-cache-memory", "16MiB"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record["tokens_scored"] == 198 and record["quantization"] == "int8"
+    assert 1 < record["perplexity"] < 100 and 0.9 <= record["top1_agreement"] <= 1
+
+
+def test_cli_rejects_a_bad_quantization():
+    out = subprocess.run([sys.executable, "-m", "tuili.cli", "eval", "perplexity", "--quantization", "int5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("tuili: error: quantization") and "Traceback" not in out.stderr
