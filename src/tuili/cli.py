@@ -24,13 +24,17 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix reuse off")
     g.add_argument("--seed", type=int, default=None, help="seed for requests that bring none")
+    g.add_argument("--kv-host-memory", default="0", help="host-memory KV tier behind the pool, e.g. 4GiB (0: off)")
+    g.add_argument("--kv-disk-dir", default=None, help="directory of the disk KV tier (kept across restarts)")
+    g.add_argument("--kv-disk-size", default="20GiB", help="size bound of the disk KV tier")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                 block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+                enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                kv_host_memory=args.kv_host_memory, kv_disk_dir=args.kv_disk_dir, kv_disk_size=args.kv_disk_size)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
