@@ -16,7 +16,9 @@ Layout and decisions:
 - Size bound: all files have the same size (header + payload), so the bound is a count.
   A write reserves its slot when queued; the writes that make room delete their victims
   (the least recently used files) before writing, so the bytes on disk never exceed
-  `size_bytes` (the file system's own rounding to its block size is not counted).
+  `size_bytes` (the file system's own rounding to its block size is not counted). A
+  block whose slot is still being written is not evicted; when every slot is, a new
+  block is dropped (counted in `dropped_writes`): back-pressure from a slow disk.
 - Writes never block the caller: `put` queues the buffer to a writer pool and keeps it
   in `pending` until the file is in place; a read of a pending block is served from
   that buffer. Reads are batched (`get_many`) over a separate reader pool, so reads never
@@ -32,6 +34,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -67,9 +70,10 @@ class DiskTier:
         self.file_nbytes = HEADER.size + payload_nbytes
         self.size_bytes = size_bytes
         self.capacity = size_bytes // self.file_nbytes
-        self.dir = Path(root).expanduser() / f"tuili-kv-{self.fingerprint.hex()[:16]}"
+        self.dir = Path(root).expanduser() / f"tuili-kv-{self.fingerprint.hex()}"
         self.stats = DiskStats()
-        self.index: OrderedDict[bytes, None] = OrderedDict()  # files in place, least recently used first
+        # Every stored or queued block, least recently used first; True once its file is in place.
+        self.index: OrderedDict[bytes, bool] = OrderedDict()
         self.pending: dict[bytes, torch.Tensor] = {}  # queued or being written
         self._lock = threading.Lock()
         self._lock_file = None
@@ -121,7 +125,7 @@ class DiskTier:
         excess = max(len(found) - self.capacity, 0)
         for _, h in found[:excess]:  # the bound shrank since the last run
             self._path(h).unlink(missing_ok=True)
-        self.index.update((h, None) for _, h in found[excess:])
+        self.index.update((h, True) for _, h in found[excess:])
         if bad:
             self.stats.errors += bad
             log.warning("disk KV tier: dropped %d truncated or foreign files in %s", bad, self.dir)
@@ -132,10 +136,10 @@ class DiskTier:
 
     # ---- queries -------------------------------------------------------------
     def __contains__(self, h: bytes) -> bool:
-        return self.enabled and (h in self.index or h in self.pending)
+        return self.enabled and h in self.index
 
     def __len__(self) -> int:
-        return len(self.index) + len(self.pending)
+        return len(self.index)
 
     @property
     def bytes_used(self) -> int:
@@ -157,21 +161,25 @@ class DiskTier:
             if h in self.index:
                 self.index.move_to_end(h)
                 return True
-            if h in self.pending:
-                return True
             victims = []
-            while len(self.index) + len(self.pending) >= self.capacity and self.index:
-                victims.append(self.index.popitem(last=False)[0])
+            while len(self.index) >= self.capacity:
+                victim = next((k for k, written in self.index.items() if written), None)
+                if victim is None:  # all slots are being written
+                    break
+                del self.index[victim]
+                victims.append(victim)
             self.stats.evictions += len(victims)
-            if len(self.index) + len(self.pending) >= self.capacity:
+            if len(self.index) >= self.capacity:
                 self.stats.dropped_writes += 1
                 return False
+            self.index[h] = False
             self.pending[h] = payload
-        fut = self._writers.submit(self._write, h, payload, victims)
+        # The file's mtime is the time of this call, so the order survives a restart.
+        fut = self._writers.submit(self._write, h, payload, victims, time.time_ns())
         self._track(fut)
         return True
 
-    def _write(self, h: bytes, payload: torch.Tensor, victims: list[bytes]) -> None:
+    def _write(self, h: bytes, payload: torch.Tensor, victims: list[bytes], mtime_ns: int) -> None:
         for v in victims:
             self._path(v).unlink(missing_ok=True)
         path = self._path(h)
@@ -183,16 +191,19 @@ class DiskTier:
             with open(tmp, "wb") as f:
                 f.write(header)
                 f.write(data)
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             with self._lock:
                 self.pending.pop(h, None)
+                self.index.pop(h, None)
             log.warning("disk KV tier: cannot write %s: %s", path, e)
             return
         with self._lock:
             self.pending.pop(h, None)
-            self.index[h] = None
+            if h in self.index:
+                self.index[h] = True
             self.stats.blocks_written += 1
 
     def _track(self, fut: Future) -> None:

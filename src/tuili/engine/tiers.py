@@ -148,24 +148,33 @@ class KVTiers:
         return n
 
     def restore(self, blocks: list[int], hashes: list[bytes]) -> list[str]:
+        # Take the host's buffers first: the flush below (of the blocks evicted to make room
+        # for this restore) may push exactly these down to disk. Stored buffers never change.
+        found: dict[bytes, tuple[torch.Tensor, str]] = {}
+        self._from_host(hashes, found)
         self.flush()
-        host = self.host
-        from_disk = [h for h in hashes if host is None or h not in host]
-        disk_bufs = dict(zip(from_disk, self.disk.get_many(from_disk))) if self.disk and from_disk else {}
+        self._from_host(hashes, found)  # blocks that were waiting in the flush
+        rest = [h for h in hashes if h not in found]
+        if self.disk is not None and rest:
+            found.update((h, (buf, "disk")) for h, buf in zip(rest, self.disk.get_many(rest)) if buf is not None)
         buffers, served = [], []
         for h in hashes:
-            buf = host.get(h) if host is not None else None
-            tier = "host"
-            if buf is None:
-                buf, tier = disk_bufs.get(h), "disk"
-            if buf is None:
+            if h not in found:
                 break
-            buffers.append(buf)
-            served.append(tier)
+            buffers.append(found[h][0])
+            served.append(found[h][1])
         self.write_blocks(blocks[:len(buffers)], buffers)
         for tier in served:
             self.stats.moved[tier, "device"] += 1
         return served
+
+    def _from_host(self, hashes: list[bytes], found: dict[bytes, tuple[torch.Tensor, str]]) -> None:
+        if self.host is None:
+            return
+        for h in hashes:
+            buf = None if h in found else self.host.get(h)
+            if buf is not None:
+                found[h] = (buf, "host")
 
     # ---- reporting and shutdown ----------------------------------------------
     def snapshot(self) -> dict[str, int]:
