@@ -35,3 +35,24 @@ def test_shared_prefix_outputs_equal_recompute(prompts):
     shared = min(len(p) for p in ids) // 16 * 16 - 16
     assert all(o.num_cached_tokens >= shared for o in second)
     assert llm.engine.blocks.num_used_blocks == 0
+
+
+
+
+def test_disk_tier_gives_the_same_outputs_after_restart(prompts, tmp_path):
+    """The first engine saves its blocks to disk on close; a new engine restores them for
+    three requests that run at once and share the system prompt. (Pushing blocks through
+    host memory to disk and the per-tier counters are covered by test_kv_tiers_engine.py
+    on a small random model, where it is fast.)"""
+    ids, expected = prompts
+    options = dict(dtype="float32", kv_cache_memory="64MiB", kv_disk_dir=str(tmp_path))
+    first = LLM("smollm2-135m-instruct", **options)
+    assert first.generate([ids[0]], GREEDY)[0].outputs[0].token_ids == expected[0]
+    first.close()
+    again = LLM("smollm2-135m-instruct", max_num_batched_tokens=256, **options)
+    outs = again.generate(ids[:3], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == expected[:3]
+    s = again.engine.stats()
+    assert s["prefix_hit_tokens_disk"] >= (len(ids[0]) - 1) // 16 * 16
+    assert s["kv_blocks_moved_disk_to_device"] > 0 and s["kv_disk_errors"] == 0
+    again.close()

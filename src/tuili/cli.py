@@ -28,6 +28,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights: none, int8 (per channel) or int4 (groups of 32; int4:64, int4:128)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache entries: auto (the model dtype) or int8 (a scale per token and head)")
+    g.add_argument("--kv-host-memory", default="0", help="host-memory KV tier behind the pool, e.g. 4GiB (0: off)")
+    g.add_argument("--kv-disk-dir", default=None, help="directory of the disk KV tier (kept across restarts)")
+    g.add_argument("--kv-disk-size", default="20GiB", help="size bound of the disk KV tier")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,7 +38,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
                 block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                kv_host_memory=args.kv_host_memory, kv_disk_dir=args.kv_disk_dir, kv_disk_size=args.kv_disk_size)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -172,6 +172,11 @@ class EngineConfig:
     seed: int | None = None  # seeds the sampler of requests that bring no seed
     quantization: str = "none"  # weights: none, int8, int4 (group 32), int4:64, int4:128
     kv_cache_dtype: str = "auto"  # auto (the model dtype) or int8 (a scale per token and head)
+    # KV tiers behind the pool (engine/tiers.py). Host memory is off by default: on a CPU
+    # device the pool already is host memory. The disk tier is on when a directory is given.
+    kv_host_memory: str | int = 0
+    kv_disk_dir: str | None = None
+    kv_disk_size: str | int = "20GiB"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -179,6 +184,11 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks: must be >= 1, got {self.num_kv_blocks}")
         parse_size(self.kv_cache_memory)
+        for name in ("kv_host_memory", "kv_disk_size"):
+            try:
+                parse_size(getattr(self, name))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
         from .model.quant import parse_quantization

@@ -65,6 +65,8 @@ class AsyncEngine:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.engine.close()  # saves the KV cache to the disk tier, if there is one
 
     @property
     def is_alive(self) -> bool:

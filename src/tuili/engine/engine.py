@@ -13,9 +13,15 @@ Decisions:
   is smaller.
 - Output token ids include a final EOS or stop token id; the text never does, and never
   includes a matched stop string.
+- Prefix hashes are salted with a digest of the weights (not the model's display name,
+  which differs between a path and a known name), its shape, dtype, KV dtype,
+  quantization and block size; the disk tier's directory is named by the same salt plus
+  the KV layout, so blocks left by a run with other settings are never used.
+- `close()` saves the cached blocks to the disk tier (if any) and waits for its writes.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,6 +36,8 @@ from ..model.loader import LoadedModel, load_model
 from ..sampling import SampleRequest, Sampler, SamplingParams
 from .detokenizer import find_stop, update_text, visible_text
 from .kv_cache import BlockManager, cdiv
+from .tiers import KVTiers, tier_snapshot
+from .disk_tier import DiskTier
 from .runner import ModelRunner, kv_bytes_per_block
 from .scheduler import Scheduler
 from .sequence import Sequence, TokenLogprob
@@ -97,19 +105,45 @@ class Engine:
         num_blocks = cfg.num_kv_blocks or parse_size(cfg.kv_cache_memory) // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory: {cfg.kv_cache_memory} holds no block of {per_block} bytes")
-        salt = f"{self.model_name}|{self.dtype}|{cfg.quantization}|{self.kv_dtype}|{mc}".encode()
+        salt = (f"{weights_digest(loaded.weights)}|{self.dtype}|kv={self.kv_dtype}"
+                f"|q={cfg.quantization}|{mc}").encode()
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching, salt)
         # The longest a sequence may grow: the context window, or the whole pool if smaller,
         # so that a sequence running alone can always finish.
         self.max_seq_len = min(self.max_model_len, num_blocks * cfg.block_size)
         self.scheduler = Scheduler(cfg.scheduler_config(), self.blocks)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.kv_dtype)
+        self.tiers = self._build_tiers() if cfg.enable_prefix_caching else None
         self.sampler = Sampler(self.device, cfg.seed)
         self.requests: dict[str, Request] = {}
         log.info("engine ready: model=%s dtype=%s quantization=%s kv_dtype=%s device=%s weights=%.1fMB "
                  "kv_blocks=%d (%d tokens) max_model_len=%d", self.model_name, str(self.dtype).removeprefix("torch."),
                  cfg.quantization, str(self.kv_dtype).removeprefix("torch."), self.device,
                  self.model.weight_bytes() / 1e6, num_blocks, num_blocks * cfg.block_size, self.max_model_len)
+
+    def _build_tiers(self) -> KVTiers | None:
+        cfg, runner = self.config, self.runner
+        nbytes = runner.block_nbytes
+        disk = None
+        if cfg.kv_disk_dir:
+            fingerprint = hashlib.blake2b(self.blocks.root_hash + runner.kv_layout().encode(), digest_size=16).digest()
+            disk = DiskTier(cfg.kv_disk_dir, parse_size(cfg.kv_disk_size), fingerprint, nbytes)
+        tiers = KVTiers(runner.read_blocks, runner.write_blocks, nbytes, parse_size(cfg.kv_host_memory), disk)
+        if not tiers.enabled:
+            return None
+        self.blocks.tiers = tiers
+        self.blocks.on_evict = tiers.on_evict
+        return tiers
+
+    def close(self) -> None:
+        """Save cached KV blocks to the disk tier and wait for its writes (no-op without one)."""
+        if self.tiers is None:
+            return
+        bm = self.blocks
+        in_use = [b for b in range(bm.num_blocks) if bm.ref_counts[b] > 0]
+        order = list(bm.free_queue) + in_use  # least recently used first
+        self.tiers.close([(b, bm.block_hash[b]) for b in order if bm.block_hash[b] is not None])
+        bm.tiers, bm.on_evict, self.tiers = None, None, None
 
     # ---- requests ------------------------------------------------------------
     def encode(self, prompt: str, tokenizer=None) -> list[int]:
@@ -176,6 +210,8 @@ class Engine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        if self.tiers is not None:
+            self.tiers.flush()  # blocks evicted while scheduling, before the step overwrites them
         logits, sampling = self.runner.run(sched.scheduled)
         self.scheduler.update_after_step(sched)
         touched: dict[str, Request] = {}
@@ -242,6 +278,8 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "prefix_hit_tokens": self.blocks.prefix_hit_tokens,
             "prefix_query_tokens": self.blocks.prefix_query_tokens,
+            **{f"prefix_hit_tokens_{t}": n for t, n in self.blocks.tier_hit_tokens.items()},
+            **tier_snapshot(self.tiers),
         }
 
     def _eos_ids(self, loaded: LoadedModel) -> list[int]:
@@ -249,6 +287,18 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """A cheap fingerprint of the weights: names, shapes, dtypes and a strided sample of each."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(weights):
+        t = weights[name]
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(flat.numel() // 256, 1)][:256].contiguous().cpu()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return h.hexdigest()
 
 
 def _load_tokenizer(loaded: LoadedModel):

@@ -12,15 +12,38 @@ It sees only block ids and token counts, never tensors.
   token of every sequence is always computed.
 - Taking a hashed block from the free queue for new content evicts its hash; an
   `on_evict` callback lets a lower tier keep a copy.
+- Lower tiers (host memory, disk: `tiers.py`) sit behind the pool through the small
+  `LowerTiers` interface of block ids and hashes, so this class stays tensor-free. When
+  the device cache misses, `match_prefix` asks the lower tiers how many of the following
+  blocks they hold, takes free device blocks for them and has the tiers copy them in
+  (one batched restore). The restored blocks become ordinary cached blocks, so admission,
+  sharing and eviction treat them like any other; the tier each came from is remembered
+  until a sequence takes it, so hits are counted per tier (device, host, disk).
 """
 from __future__ import annotations
 
 import hashlib
 from array import array
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Protocol
 
 from .sequence import Sequence
+
+TIERS = ("device", "host", "disk")
+
+
+class LowerTiers(Protocol):
+    """What the block manager needs from the tiers below the device pool."""
+
+    def on_evict(self, block: int, block_hash: bytes) -> None:
+        """`block` is about to be reused; keep a copy of its content under `block_hash`."""
+
+    def lookup(self, hashes: list[bytes]) -> int:
+        """How many of `hashes`, from the first on, a lower tier holds."""
+
+    def restore(self, blocks: list[int], hashes: list[bytes]) -> list[str]:
+        """Copy the content of `hashes` into device `blocks`; returns the tier that served each,
+        for the leading run that succeeded (a corrupt or vanished block ends the run)."""
 
 
 def cdiv(a: int, b: int) -> int:
@@ -45,8 +68,11 @@ class BlockManager:
         self.cached: dict[bytes, int] = {}
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.on_evict: Callable[[int, bytes], None] | None = None
+        self.tiers: LowerTiers | None = None
+        self.restored_from: dict[int, str] = {}  # restored block -> its tier, until a sequence takes it
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
+        self.tier_hit_tokens = dict.fromkeys(TIERS, 0)
 
     # ---- queries -------------------------------------------------------------
     @property
@@ -65,13 +91,42 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         self._extend_hashes(seq, seq.num_tokens - 1)
+        wanted = seq.block_hashes[: (seq.num_tokens - 1) // self.block_size]
         hits: list[int] = []
-        for h in seq.block_hashes[: (seq.num_tokens - 1) // self.block_size]:
+        for h in wanted:
             block = self.cached.get(h)
             if block is None:
                 break
             hits.append(block)
+        if self.tiers is not None and len(hits) < len(wanted):
+            hits += self._restore(hits, wanted[len(hits):])
         return hits
+
+    def _restore(self, hits: list[int], missing: list[bytes]) -> list[int]:
+        """Bring the leading run of `missing` that a lower tier holds into free device blocks."""
+        assert self.tiers is not None
+        n = self.tiers.lookup(missing)
+        if n == 0:
+            return []
+        # The device hits must survive the allocations below: take them out of the free queue.
+        parked = [b for b in hits if self.ref_counts[b] == 0]
+        for b in parked:
+            del self.free_queue[b]
+        n = min(n, self.num_free_blocks)
+        blocks = [self._pop_free() for _ in range(n)]
+        served = self.tiers.restore(blocks, missing[:n]) if blocks else []
+        for b, h, tier in zip(blocks, missing, served):
+            self.cached[h] = b
+            self.block_hash[b] = h
+            self.restored_from[b] = tier
+        for b in reversed(blocks[len(served):]):  # failed: back to the front, no content
+            self.ref_counts[b] = 0
+            self.free_queue[b] = None
+            self.free_queue.move_to_end(b, last=False)
+        for b in parked + blocks[:len(served)]:  # about to be used: most recently used end
+            self.ref_counts[b] = 0
+            self.free_queue[b] = None
+        return blocks[:len(served)]
 
     def can_admit(self, seq: Sequence, hits: list[int], num_tokens: int) -> bool:
         """Whether `seq` can take `hits` and grow to cover `num_tokens`."""
@@ -87,6 +142,7 @@ class BlockManager:
             if self.ref_counts[b] == 0:
                 del self.free_queue[b]
             self.ref_counts[b] += 1
+            self.tier_hit_tokens[self.restored_from.pop(b, "device")] += self.block_size
         seq.block_table = list(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
         self.prefix_query_tokens += seq.num_tokens
@@ -142,6 +198,7 @@ class BlockManager:
         if h is not None:
             del self.cached[h]
             self.block_hash[block] = None
+            self.restored_from.pop(block, None)
             if self.on_evict is not None:
                 self.on_evict(block, h)
         self.ref_counts[block] = 1

@@ -21,6 +21,16 @@ class LLM:
         self.engine = Engine(model, EngineConfig(dtype=dtype, **engine_options))
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Save the KV cache to the disk tier (if configured) and wait for its writes."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -5,6 +5,11 @@ The runner owns the KV cache tensors (per layer, K and V of shape
 scale per token and head, `[num_blocks, block_size, num_kv_heads]`, for each) and is the only part of the engine
 that touches tensors besides the sampler. In the flat batch, single-token queries
 (decodes) come first and share one batched attention call; prefill chunks follow.
+
+`read_blocks` / `write_blocks` move whole blocks between the pool and flat CPU byte
+buffers for the KV tiers. They walk every tensor of every layer's tuple (K and V today;
+quantized KV adds scale tensors), each with the block id as dim 0, so a block's buffer is
+the concatenation of its rows in all of them, in a fixed order.
 """
 from __future__ import annotations
 
@@ -42,6 +47,47 @@ class ModelRunner:
             return kv
 
         self.kv_caches = [layer_cache() for _ in range(cfg.num_layers)]
+
+    # ---- whole blocks, for the KV tiers --------------------------------------
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.kv_caches for t in layer]
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block's buffer (all layers, all KV tensors)."""
+        return sum(t[0].numel() * t.element_size() for t in self._tensors())
+
+    def kv_layout(self) -> str:
+        """Shapes and dtypes of the KV tensors: part of the disk tier's fingerprint."""
+        return ";".join(f"{tuple(t.shape[1:])}:{t.dtype}" for t in self._tensors())
+
+    @torch.inference_mode()
+    def read_blocks(self, blocks: list[int]) -> list[torch.Tensor]:
+        """One flat uint8 CPU buffer per block (pinned when the pool is on an accelerator)."""
+        idx = self._tensor(blocks)
+        flat = torch.cat([t.index_select(0, idx).reshape(len(blocks), -1).view(torch.uint8)
+                          for t in self._tensors()], dim=1)
+        pin = self.device.type == "cuda"
+        out = []
+        for row in flat:
+            buf = torch.empty(row.numel(), dtype=torch.uint8, pin_memory=pin)
+            buf.copy_(row)
+            out.append(buf)
+        return out
+
+    @torch.inference_mode()
+    def write_blocks(self, blocks: list[int], buffers: list[torch.Tensor]) -> None:
+        """Copy buffers made by `read_blocks` into the given blocks of the pool."""
+        if not blocks:
+            return
+        idx = self._tensor(blocks)
+        flat = torch.stack(buffers).to(self.device, non_blocking=True)
+        offset = 0
+        for t in self._tensors():
+            n = t[0].numel() * t.element_size()
+            part = flat[:, offset:offset + n].contiguous().view(t.dtype).reshape(len(blocks), *t.shape[1:])
+            t.index_copy_(0, idx, part)
+            offset += n
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:

@@ -1,0 +1,197 @@
+"""KV tiers without a model: host LRU, disk files (checksums, restart, size bound, lock) and
+the block manager restoring spilled blocks through a fake pool of byte buffers."""
+import logging
+
+import pytest
+import torch
+
+from tuili.engine.disk_tier import HEADER, DiskTier
+from tuili.engine.kv_cache import BlockManager
+from tuili.engine.sequence import Sequence
+from tuili.engine.tiers import HostTier, KVTiers
+from tuili.sampling import SamplingParams
+
+NB = 256  # payload bytes of a fake block
+FP = b"fingerprint-0001"
+
+
+def payload(i: int) -> torch.Tensor:
+    return torch.full((NB,), i % 251, dtype=torch.uint8)
+
+
+def h(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def files(disk: DiskTier) -> list:
+    return sorted(p for p in disk.dir.rglob("*.kvb"))
+
+
+def test_host_tier_is_a_byte_bounded_lru():
+    host = HostTier(3 * NB + 10, NB)
+    assert host.capacity == 3
+    for i in range(3):
+        assert host.put(h(i), payload(i)) == []
+    host.get(h(0))  # 0 is now the most recent
+    evicted = host.put(h(3), payload(3))
+    assert [k for k, _ in evicted] == [h(1)]
+    assert h(0) in host and h(1) not in host and host.bytes_used == 3 * NB
+
+
+def test_disk_roundtrip_pending_reads_and_restart(tmp_path):
+    disk = DiskTier(tmp_path, 10 * (NB + HEADER.size), FP, NB)
+    for i in range(4):
+        assert disk.put(h(i), payload(i))
+    # Served from disk or from the pending buffer, whichever the writer has reached.
+    got = disk.get_many([h(i) for i in range(5)])
+    assert [g is None for g in got] == [False] * 4 + [True]
+    assert all(torch.equal(g, payload(i)) for i, g in enumerate(got[:4]))
+    disk.close()
+    assert len(files(disk)) == 4
+    again = DiskTier(tmp_path, 10 * (NB + HEADER.size), FP, NB)
+    assert len(again) == 4 and h(2) in again
+    assert torch.equal(again.get_many([h(2)])[0], payload(2))
+    again.close()
+    # Another fingerprint (model, dtype, block size ...) looks elsewhere and sees nothing.
+    other = DiskTier(tmp_path, 10 * (NB + HEADER.size), b"fingerprint-0002", NB)
+    assert len(other) == 0 and other.get_many([h(2)]) == [None]
+    other.close()
+
+
+def test_disk_size_bound_is_never_exceeded_and_oldest_go_first(tmp_path):
+    bound = 5 * (NB + HEADER.size) + 100
+    disk = DiskTier(tmp_path, bound, FP, NB)
+    def on_disk():
+        return sum(p.stat().st_size for p in disk.dir.rglob("*") if p.is_file() and p.name != "lock")
+
+    for i in range(40):  # a burst: writes queue up faster than they land
+        disk.put(h(1000 + i), payload(i))
+        assert on_disk() <= bound and disk.bytes_used <= bound
+    disk.drain()
+    assert on_disk() <= bound and len(files(disk)) <= 5
+    for i in range(12):  # one at a time: strict least-recently-used order
+        disk.put(h(i), payload(i))
+        assert on_disk() <= bound
+        disk.drain()
+    disk.close()
+    assert len(files(disk)) == 5
+    again = DiskTier(tmp_path, bound, FP, NB)
+    assert set(again.index) == {h(i) for i in range(7, 12)}
+    again.close()
+    # A smaller bound on restart drops the oldest files at once.
+    small = DiskTier(tmp_path, 2 * (NB + HEADER.size), FP, NB)
+    assert set(small.index) == {h(10), h(11)} and len(files(small)) == 2
+    small.close()
+
+
+def test_corrupt_truncated_and_foreign_files_are_dropped_and_logged(tmp_path, caplog):
+    disk = DiskTier(tmp_path, 10 * (NB + HEADER.size), FP, NB)
+    for i in range(4):
+        disk.put(h(i), payload(i))
+    disk.close()
+    path = {p.name[:-4]: p for p in files(disk)}
+    corrupt, foreign = path[h(0).hex()], path[h(1).hex()]
+    data = bytearray(corrupt.read_bytes())
+    data[HEADER.size + 7] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    foreign.write_bytes(path[h(3).hex()].read_bytes())  # a valid file under another block's name
+    truncated = path[h(2).hex()]
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="tuili.kv.disk"):
+        again = DiskTier(tmp_path, 10 * (NB + HEADER.size), FP, NB)
+        got = again.get_many([h(0), h(1), h(2), h(3)])
+    assert got[0] is None and got[1] is None and got[2] is None and torch.equal(got[3], payload(3))
+    text = caplog.text
+    assert "checksum mismatch" in text and "foreign header" in text and "truncated" in text
+    assert again.stats.errors == 3 and len(files(again)) == 1
+    assert again.get_many([h(0)]) == [None]  # dropped for good: logged once
+    assert text.count(h(0).hex()) == 1
+    again.close()
+
+
+def test_second_process_on_the_same_dir_runs_without_disk(tmp_path, caplog):
+    first = DiskTier(tmp_path, 1 << 20, FP, NB)
+    with caplog.at_level(logging.WARNING, logger="tuili.kv.disk"):
+        second = DiskTier(tmp_path, 1 << 20, FP, NB)
+    assert first.enabled and not second.enabled and "in use by another process" in caplog.text
+    assert not second.put(h(1), payload(1))
+    first.close()
+
+
+class FakePool:
+    """Device blocks as byte buffers: what the runner's read_blocks / write_blocks do to tensors."""
+
+    def __init__(self, num_blocks: int):
+        self.data = [torch.zeros(NB, dtype=torch.uint8) for _ in range(num_blocks)]
+
+    def read(self, blocks):
+        return [self.data[b].clone() for b in blocks]
+
+    def write(self, blocks, buffers):
+        for b, buf in zip(blocks, buffers):
+            self.data[b].copy_(buf)
+
+
+def run(bm: BlockManager, pool: FakePool, tiers: KVTiers, tokens: list[int], rid: str) -> Sequence:
+    """Admit a sequence, 'compute' its blocks (content = a function of the block's hash), free it."""
+    s = Sequence(rid, 0, tokens, SamplingParams(max_tokens=1))
+    hits = bm.match_prefix(s)
+    bm.admit(s, hits, s.num_tokens)
+    tiers.flush()
+    for i, b in enumerate(s.block_table[len(hits):len(s.block_hashes)], start=len(hits)):
+        pool.data[b].copy_(content(s.block_hashes[i]))
+    for i, b in enumerate(s.block_table[:len(hits)]):  # restored blocks hold the right content
+        assert torch.equal(pool.data[b], content(s.block_hashes[i]))
+    s.num_computed_tokens = s.num_tokens
+    bm.commit(s)
+    bm.free(s)
+    return s
+
+
+def content(block_hash: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(block_hash * (NB // 16)), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("host_blocks", [0, 2])
+def test_block_manager_spills_down_and_restores_per_tier(tmp_path, host_blocks):
+    pool = FakePool(6)
+    bm = BlockManager(num_blocks=6, block_size=4)
+    disk = DiskTier(tmp_path, 100 * (NB + HEADER.size), FP, NB)
+    tiers = KVTiers(pool.read, pool.write, NB, host_blocks * NB, disk)
+    bm.tiers, bm.on_evict = tiers, tiers.on_evict
+    a = list(range(17))  # 4 full blocks + 1 token
+    run(bm, pool, tiers, a, "a")
+    # Another prompt takes the whole pool: a's blocks leave the device, last block first,
+    # so with 2 host blocks the first two land in host memory and the last two on disk.
+    run(bm, pool, tiers, list(range(100, 121)), "x")
+    assert not any(hh in bm.cached for hh in Sequence("a", 0, a, SamplingParams()).block_hashes)
+    before = dict(bm.tier_hit_tokens)
+    run(bm, pool, tiers, a + [99, 98], "a2")
+    got = {t: bm.tier_hit_tokens[t] - before[t] for t in before}
+    assert sum(got.values()) == 16
+    assert got["device"] == 0
+    assert got["host"] == 4 * host_blocks and got["disk"] == 16 - 4 * host_blocks
+    snap = tiers.snapshot()
+    assert snap["kv_blocks_moved_disk_to_device"] * 4 == got["disk"]
+    assert snap["kv_evictions_device"] > 0
+    disk.close()
+
+
+def test_failed_restore_leaves_the_rest_to_compute(tmp_path):
+    pool = FakePool(6)
+    bm = BlockManager(num_blocks=6, block_size=4)
+    disk = DiskTier(tmp_path, 100 * (NB + HEADER.size), FP, NB)
+    tiers = KVTiers(pool.read, pool.write, NB, 0, disk)
+    bm.tiers, bm.on_evict = tiers, tiers.on_evict
+    a = list(range(17))
+    seq_a = run(bm, pool, tiers, a, "a")
+    for j in range(3):
+        run(bm, pool, tiers, list(range(100 * (j + 1), 100 * (j + 1) + 21)), f"x{j}")
+    disk.drain()
+    victim = disk._path(seq_a.block_hashes[1])
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")  # corrupt the second block
+    s = Sequence("a2", 0, a + [1], SamplingParams(max_tokens=1))
+    hits = bm.match_prefix(s)
+    assert len(hits) == 1  # block 0 from disk, block 1 corrupt: blocks 1.. are recomputed
+    assert bm.num_free_blocks == 6
+    disk.close()
