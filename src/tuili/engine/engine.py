@@ -103,6 +103,7 @@ class Engine:
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.dtype)
         self.sampler = Sampler(self.device, cfg.seed)
         self.requests: dict[str, Request] = {}
+        self.last_step_tokens = 0  # tokens the last step computed (prefill chunks + decodes)
         log.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d (%d tokens) max_model_len=%d",
                  self.model_name, str(self.dtype).removeprefix("torch."), self.device, num_blocks,
                  num_blocks * cfg.block_size, self.max_model_len)
@@ -170,6 +171,7 @@ class Engine:
     # ---- the step ------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.last_step_tokens = sum(s.num_new_tokens for s in sched.scheduled)
         if sched.is_empty:
             return []
         logits, sampling = self.runner.run(sched.scheduled)
@@ -238,7 +240,25 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "prefix_hit_tokens": self.blocks.prefix_hit_tokens,
             "prefix_query_tokens": self.blocks.prefix_query_tokens,
+            "pending_tokens": self.pending_tokens(),
         }
+
+    def pending_tokens(self, decode_horizon: int = 256) -> int:
+        """Tokens still to compute for the requests in the engine: prompt tokens not yet
+        prefilled, plus tokens each sequence may still generate, counted up to
+        `decode_horizon` (most answers end long before a large max_tokens, and an unset
+        max_tokens would otherwise count the whole context). Used by the router's
+        estimate of a model's wait."""
+        total = 0
+        for req in self.requests.values():
+            for seq in req.seqs:
+                if seq.is_finished:
+                    continue
+                limit = min(self.max_seq_len - seq.num_tokens, decode_horizon)
+                if seq.params.max_tokens is not None:
+                    limit = min(limit, seq.params.max_tokens - seq.num_output_tokens)
+                total += max(seq.num_tokens - seq.num_computed_tokens, 0) + max(limit, 0)
+        return total
 
     def _eos_ids(self, loaded: LoadedModel) -> list[int]:
         ids = set(loaded.config.eos_token_ids)

@@ -114,7 +114,7 @@ def share_above(scores: Sequence[float], threshold: float) -> float:
     return 1.0 - bisect_left(ordered, threshold) / max(len(ordered), 1)
 
 
-def fit(x: "Sequence[Sequence[float]]", y: Sequence[int], strong_share: float = 0.2, l2: float = 1.0,
+def fit(x: "Sequence[Sequence[float]]", y: Sequence[int], strong_share: float = 0.2, l2: float = 10.0,
         iterations: int = 50, info: dict | None = None) -> RouterClassifier:
     """Fit on rows x (FEATURE_NAMES order) and labels y (1 = hard); calibrate on the same rows."""
     import numpy as np

@@ -19,7 +19,7 @@ def add_arguments(sub) -> None:
     p.add_argument("data", help='JSON lines: {"prompt" or "messages", "label": "easy"|"hard"}')
     p.add_argument("-o", "--output", default="router.json", help="router file to write")
     p.add_argument("--strong-share", type=float, default=0.2, help="share of strong calls to calibrate for")
-    p.add_argument("--l2", type=float, default=1.0, help="L2 penalty on the weights")
+    p.add_argument("--l2", type=float, default=10.0, help="L2 penalty on the weights")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy, AUC and strong share of a router on labelled data")
