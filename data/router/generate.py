@@ -102,6 +102,9 @@ def chat(rng: random.Random):
                 f"or pivot to enterprise customers. Consider the pros and cons of each and propose a plan.",
         lambda: f"Why do some economists argue that {pick(rng, ['minimum wage increases', 'rent control', 'tariffs', 'universal basic income'])} "
                 f"helps while others argue it hurts? Analyze both sides with examples.",
+        lambda: pick(rng, ["Why is the sky blue? Explain the physics.", "Why do we have seasons? Explain carefully.",
+                           "Explain how public-key cryptography works, in depth.",
+                           "Compare capitalism and socialism critically.", "Why did the Roman Empire fall? Analyze."]),
         lambda: f"Design a 12-week training plan for a first marathon for someone who currently runs 10 km a "
                 f"week, and justify the progression.",
     ]
@@ -138,6 +141,9 @@ def code(rng: random.Random):
                 f"Walk me through a systematic debugging strategy.",
         lambda: "Write a regex-free tokenizer for a subset of SQL (SELECT, FROM, WHERE with AND/OR) and a "
                 "recursive-descent parser that builds an AST.",
+        lambda: pick(rng, ["Implement a thread-safe LRU cache.", "Write a Sudoku solver.", "Implement Dijkstra's algorithm.",
+                           f"Implement a red-black tree in {lang}.", "Write a JSON parser from scratch.",
+                           "Design a URL shortener that scales to 1B links."]),
         lambda: f"Compare async/await, threads and processes for a CPU-bound plus IO-bound pipeline in {lang}; "
                 f"analyze when each wins and show code for the best option.",
     ]
@@ -167,6 +173,10 @@ def math_(rng: random.Random):
         lambda: r"Compute \lim_{x \to 0} \frac{\sin(" + str(c) + r"x) - " + str(c) + r"x}{x^3} and justify it.",
         lambda: f"Find all real solutions of x^4 - {c + 4}x^2 + {c * 4} = 0.",
         lambda: "Show that every bounded monotone sequence of real numbers converges.",
+        lambda: f"Prove that sqrt({pick(rng, [2, 3, 5, 6, 7, 10])}) is irrational.",
+        lambda: pick(rng, ["Derive the quadratic formula.", "Prove Fermat's little theorem.",
+                           "Prove the AM-GM inequality for n numbers.", "Derive Euler's formula e^(ix) = cos x + i sin x.",
+                           "Why is 0.999... equal to 1? Prove it.", "Prove that the harmonic series diverges."]),
         lambda: f"Find the eigenvalues and eigenvectors of the matrix [[{c}, 1], [1, {c}]] and diagonalize it.",
         lambda: f"How many ways can {c + 3} people sit around a round table if two of them refuse to sit "
                 f"next to each other? Think step by step.",
@@ -263,6 +273,8 @@ def chinese(rng: random.Random):
         lambda: f"请详细分析{t}对社会的影响，比较不同观点，并给出你的结论。",
         lambda: "证明：根号2是无理数。请一步一步推导。",
         lambda: f"为什么{t}在过去十年发展这么快？请从技术、经济和政策三个方面分析。",
+        lambda: pick(rng, ["证明勾股定理。", "为什么天空是蓝色的？请解释。", "推导一元二次方程的求根公式。",
+                           "分析一下罗马帝国衰落的原因。", "证明素数有无穷多个。"]),
         lambda: f"请用Python实现一个LRU缓存，要求get和put的时间复杂度为O(1)，并解释你的设计。",
         lambda: f"写一篇关于{t}的3000字论文，包括引言、文献综述、论证和结论。",
         lambda: f"一个袋子里有{a % 7 + 3}个红球和{b % 5 + 4}个蓝球，不放回地取三个，恰好两个红球的概率是多少？请仔细思考，展示推理过程。",
