@@ -132,19 +132,22 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
     """Attention of the step's queries q [T, H, D] over each sequence's cached context.
 
     The new K/V of the step must already be written to the cache. On CPUs with slow
-    bfloat16 the attention arithmetic runs in float32 (K/V are upcast as they are gathered)."""
+    bfloat16 the attention arithmetic runs in float32 (K/V are upcast as they are gathered).
+    `window` (sliding-window layers): a query at position p sees only positions
+    p - window + 1 .. p, as in transformers' sliding-window mask."""
     out = torch.empty_like(q)
     if _CPU_BF16_IS_SLOW and q.dtype is torch.bfloat16 and q.device.type == "cpu":
         q = q.float()
     if meta.num_decodes:
-        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale, window)
     for span in meta.prefills:
         q_seq = q[span.q_start: span.q_start + span.q_len]
-        out[span.q_start: span.q_start + span.q_len] = _prefill_attention(q_seq, k_cache, v_cache, span, scale)
+        out[span.q_start: span.q_start + span.q_len] = _prefill_attention(q_seq, k_cache, v_cache, span, scale,
+                                                                          window)
     return out
 
 
@@ -154,41 +157,46 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int) -> tor
 
 
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       span: PrefillSpan, scale: float) -> torch.Tensor:
+                       span: PrefillSpan, scale: float, window: int | None = None) -> torch.Tensor:
     k = _gather(k_cache, span.block_table, span.ctx_len).to(q.dtype)
     v = _gather(v_cache, span.block_table, span.ctx_len).to(q.dtype)
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, len, D]
     past = span.ctx_len - span.q_len
-    if past == 0:
+    windowed = window is not None and span.ctx_len > window
+    if past == 0 and not windowed:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:
         rows = torch.arange(span.q_len, device=q.device)[:, None] + past
         cols = torch.arange(span.ctx_len, device=q.device)[None, :]
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=cols <= rows, scale=scale, enable_gqa=True)
+        mask = (cols <= rows) & (cols > rows - window) if windowed else cols <= rows
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return o.transpose(0, 1)
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                      meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
     """One query per sequence. On CPU the compiled kernel reads the blocks in place; otherwise
     K/V are gathered into a padded [B, L] batch and masked by length."""
     ext = cpu_kernels() if q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16) else None
     if ext is not None:
         out = ext.paged_decode_attention(q.float().contiguous(), k_cache, v_cache, meta.decode_block_tables,
-                                         meta.decode_context_lens, scale)
+                                         meta.decode_context_lens, scale, window=window or 0)
         return out.to(q.dtype)
-    return decode_attention_torch(q, k_cache, v_cache, meta, scale)
+    return decode_attention_torch(q, k_cache, v_cache, meta, scale, window)
 
 
 def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                           meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
     b, h, d = q.shape
     kvh = k_cache.shape[-2]
     tables = meta.decode_block_tables.flatten()
     max_len = meta.decode_max_context
     k = k_cache.index_select(0, tables).view(b, -1, kvh, d)[:, :max_len].transpose(1, 2).to(q.dtype)
     v = v_cache.index_select(0, tables).view(b, -1, kvh, d)[:, :max_len].transpose(1, 2).to(q.dtype)
-    valid = torch.arange(max_len, device=q.device)[None, :] < meta.decode_context_lens[:, None]
+    pos = torch.arange(max_len, device=q.device)[None, :]
+    valid = pos < meta.decode_context_lens[:, None]
+    if window is not None:
+        valid &= pos >= meta.decode_context_lens[:, None] - window
     o = F.scaled_dot_product_attention(q.view(b, h, 1, d), k, v, attn_mask=valid[:, None, None, :],
                                        scale=scale, enable_gqa=True)
     return o.view(b, h, d)
