@@ -24,7 +24,7 @@ import torch
 
 from ..config import EngineConfig, parse_size, resolve_device, resolve_dtype
 from ..model.kernels import cpu_kernels
-from ..model.llama import LlamaModel
+from ..model.registry import build_model
 from ..model.loader import LoadedModel, load_model
 from ..sampling import SampleRequest, Sampler, SamplingParams
 from .detokenizer import find_stop, update_text, visible_text
@@ -86,7 +86,7 @@ class Engine:
         mc = loaded.config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_token_ids = self._eos_ids(loaded)
-        self.model = LlamaModel(mc, self.dtype, self.device, max_positions=self.max_model_len)
+        self.model = build_model(mc, self.dtype, self.device, max_positions=self.max_model_len)
         self.model.load_weights(loaded.weights)
         if self.device.type == "cpu":
             cpu_kernels()  # build or load the attention kernel now, not in the middle of the first request
