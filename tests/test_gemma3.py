@@ -94,3 +94,28 @@ def test_window_matters(saved):
     for layer in llm.engine.model.layers:
         layer.window = None
     assert generate_ids(llm, [prompts[1]])[0] != refs[1]
+
+
+@pytest.mark.slow
+def test_gemma3_270m_gguf_matches_transformers_gguf_load():
+    """The real Gemma 3 270M (optional package, Gemma terms) against transformers' own load of
+    the same GGUF file: same greedy ids in float32, with a prompt longer than nothing special."""
+    from transformers import AutoModelForCausalLM
+
+    from tuili.model.loader import known_model_gguf
+
+    try:
+        gguf_path = known_model_gguf("gemma3-270m")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    llm = LLM("gemma3-270m", dtype="float32", kv_cache_memory="256MiB", max_model_len=1024)
+    tok = llm.engine.tokenizer
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    ids = [tok(p).input_ids for p in prompts]
+    ours = generate_ids(llm, ids)
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        refs = [hf.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                            pad_token_id=0)[0, len(p):].tolist() for p in ids]
+    assert ours == refs
