@@ -30,10 +30,11 @@ def client(server):
 
 
 def metric(base: str, name: str, **labels) -> float:
-    text = httpx.get(base + "/metrics").text
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    m = re.search(rf"^{name}\{{{want}\}} (\S+)", text, re.M)
-    return float(m.group(1)) if m else 0.0
+    """A sample's value by name and labels (in any order); 0 if absent."""
+    for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", httpx.get(base + "/metrics").text, re.M):
+        if dict(re.findall(r'(\w+)="([^"]*)"', m.group(1))) == labels:
+            return float(m.group(2))
+    return 0.0
 
 
 def chat(base: str, model: str, content: str, **extra) -> httpx.Response:
