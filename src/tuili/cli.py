@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("serve", help="online benchmark of any OpenAI-compatible server")
     add_serve_bench_arguments(p)
     p.set_defaults(func=cmd_bench_serve)
+
+    from .bench.router import add_arguments as add_router_bench_arguments
+
+    p = bench.add_parser("router", help="in-process routing overhead per request")
+    add_router_bench_arguments(p)
+    p.set_defaults(func=lambda a: __import__("tuili.bench.router", fromlist=["run_from_args"]).run_from_args(a))
     return parser
 
 
