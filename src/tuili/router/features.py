@@ -159,11 +159,13 @@ def extract(conv: Conversation, max_tokens: int | None = None) -> list[float]:
     counts = dict.fromkeys(_PHRASES, 0)
     for w in vocab.keys() & _WORD_FEATURE.keys():
         counts[_WORD_FEATURE[w]] += vocab[w]
+    chars = set(low)  # a phrase is only searched for when its first word or character occurs
     for name, phrases in _ENGLISH_PHRASES.items():
-        counts[name] += sum(low.count(p) for p in phrases if p.split()[0] in vocab or not p[0].isalpha())
+        counts[name] += sum(low.count(p) for p in phrases
+                            if (p.split()[0] in vocab if p[0].isalpha() else p[0] in chars))
     if wide:
         for name, phrases in _CHINESE_PHRASES.items():
-            counts[name] += sum(low.count(p) for p in phrases)
+            counts[name] += sum(low.count(p) for p in phrases if p[0] in chars)
     n_words = len(words) + wide
     if n > len(scan):
         n_words = n_words * n / len(scan)
@@ -185,11 +187,11 @@ def extract(conv: Conversation, max_tokens: int | None = None) -> list[float]:
         _log(counts["math_words"]),
         digits / sn,
         _log(counts["reasoning"]),
-        float(any(p in low for p in _EXPLICIT)),
+        float(any(p in low for p in _EXPLICIT if p[0] in chars)),
         _log(counts["constraints"]),
         _log(scan.count("?") + scan.count("？")),
         _log(counts["easy_markers"]),
-        float(any(p in low for p in _BREVITY)),
+        float(any(p in low for p in _BREVITY if p[0] in chars)),
         float(counts["long_output_request"] > 0),
         _log(max_tokens or 0),
         float(max_tokens is None),
