@@ -57,3 +57,29 @@ def test_int8_cache_is_close_to_the_full_precision_one():
     approx = ext.paged_decode_attention(q, kq, vq, tables, lens, 0.125, ks, vs)
     assert (approx - exact).abs().max() < 0.005 * v.abs().max()
     assert not torch.equal(approx, exact)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40])
+def test_sliding_window_reads_only_the_last_positions(window):
+    """Kernel and PyTorch path agree with a window, and both equal attention over the last
+    `window` positions gathered by hand."""
+    torch.manual_seed(2)
+    num_blocks, block_size, kvh, heads, dim = 24, 8, 2, 4, 16
+    k_cache = torch.randn(num_blocks, block_size, kvh, dim)
+    v_cache = torch.randn(num_blocks, block_size, kvh, dim)
+    lens = torch.tensor([3, 9, 33, 60])
+    width = int((lens.max() + block_size - 1) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens])
+    q = torch.randn(len(lens), heads, dim)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=len(lens),
+                             decode_block_tables=tables, decode_context_lens=lens,
+                             decode_max_context=int(lens.max()))
+    got = ext.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25, NONE, NONE, window)
+    want = decode_attention_torch(q, k_cache, v_cache, meta, 0.25, None, window)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    for b, n in enumerate(lens.tolist()):
+        k = k_cache[tables[b]].reshape(-1, kvh, dim)[max(0, n - window):n]
+        v = v_cache[tables[b]].reshape(-1, kvh, dim)[max(0, n - window):n]
+        k, v = k.repeat_interleave(heads // kvh, 1), v.repeat_interleave(heads // kvh, 1)
+        w = torch.softmax(torch.einsum("hd,thd->ht", q[b], k) * 0.25, dim=-1)
+        torch.testing.assert_close(got[b], torch.einsum("ht,thd->hd", w, v), atol=2e-5, rtol=1e-4)

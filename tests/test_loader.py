@@ -384,7 +384,7 @@ def test_missing_paths_and_folders_without_config(tmp_path: Path) -> None:
         resolve_model_path(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path}: folder has no config.json"):
         load_model(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     with pytest.raises(ValueError, match=rf"{tmp_path}/config.json: unsupported architecture"):
         load_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))

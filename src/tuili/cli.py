@@ -83,7 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat, max_tokens=512)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("model", nargs="?", default=None, help=f"one model to serve (default {DEFAULT_MODEL})")
+    p.add_argument("--model", dest="models", action="append", metavar="NAME=MODEL[,key=value...]",
+                   help="serve MODEL as NAME with its own engine; keys are engine options, e.g. "
+                        "fast=smollm2-135m-instruct,kv_cache_memory=256MiB (repeatable)")
+    p.add_argument("--router", default=None, metavar="fast=NAME,strong=NAME",
+                   help="route requests for --router-name between these two served models")
+    p.add_argument("--router-name", default="auto", help="model name that asks for routing")
+    p.add_argument("--router-model", default=None, help="router file from `tuili router train` (default: built in)")
+    p.add_argument("--router-strong-share", type=float, default=0.2,
+                   help="share of routed requests the classifier sends to the strong model")
+    p.add_argument("--router-max-wait", type=float, default=None, metavar="MS",
+                   help="send routed requests to the fast model while the strong one's estimated wait is longer")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
@@ -105,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_throughput, seed=0)
 
     from .bench.serve_bench import add_arguments as add_serve_bench_arguments
+    from .router.commands import add_arguments as add_router_arguments
+
+    add_router_arguments(sub.add_parser("router", help="train, evaluate and explain the model router")
+                         .add_subparsers(dest="router_command", required=True))
 
     p = bench.add_parser("serve", help="online benchmark of any OpenAI-compatible server")
     add_serve_bench_arguments(p)
@@ -133,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSON lines file to append the result to")
     _engine_args(p)
     p.set_defaults(func=cmd_eval_perplexity)
+
+    from .bench.router import add_arguments as add_router_bench_arguments
+
+    p = bench.add_parser("router", help="in-process routing overhead per request")
+    add_router_bench_arguments(p)
+    p.set_defaults(func=lambda a: __import__("tuili.bench.router", fromlist=["run_from_args"]).run_from_args(a))
     return parser
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -102,11 +102,21 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # Gemma 3 (gemma3_text): sliding-window layers with their own rope base, a query scale
+    # other than head_dim**-0.5, and softcapped logits.
+    layer_types: list[str] | None = None  # per layer "sliding_attention" or "full_attention"
+    sliding_window: int | None = None
+    rope_local_theta: float | None = None  # rope base of sliding-window layers
+    query_pre_attn_scalar: float | None = None  # attention scale is its inverse square root
+    final_logit_softcapping: float | None = None
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":
         """Build from a Hugging Face config.json dict; unsupported architectures raise ValueError."""
         model_type = cfg.get("model_type", "")
+        if model_type == "gemma3" and isinstance(cfg.get("text_config"), dict):
+            cfg = dict(cfg["text_config"], model_type="gemma3_text")  # the text part of Gemma 3
+            model_type = "gemma3_text"
         if model_type not in SUPPORTED_ARCHITECTURES:
             archs = cfg.get("architectures") or [model_type or "unknown"]
             raise ValueError(f"unsupported architecture {archs[0]!r} (model_type {model_type!r}); "
@@ -120,6 +130,9 @@ class ModelConfig:
         theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
+        gemma = _gemma3_fields(cfg, len_layers=cfg["num_hidden_layers"]) if model_type == "gemma3_text" else {}
+        if gemma:
+            theta, rope_scaling = gemma.pop("rope_theta"), gemma.pop("rope_scaling")
         return cls(
             architecture=model_type,
             vocab_size=cfg["vocab_size"],
@@ -133,12 +146,42 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "gemma3_text")),
             attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             qk_norm=model_type == "qwen3",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **gemma,
         )
+
+
+def _gemma3_fields(cfg: dict[str, Any], len_layers: int) -> dict[str, Any]:
+    """Gemma 3's extra settings from a config.json, in either of transformers' two forms:
+    `rope_parameters` per layer type (transformers 5), or rope_theta / rope_local_base_freq /
+    rope_scaling / sliding_window_pattern (older files, and GGUF conversions)."""
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise ValueError("attention logit softcapping (attn_logit_softcapping) is not supported")
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError("bidirectional attention (use_bidirectional_attention) is not supported")
+    params = cfg.get("rope_parameters") or {}
+    full = dict(params.get("full_attention") or {})
+    local = dict(params.get("sliding_attention") or {})
+    theta = float(full.get("rope_theta", cfg.get("rope_theta", 1_000_000.0)))
+    local_theta = float(local.get("rope_theta", cfg.get("rope_local_base_freq", 10_000.0)))
+    scaling = cfg.get("rope_scaling") or None
+    if scaling is None and full.get("rope_type", "default") != "default":
+        scaling = full
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"rope scaling on sliding-window layers ({local['rope_type']!r}) is not supported")
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        pattern = cfg.get("sliding_window_pattern", 6)
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(len_layers)]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return dict(rope_theta=theta, rope_scaling=scaling, layer_types=list(layer_types),
+                sliding_window=cfg.get("sliding_window"), rope_local_theta=local_theta,
+                query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or head_dim),
+                final_logit_softcapping=cfg.get("final_logit_softcapping"))
 
 
 @dataclass

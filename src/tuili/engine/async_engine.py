@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -54,6 +55,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
         self._stats = engine.stats()
+        self.seconds_per_token: float | None = None  # moving average over steps, for wait estimates
+        self._inbox_tokens = 0
         self._thread = threading.Thread(target=self._run, name=f"engine-{engine.model_name}", daemon=True)
 
     # ---- lifecycle -----------------------------------------------------------
@@ -78,9 +81,11 @@ class AsyncEngine:
 
     def stats(self) -> dict[str, int]:
         """A snapshot taken by the loop after its last step (reading it never blocks the loop)."""
-        stats = dict(self._stats)
+        stats: dict = dict(self._stats)
         with self._lock:
             stats["waiting"] += len(self._adds)
+            stats["pending_tokens"] += self._inbox_tokens
+        stats["seconds_per_token"] = self.seconds_per_token
         return stats
 
     # ---- requests ------------------------------------------------------------
@@ -99,6 +104,7 @@ class AsyncEngine:
             if self._stats["waiting"] + len(self._adds) >= self.max_queue:
                 raise QueueFullError(f"the queue of model {self.model_name!r} is full ({self.max_queue} waiting)")
             self._adds.append((request_id, prompt_ids, params, stream))
+            self._inbox_tokens += params.n * (len(prompt_ids) + min(params.max_tokens or 256, 256))
             self._streams[request_id] = stream
         self._wake.set()
         return self._iterate(request_id, stream)
@@ -131,7 +137,9 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
+                start = time.perf_counter()
                 outputs = self.engine.step()
+                self._time_step(time.perf_counter() - start)
             except Exception as e:  # noqa: BLE001 - keep serving; fail only the requests in flight
                 log.exception("engine step failed; aborting %d requests", len(self.engine.requests))
                 self._fail_all(e)
@@ -145,9 +153,18 @@ class AsyncEngine:
                         self._streams.pop(out.request_id, None)
             self._stats = self.engine.stats()
 
+    def _time_step(self, seconds: float) -> None:
+        """Seconds per computed token, an exponential moving average over steps (weight 0.2)."""
+        tokens = self.engine.last_step_tokens
+        if tokens:
+            spt = seconds / tokens
+            old = self.seconds_per_token
+            self.seconds_per_token = spt if old is None else 0.8 * old + 0.2 * spt
+
     def _take_inbox(self) -> None:
         with self._lock:
             adds, self._adds = self._adds, []
+            self._inbox_tokens = 0
             aborts, self._aborts = self._aborts, []
         for rid, ids, params, stream in adds:
             try:

@@ -30,8 +30,8 @@ import torch
 
 from ..config import EngineConfig, parse_size, resolve_device, resolve_dtype
 from ..model.kernels import cpu_kernels
-from ..model.llama import LlamaModel
 from ..model.quant import parse_quantization
+from ..model.registry import build_model
 from ..model.loader import LoadedModel, load_model
 from ..sampling import SampleRequest, Sampler, SamplingParams
 from .detokenizer import find_stop, update_text, visible_text
@@ -95,8 +95,8 @@ class Engine:
         mc = loaded.config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_token_ids = self._eos_ids(loaded)
-        self.model = LlamaModel(mc, self.dtype, self.device, max_positions=self.max_model_len,
-                                quantization=parse_quantization(cfg.quantization))
+        self.model = build_model(mc, self.dtype, self.device, max_positions=self.max_model_len,
+                                 quantization=parse_quantization(cfg.quantization))
         self.model.load_weights(loaded.weights)
         if self.device.type == "cpu":
             cpu_kernels()  # build or load the attention kernel now, not in the middle of the first request
@@ -116,6 +116,7 @@ class Engine:
         self.tiers = self._build_tiers() if cfg.enable_prefix_caching else None
         self.sampler = Sampler(self.device, cfg.seed)
         self.requests: dict[str, Request] = {}
+        self.last_step_tokens = 0  # tokens the last step computed (prefill chunks + decodes)
         log.info("engine ready: model=%s dtype=%s quantization=%s kv_dtype=%s device=%s weights=%.1fMB "
                  "kv_blocks=%d (%d tokens) max_model_len=%d", self.model_name, str(self.dtype).removeprefix("torch."),
                  cfg.quantization, str(self.kv_dtype).removeprefix("torch."), self.device,
@@ -208,6 +209,7 @@ class Engine:
     # ---- the step ------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.last_step_tokens = sum(s.num_new_tokens for s in sched.scheduled)
         if sched.is_empty:
             return []
         if self.tiers is not None:
@@ -281,6 +283,23 @@ class Engine:
             **{f"prefix_hit_tokens_{t}": n for t, n in self.blocks.tier_hit_tokens.items()},
             **tier_snapshot(self.tiers),
         }
+
+    def pending_tokens(self, decode_horizon: int = 256) -> int:
+        """Tokens still to compute for the requests in the engine: prompt tokens not yet
+        prefilled, plus tokens each sequence may still generate, counted up to
+        `decode_horizon` (most answers end long before a large max_tokens, and an unset
+        max_tokens would otherwise count the whole context). Used by the router's
+        estimate of a model's wait."""
+        total = 0
+        for req in self.requests.values():
+            for seq in req.seqs:
+                if seq.is_finished:
+                    continue
+                limit = min(self.max_seq_len - seq.num_tokens, decode_horizon)
+                if seq.params.max_tokens is not None:
+                    limit = min(limit, seq.params.max_tokens - seq.num_output_tokens)
+                total += max(seq.num_tokens - seq.num_computed_tokens, 0) + max(limit, 0)
+        return total
 
     def _eos_ids(self, loaded: LoadedModel) -> list[int]:
         ids = set(loaded.config.eos_token_ids)

@@ -153,22 +153,25 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, kv_scales: KVScales | None = None) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, kv_scales: KVScales | None = None,
+                    window: int | None = None) -> torch.Tensor:
     """Attention of the step's queries q [T, H, D] over each sequence's cached context.
 
     The new K/V of the step must already be written to the cache (an int8 cache is read
     back dequantized, so a chunk's own keys are seen as later steps will see them). On
     CPUs with slow bfloat16 the attention arithmetic runs in float32 (K/V are upcast as
-    they are gathered)."""
+    they are gathered). `window` (sliding-window layers): a query at position p sees only
+    positions p - window + 1 .. p, as in transformers' sliding-window mask."""
     out = torch.empty_like(q)
     if _CPU_BF16_IS_SLOW and q.dtype is torch.bfloat16 and q.device.type == "cpu":
         q = q.float()
     if meta.num_decodes:
-        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale, kv_scales)
+        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale, kv_scales,
+                                                     window)
     for span in meta.prefills:
         q_seq = q[span.q_start: span.q_start + span.q_len]
         out[span.q_start: span.q_start + span.q_len] = _prefill_attention(q_seq, k_cache, v_cache, span, scale,
-                                                                          kv_scales)
+                                                                          kv_scales, window)
     return out
 
 
@@ -184,18 +187,21 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int, dtype:
 
 
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       span: PrefillSpan, scale: float, kv_scales: KVScales | None) -> torch.Tensor:
+                       span: PrefillSpan, scale: float, kv_scales: KVScales | None,
+                       window: int | None = None) -> torch.Tensor:
     ks, vs = kv_scales if kv_scales is not None else (None, None)
     k = _gather(k_cache, span.block_table, span.ctx_len, q.dtype, ks)
     v = _gather(v_cache, span.block_table, span.ctx_len, q.dtype, vs)
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, len, D]
     past = span.ctx_len - span.q_len
-    if past == 0:
+    windowed = window is not None and span.ctx_len > window
+    if past == 0 and not windowed:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:
         rows = torch.arange(span.q_len, device=q.device)[:, None] + past
         cols = torch.arange(span.ctx_len, device=q.device)[None, :]
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=cols <= rows, scale=scale, enable_gqa=True)
+        mask = (cols <= rows) & (cols > rows - window) if windowed else cols <= rows
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return o.transpose(0, 1)
 
 
@@ -203,7 +209,8 @@ _NO_SCALES = torch.empty(0)
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float, kv_scales: KVScales | None) -> torch.Tensor:
+                      meta: AttentionMetadata, scale: float, kv_scales: KVScales | None,
+                      window: int | None = None) -> torch.Tensor:
     """One query per sequence. On CPU the compiled kernel reads the blocks in place; otherwise
     K/V are gathered into a padded [B, L] batch and masked by length."""
     kernel_dtypes = (torch.float32, torch.bfloat16, torch.int8)
@@ -211,13 +218,14 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if ext is not None:
         ks, vs = kv_scales if kv_scales is not None else (_NO_SCALES, _NO_SCALES)
         out = ext.paged_decode_attention(q.float().contiguous(), k_cache, v_cache, meta.decode_block_tables,
-                                         meta.decode_context_lens, scale, ks, vs)
+                                         meta.decode_context_lens, scale, ks, vs, window or 0)
         return out.to(q.dtype)
-    return decode_attention_torch(q, k_cache, v_cache, meta, scale, kv_scales)
+    return decode_attention_torch(q, k_cache, v_cache, meta, scale, kv_scales, window)
 
 
 def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float, kv_scales: KVScales | None = None) -> torch.Tensor:
+                           meta: AttentionMetadata, scale: float, kv_scales: KVScales | None = None,
+                           window: int | None = None) -> torch.Tensor:
     b, h, d = q.shape
     kvh = k_cache.shape[-2]
     tables = meta.decode_block_tables.flatten()
@@ -231,7 +239,10 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     ks, vs = kv_scales if kv_scales is not None else (None, None)
     k, v = batch(k_cache, ks), batch(v_cache, vs)
-    valid = torch.arange(max_len, device=q.device)[None, :] < meta.decode_context_lens[:, None]
+    pos = torch.arange(max_len, device=q.device)[None, :]
+    valid = pos < meta.decode_context_lens[:, None]
+    if window is not None:
+        valid &= pos >= meta.decode_context_lens[:, None] - window
     o = F.scaled_dot_product_attention(q.view(b, h, 1, d), k, v, attn_mask=valid[:, None, None, :],
                                        scale=scale, enable_gqa=True)
     return o.view(b, h, d)

