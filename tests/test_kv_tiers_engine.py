@@ -142,3 +142,21 @@ def test_disk_tier_size_bound_holds(model, tmp_path):
     s = again.engine.stats()
     assert s["kv_disk_blocks"] == 10 and s["kv_disk_bytes"] <= bound
     again.close()
+
+
+def test_int8_kv_blocks_round_trip_through_host_and_disk(model, tmp_path):
+    """An int8 cache moves its codes and its scales together: output equals an untiered int8 run."""
+    folder, prompts, _ = model
+    ref = LLM(folder, dtype="float32", block_size=BLOCK, enable_prefix_caching=False, kv_cache_dtype="int8")
+    want = {k: gen(ref, prompts[k]) for k in "AB"}
+    int8_block = 3 * 2 * BLOCK * 2 * (16 + 4)  # layers * (k, v) * tokens * kv heads * (codes + a float32 scale)
+    llm = tiered(folder, kv_cache_dtype="int8", kv_host_memory=2 * int8_block, kv_disk_dir=str(tmp_path),
+                 kv_disk_size="1MiB")
+    assert llm.engine.runner.block_nbytes == int8_block
+    assert gen(llm, prompts["A"]) == want["A"]
+    assert gen(llm, prompts["B"]) == want["B"]
+    before = hits(llm)
+    assert gen(llm, prompts["A"]) == want["A"]
+    got = delta(hits(llm), before)
+    assert got["host"] > 0 and got["disk"] > 0
+    llm.close()
