@@ -96,6 +96,80 @@ def test_window_matters(saved):
     assert generate_ids(llm, [prompts[1]])[0] != refs[1]
 
 
+
+GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "input_layernorm": "attn_norm",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+              "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+
+
+def test_tiny_gemma3_gguf_converts_and_generates_like_transformers(tmp_path, monkeypatch):
+    """A random Gemma 3 written as llama.cpp writes it (norm weights stored as 1 + w, its own
+    tensor names, no local rope base or query scale in the metadata) loads back to the same
+    weights and greedy ids as the HF model with transformers' defaults for what GGUF omits."""
+    import gguf
+    import numpy as np
+
+    from tuili.model.kernels import cpu_kernels
+    from tuili.model.loader import load_model
+
+    cpu_kernels()  # loaded from the shared cache before it is redirected
+    monkeypatch.setenv("TUILI_CACHE", str(tmp_path / "cache"))  # the conversion goes here
+    cfg = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=256,
+        sliding_window=8, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    torch.manual_seed(5)
+    model = Gemma3ForCausalLM(cfg).eval()
+    writer = gguf.GGUFWriter(str(tmp_path / "tiny-gemma.gguf"), "gemma3")
+    for add, value in ((writer.add_block_count, 6), (writer.add_context_length, 256),
+                       (writer.add_embedding_length, 64), (writer.add_feed_forward_length, 112),
+                       (writer.add_head_count, 4), (writer.add_head_count_kv, 2), (writer.add_key_length, 32),
+                       (writer.add_value_length, 32), (writer.add_layer_norm_rms_eps, 1e-6),
+                       (writer.add_rope_freq_base, 1e6), (writer.add_sliding_window, 8)):
+        add(value)
+    expected = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "lm_head.weight":
+                continue
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+            elif p.dim() == 2:
+                p.mul_(4.0)
+            stem = name.removesuffix(".weight")
+            if stem.startswith("model.layers."):
+                _, _, layer, module = stem.split(".", 3)
+                gname = f"blk.{layer}.{GGUF_NAMES[module]}.weight"
+            else:
+                gname = GGUF_NAMES[stem] + ".weight"
+            stored = p.numpy() + np.float32(1.0) if "norm" in name else p.numpy()
+            writer.add_tensor(gname, np.ascontiguousarray(stored, dtype=np.float32))
+            expected[name] = p.detach().clone()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    loaded = load_model(str(tmp_path / "tiny-gemma.gguf"))
+    assert loaded.config.architecture == "gemma3_text" and loaded.config.sliding_window == 8
+    assert loaded.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    assert sorted(loaded.weights) == sorted(expected)
+    for name, w in expected.items():
+        torch.testing.assert_close(loaded.weights[name], w, rtol=0, atol=1e-6)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 20)]
+    with torch.no_grad():
+        refs = [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    llm = LLM(str(tmp_path / "tiny-gemma.gguf"), dtype="float32", block_size=4, num_kv_blocks=64)
+    assert generate_ids(llm, prompts) == refs
+
+
 @pytest.mark.slow
 def test_gemma3_270m_gguf_matches_transformers_gguf_load():
     """The real Gemma 3 270M (optional package, Gemma terms) against transformers' own load of

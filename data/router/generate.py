@@ -85,7 +85,7 @@ def chat(rng: random.Random):
         lambda: f"What time zone is {pick(rng, CITIES)} in?",
         lambda: f"Thanks for the help earlier! One more: what is {pick(rng, TOPICS)} in one sentence?",
         lambda: f"Suggest three names for a {pick(rng, ['golden retriever', 'black cat', 'goldfish', 'parrot'])}.",
-        lambda: f"What's a good book to read on a rainy weekend?",
+        lambda: "What's a good book to read on a rainy weekend?",
         lambda: f"Define {pick(rng, ['serendipity', 'ephemeral', 'ubiquitous', 'pragmatic', 'nostalgia'])}.",
         lambda: f"Briefly, what is {pick(rng, TOPICS)}?",
         lambda: f"Is {pick(rng, CITIES)} worth visiting in winter? Short answer please.",
@@ -98,15 +98,15 @@ def chat(rng: random.Random):
                 f"living, career growth and risk, and help me build a decision framework.",
         lambda: f"Explain in depth why {pick(rng, TOPICS)} matters, compare the main competing explanations, "
                 f"and evaluate the evidence for each.",
-        lambda: f"My startup has 8 months of runway. Analyze whether we should cut staff, raise a bridge round, "
-                f"or pivot to enterprise customers. Consider the pros and cons of each and propose a plan.",
+        lambda: "My startup has 8 months of runway. Analyze whether we should cut staff, raise a bridge round, "
+                "or pivot to enterprise customers. Consider the pros and cons of each and propose a plan.",
         lambda: f"Why do some economists argue that {pick(rng, ['minimum wage increases', 'rent control', 'tariffs', 'universal basic income'])} "
                 f"helps while others argue it hurts? Analyze both sides with examples.",
         lambda: pick(rng, ["Why is the sky blue? Explain the physics.", "Why do we have seasons? Explain carefully.",
                            "Explain how public-key cryptography works, in depth.",
                            "Compare capitalism and socialism critically.", "Why did the Roman Empire fall? Analyze."]),
-        lambda: f"Design a 12-week training plan for a first marathon for someone who currently runs 10 km a "
-                f"week, and justify the progression.",
+        lambda: "Design a 12-week training plan for a first marathon for someone who currently runs 10 km a "
+                "week, and justify the progression.",
     ]
     return easy, hard
 
@@ -116,12 +116,12 @@ def code(rng: random.Random):
     easy = [
         lambda: f"How do I reverse a list in {lang}?",
         lambda: f"What does this print?\n```\n{pick(rng, CODE_SNIPPETS)}\n```",
-        lambda: f"What's the difference between a list and a tuple in Python? Short answer.",
+        lambda: "What's the difference between a list and a tuple in Python? Short answer.",
         lambda: f"How do I read a file line by line in {lang}?",
         lambda: "What does `git stash` do?",
         lambda: f"Convert this to uppercase in {lang}: the string 'hello'.",
         lambda: "What is the keyboard shortcut to comment a line in VS Code?",
-        lambda: f"How do I install a package with pip?",
+        lambda: "How do I install a package with pip?",
         lambda: f"Rename the variable x to count in this code:\n```\n{pick(rng, CODE_SNIPPETS)}\n```",
         lambda: "What HTTP status code means 'not found'?",
         lambda: f"Write a one-line {lang} expression that checks if a number is even.",
@@ -190,9 +190,9 @@ def reasoning(rng: random.Random):
         lambda: f"If today is {pick(rng, ['Monday', 'Friday', 'Sunday'])}, what day is tomorrow?",
         lambda: "Which is heavier, a kilo of feathers or a kilo of bricks?",
         lambda: f"Is a {pick(rng, ['whale', 'bat', 'dolphin', 'penguin'])} a mammal? Yes or no.",
-        lambda: f"What comes next: 2, 4, 6, 8, ?",
+        lambda: "What comes next: 2, 4, 6, 8, ?",
         lambda: "Which is bigger, 0.5 or 0.25?",
-        lambda: f"Tom is taller than Ann. Is Ann shorter than Tom?",
+        lambda: "Tom is taller than Ann. Is Ann shorter than Tom?",
         lambda: f"If I have {n} apples and eat one, how many are left?",
         lambda: f"What is the opposite of '{pick(rng, WORDS)}'?",
         lambda: f"Which month comes after {pick(rng, ['March', 'July', 'October', 'December'])}?",
@@ -200,8 +200,8 @@ def reasoning(rng: random.Random):
         lambda: f"Is {pick(rng, CITIES)} in {pick(rng, ['Europe', 'Asia', 'Africa', 'America'])}? Just the answer.",
     ]
     hard = [
-        lambda: f"Five people (A, B, C, D, E) sit in a row. A is not next to B, C is at one end, D is to the "
-                f"left of E, and B is in the middle. List every valid arrangement and explain your reasoning.",
+        lambda: "Five people (A, B, C, D, E) sit in a row. A is not next to B, C is at one end, D is to the "
+                "left of E, and B is in the middle. List every valid arrangement and explain your reasoning.",
         lambda: f"There are {n} boxes; exactly one holds a prize. Each box has a label, and exactly one label "
                 f"is true. Box 1 says 'the prize is not here', box 2 says 'the prize is in box 1'. Analyze "
                 f"the cases and determine where the prize is.",
@@ -235,7 +235,7 @@ def writing(rng: random.Random):
         lambda: f"Summarize this in one sentence:\n\n{pick(rng, PARAGRAPHS)}",
         lambda: f"Write a short birthday message for my {pick(rng, ['sister', 'boss', 'best friend', 'grandmother'])}.",
         lambda: f"Give me a catchy title for a blog post about {pick(rng, TOPICS)}.",
-        lambda: f"Rewrite this sentence to sound more formal: 'hey, can u send me the report asap?'",
+        lambda: "Rewrite this sentence to sound more formal: 'hey, can u send me the report asap?'",
         lambda: f"Write two sentences describing {thing}.",
         lambda: f"Make this email more polite:\n\n{pick(rng, PARAGRAPHS)}",
     ]
@@ -263,9 +263,9 @@ def chinese(rng: random.Random):
         lambda: f"写一首关于{pick(rng, CN_THINGS)}的短诗。",
         lambda: f"{a}加{b}等于多少？",
         lambda: "讲个笑话吧。",
-        lambda: f"推荐一本适合周末读的书。",
+        lambda: "推荐一本适合周末读的书。",
         lambda: f"用一句话解释什么是{t}。",
-        lambda: f"北京是哪个国家的首都？",
+        lambda: "北京是哪个国家的首都？",
         lambda: "谢谢你的帮助！",
         lambda: f"“{pick(rng, ['高兴', '美丽', '重要', '困难'])}”的近义词是什么？",
     ]
@@ -275,7 +275,7 @@ def chinese(rng: random.Random):
         lambda: f"为什么{t}在过去十年发展这么快？请从技术、经济和政策三个方面分析。",
         lambda: pick(rng, ["证明勾股定理。", "为什么天空是蓝色的？请解释。", "推导一元二次方程的求根公式。",
                            "分析一下罗马帝国衰落的原因。", "证明素数有无穷多个。"]),
-        lambda: f"请用Python实现一个LRU缓存，要求get和put的时间复杂度为O(1)，并解释你的设计。",
+        lambda: "请用Python实现一个LRU缓存，要求get和put的时间复杂度为O(1)，并解释你的设计。",
         lambda: f"写一篇关于{t}的3000字论文，包括引言、文献综述、论证和结论。",
         lambda: f"一个袋子里有{a % 7 + 3}个红球和{b % 5 + 4}个蓝球，不放回地取三个，恰好两个红球的概率是多少？请仔细思考，展示推理过程。",
         lambda: f"比较三种{pick(rng, ['数据库索引', '排序算法', '负载均衡策略'])}的优缺点，并说明在什么场景下应该选择哪一种。",

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bench.add_parser("router", help="in-process routing overhead per request")
     add_router_bench_arguments(p)
-    p.set_defaults(func=lambda a: __import__("tuili.bench.router", fromlist=["run_from_args"]).run_from_args(a))
+    p.set_defaults(func=cmd_bench_router)
     return parser
 
 
@@ -212,6 +212,12 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from .bench.throughput import run_from_args
 
     return run_from_args(args, engine_options(args))
+
+
+def cmd_bench_router(args: argparse.Namespace) -> int:
+    from .bench.router import run_from_args
+
+    return run_from_args(args)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:

@@ -141,6 +141,7 @@ def create_app(models: ModelRegistry, api_key: str | None = None, on_ready=None,
             else:
                 metrics.observe_route(decision)
         request.state.routed_to = decision.model
+        request.state.route = decision.reason if decision.score is None else f"{decision.reason}:{decision.score:.3f}"
         return models.get(decision.model)
 
     def completion_model(request: Request, req: CompletionRequest) -> ServedModel:

@@ -141,9 +141,9 @@ class Call:
         ttft = None if self.first_token is None else self.first_token - self.start
         reasons = ["abort"] if aborted else [c.finish_reason or "unknown" for o in outs for c in o.outputs]
         self.metrics.observe_request(self.served.name, prompt, completion, ttft, total, reasons)
-        log.info("request_id=%s model=%s prompt_tokens=%d completion_tokens=%d ttft=%s total=%.3fs finish=%s",
-                 self.rid, self.served.name, prompt, completion, "-" if ttft is None else f"{ttft:.3f}s",
-                 total, ",".join(sorted(set(reasons))))
+        log.info("request_id=%s model=%s route=%s prompt_tokens=%d completion_tokens=%d ttft=%s total=%.3fs "
+                 "finish=%s", self.rid, self.served.name, getattr(self.request.state, "route", "explicit"), prompt,
+                 completion, "-" if ttft is None else f"{ttft:.3f}s", total, ",".join(sorted(set(reasons))))
 
 
 async def completion_events(call: Call, req: CompletionRequest, prompts: list) -> AsyncIterator[dict]:
