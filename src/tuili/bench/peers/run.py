@@ -74,6 +74,7 @@ def add_arguments(p) -> None:
                    help="smoke test: 4 requests at c=1 and c=4, 32 output tokens, one repeat, 2 warm-ups")
     p.add_argument("--cold-start", type=int, default=0, metavar="N",
                    help="also measure `tuili serve` cold start N times per dtype")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a server may take to start")
     p.add_argument("--threads", type=int, default=2, help="llama-server -t")
     p.add_argument("--llama-slots", type=int, default=32, help="llama-server -np")
     p.add_argument("--llama-slot-ctx", type=int, default=1024, help="context per slot (-c is slots x this)")
@@ -115,7 +116,7 @@ def server_specs(args, layout: Layout, folder: Path) -> list[tuple[ServerSpec, i
 
 def bench_server(spec: ServerSpec, port: int, args, source: PromptSource, concurrencies: list[int],
                  num_prompts: dict[int, int], tokenizer, log_dir: Path, base: dict) -> list[dict]:
-    server = start(spec, port, log_dir)
+    server = start(spec, port, log_dir, args.ready_timeout)
     records = []
     try:
         if args.warmup:
