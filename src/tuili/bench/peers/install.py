@@ -105,24 +105,31 @@ def build_llama_server(layout: Layout, source: Path, jobs: int) -> None:
                layout.logs / "llama-build.log", nice=10)
 
 
-def repaired_model_copy(layout: Layout, folder: Path) -> Path:
-    """A copy of the model folder whose tokenizer.json has SmolLM2's digit split back.
+def repaired_model_copy(folder: Path, out: Path, digit_split: bool) -> Path:
+    """A copy of the model folder that older transformers (the peers pin 4.x) can load.
 
-    The weights are linked, not copied. Only a byte-level pre-tokenizer without the split
-    is repaired: any other tokenizer is left as it is."""
-    out = layout.llama / "hf-model"
+    transformers 5 saves `"tokenizer_class": "TokenizersBackend"`, a class 4.x does not
+    have: the copy names PreTrainedTokenizerFast, which loads the same tokenizer.json.
+    With `digit_split`, SmolLM2's single-digit pre-tokenizer split is put back (llama.cpp's
+    converter recognises the tokenizer by it); only a byte-level BPE pre-tokenizer without
+    the split is touched. The weights are linked, not copied."""
     out.mkdir(parents=True, exist_ok=True)
     for item in folder.iterdir():
         target = out / item.name
         if target.exists() or target.is_symlink():
             target.unlink()
-        if item.name == "tokenizer.json":
+        if item.name == "tokenizer.json" and digit_split:
             tok = json.loads(item.read_text())
             pre = tok.get("pre_tokenizer") or {}
             if pre.get("type") == "ByteLevel" and tok.get("model", {}).get("type") == "BPE":
                 tok["pre_tokenizer"] = SMOLLM2_PRE_TOKENIZER
-                log("llama.cpp: put the single-digit split back into tokenizer.json (copy)")
+                log(f"{out}: put the single-digit split back into tokenizer.json")
             target.write_text(json.dumps(tok, ensure_ascii=False))
+        elif item.name == "tokenizer_config.json":
+            cfg = json.loads(item.read_text())
+            if cfg.get("tokenizer_class") == "TokenizersBackend":
+                cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            target.write_text(json.dumps(cfg, ensure_ascii=False, indent=1))
         elif item.suffix in (".safetensors", ".bin"):
             target.symlink_to(item)
         elif item.is_file():
@@ -136,7 +143,7 @@ def convert_gguf(layout: Layout, source: Path, folder: Path) -> None:
     log_path = layout.logs / "llama-convert.log"
     python = _venv(layout.llama / "convert-venv", log_path)
     run_logged([python, "-m", "pip", "install", "-q", *CONVERT_REQUIREMENTS], log_path, env=_pip_env())
-    hf = repaired_model_copy(layout, folder)
+    hf = repaired_model_copy(folder, layout.llama / "hf-model", digit_split=True)
     tmp = layout.gguf.with_suffix(".tmp")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run_logged([python, source / "convert_hf_to_gguf.py", hf, "--outtype", "bf16", "--outfile", tmp], log_path,
@@ -187,7 +194,8 @@ def install_openvino(layout: Layout, folder: Path, weight_format: str) -> None:
     tmp = layout.ov_model.with_name(layout.ov_model.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     env = {**_pip_env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    run_logged([cli, "export", "openvino", "--model", folder, "--task", "text-generation-with-past",
+    hf = repaired_model_copy(folder, layout.ov_model.parent / "hf-model", digit_split=False)
+    run_logged([cli, "export", "openvino", "--model", hf, "--task", "text-generation-with-past",
                 "--weight-format", weight_format, tmp], log_path, env=env, nice=10)
     if layout.ov_model.exists():
         shutil.rmtree(layout.ov_model)
