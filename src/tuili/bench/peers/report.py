@@ -58,8 +58,8 @@ def markdown(records: list[dict]) -> str:
     repeats = max((r["repeat"] for r in served), default=0) + 1
     sizes = sorted({(r["concurrency"], r["num_prompts"]) for r in served})
     lines = [f"Peers run `{first['run_id']}` ({first['time']}): prompts {first['input_len']} tokens, "
-             f"{first['output_len']} output tokens, streaming `/v1/{first['endpoint']}`, requests per run "
-             + ", ".join(f"{n} at c={c}" for c, n in sizes)
+             f"{first['output_len']} output tokens, streaming `/v1/{first['endpoint']}`"
+             + (", requests per run " + ", ".join(f"{n} at c={c}" for c, n in sizes) if sizes else "")
              + f"; medians of {repeats} run(s), fresh prompt text every run."
              + (" QUICK SMOKE RUN: not a measurement." if first.get("quick") else ""), ""]
     if table:
