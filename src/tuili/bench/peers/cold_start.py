@@ -3,7 +3,7 @@
 What a user waits for after typing the command, with the converted model cache present:
 Python and torch imports, loading the weights, the engine's start-up (kernel load, KV
 pool), the HTTP server, then one request's prefill and first decode. The clock starts
-just before the process is spawned; /health is polled every 20 ms; the request is sent
+just before the process is spawned; /health is polled every 50 ms; the request is sent
 as soon as the server is ready and the time of its first non-empty SSE chunk is kept.
 """
 from __future__ import annotations
