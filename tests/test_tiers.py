@@ -195,3 +195,33 @@ def test_failed_restore_leaves_the_rest_to_compute(tmp_path):
     assert len(hits) == 1  # block 0 from disk, block 1 corrupt: blocks 1.. are recomputed
     assert bm.num_free_blocks == 6
     disk.close()
+
+
+def test_tier_sizes_are_validated_and_metrics_exported():
+    from tuili.config import EngineConfig
+    from tuili.serve.metrics import Metrics
+
+    with pytest.raises(ValueError, match="kv_host_memory"):
+        EngineConfig(kv_host_memory="lots")
+    with pytest.raises(ValueError, match="kv_disk_size"):
+        EngineConfig(kv_disk_size="-1GiB")
+
+    class Served:
+        name = "m"
+
+        class engine:
+            @staticmethod
+            def stats():
+                return {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_free": 4, "preemptions": 0,
+                        "prefix_hit_tokens": 30, "prefix_query_tokens": 40, "prefix_hit_tokens_disk": 20,
+                        "kv_blocks_moved_host_to_disk": 3, "kv_disk_bytes": 4096}
+
+    class Registry:
+        def all(self):
+            return [Served()]
+
+    text = Metrics().render(Registry()).decode()
+    assert 'tuili_prefix_cache_hit_tokens_by_tier{model="m",tier="disk"} 20.0' in text
+    assert 'tuili_kv_blocks_moved{destination="disk",model="m",source="host"} 3.0' in text
+    assert 'tuili_kv_tier_bytes{model="m",tier="disk"} 4096.0' in text
+    assert 'tuili_prefix_cache_hit_rate{model="m"} 0.75' in text
