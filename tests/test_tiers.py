@@ -225,3 +225,10 @@ def test_tier_sizes_are_validated_and_metrics_exported():
     assert 'tuili_kv_blocks_moved{destination="disk",model="m",source="host"} 3.0' in text
     assert 'tuili_kv_tier_bytes{model="m",tier="disk"} 4096.0' in text
     assert 'tuili_prefix_cache_hit_rate{model="m"} 0.75' in text
+
+
+def test_unusable_disk_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="kv_disk_dir: cannot use"):
+        DiskTier(blocker / "sub", 1 << 20, FP, NB)

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     unknown = set(configs) - {"none", "tiers", "disk"}
     if unknown or "none" not in configs:
         raise ValueError(f"configs: use a comma list of none, tiers, disk that includes none; got {args.configs!r}")
-    disk_dir = Path(args.kv_disk_dir or tempfile.mkdtemp(prefix="tuili-bench-kv-", dir="."))
+    disk_dir = Path(args.kv_disk_dir or tempfile.mkdtemp(prefix="tuili-bench-kv-"))
     fresh = args.kv_disk_dir is None
     base = dict(options, num_kv_blocks=args.kv_cache_tokens // options["block_size"], kv_host_memory=0,
                 kv_disk_dir=None)
