@@ -209,7 +209,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conversations", type=int, default=8)
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--system-len", type=int, default=1500)
-    p.add_argument("--user-len", type=int, default=96)
+    p.add_argument("--user-len", type=int, default=64)
     p.add_argument("--reply-len", type=int, default=16)
     p.add_argument("--kv-cache-tokens", type=int, default=3072, help="device pool size in tokens")
     p.add_argument("--configs", default="none,tiers", help="comma list of none, tiers, disk (disk: the disk tier alone)")
