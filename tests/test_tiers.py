@@ -232,3 +232,35 @@ def test_unusable_disk_dir_is_a_clear_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ValueError, match="kv_disk_dir: cannot use"):
         DiskTier(blocker / "sub", 1 << 20, FP, NB)
+
+
+def test_restore_fills_a_hole_between_device_blocks(tmp_path):
+    """Device holds blocks 0 and 2 of a prefix, block 1 is on disk: all three are reused."""
+    pool = FakePool(8)
+    bm = BlockManager(num_blocks=8, block_size=4)
+    disk = DiskTier(tmp_path, 100 * (NB + HEADER.size), FP, NB)
+    tiers = KVTiers(pool.read, pool.write, NB, 0, disk)
+    bm.tiers, bm.on_evict = tiers, tiers.on_evict
+    a = run(bm, pool, tiers, list(range(13)), "a")  # blocks 0, 1, 2 hashed
+    b1 = a.block_hashes[1]
+    block1 = bm.cached[b1]
+    # Evict only block 1: move it to the front of the free queue and take one block.
+    bm.free_queue.move_to_end(block1, last=False)
+    bm.free_queue.move_to_end(next(b for b in bm.free_queue if bm.block_hash[b] is None and b != block1))
+    x = Sequence("x", 0, [500, 501], SamplingParams(max_tokens=1))
+    bm.admit(x, [], 2)
+    tiers.flush()
+    assert b1 not in bm.cached and a.block_hashes[0] in bm.cached and a.block_hashes[2] in bm.cached
+    s = Sequence("a2", 0, list(range(13)) + [7], SamplingParams(max_tokens=1))
+    hits = bm.match_prefix(s)
+    assert len(hits) == 3 and bm.cached[b1] == hits[1]
+    assert torch.equal(pool.data[hits[1]], content(b1))
+    bm.admit(s, hits, s.num_tokens)
+    assert bm.tier_hit_tokens["disk"] == 4
+    bm.free(s)
+    bm.free(x)
+    # The bookkeeping stays consistent while everything is evicted again.
+    run(bm, pool, tiers, list(range(900, 931)), "y")
+    assert all(bm.cached[h] == blk for h, blk in bm.cached.items() if bm.block_hash[blk] == h)
+    assert len(bm.cached) == sum(h is not None for h in bm.block_hash)
+    disk.close()
