@@ -195,3 +195,72 @@ def test_failed_restore_leaves_the_rest_to_compute(tmp_path):
     assert len(hits) == 1  # block 0 from disk, block 1 corrupt: blocks 1.. are recomputed
     assert bm.num_free_blocks == 6
     disk.close()
+
+
+def test_tier_sizes_are_validated_and_metrics_exported():
+    from tuili.config import EngineConfig
+    from tuili.serve.metrics import Metrics
+
+    with pytest.raises(ValueError, match="kv_host_memory"):
+        EngineConfig(kv_host_memory="lots")
+    with pytest.raises(ValueError, match="kv_disk_size"):
+        EngineConfig(kv_disk_size="-1GiB")
+
+    class Served:
+        name = "m"
+
+        class engine:
+            @staticmethod
+            def stats():
+                return {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_free": 4, "preemptions": 0,
+                        "prefix_hit_tokens": 30, "prefix_query_tokens": 40, "prefix_hit_tokens_disk": 20,
+                        "kv_blocks_moved_host_to_disk": 3, "kv_disk_bytes": 4096}
+
+    class Registry:
+        def all(self):
+            return [Served()]
+
+    text = Metrics().render(Registry()).decode()
+    assert 'tuili_prefix_cache_hit_tokens_by_tier{model="m",tier="disk"} 20.0' in text
+    assert 'tuili_kv_blocks_moved{destination="disk",model="m",source="host"} 3.0' in text
+    assert 'tuili_kv_tier_bytes{model="m",tier="disk"} 4096.0' in text
+    assert 'tuili_prefix_cache_hit_rate{model="m"} 0.75' in text
+
+
+def test_unusable_disk_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="kv_disk_dir: cannot use"):
+        DiskTier(blocker / "sub", 1 << 20, FP, NB)
+
+
+def test_restore_fills_a_hole_between_device_blocks(tmp_path):
+    """Device holds blocks 0 and 2 of a prefix, block 1 is on disk: all three are reused."""
+    pool = FakePool(8)
+    bm = BlockManager(num_blocks=8, block_size=4)
+    disk = DiskTier(tmp_path, 100 * (NB + HEADER.size), FP, NB)
+    tiers = KVTiers(pool.read, pool.write, NB, 0, disk)
+    bm.tiers, bm.on_evict = tiers, tiers.on_evict
+    a = run(bm, pool, tiers, list(range(13)), "a")  # blocks 0, 1, 2 hashed
+    b1 = a.block_hashes[1]
+    block1 = bm.cached[b1]
+    # Evict only block 1: move it to the front of the free queue and take one block.
+    bm.free_queue.move_to_end(block1, last=False)
+    bm.free_queue.move_to_end(next(b for b in bm.free_queue if bm.block_hash[b] is None and b != block1))
+    x = Sequence("x", 0, [500, 501], SamplingParams(max_tokens=1))
+    bm.admit(x, [], 2)
+    tiers.flush()
+    assert b1 not in bm.cached and a.block_hashes[0] in bm.cached and a.block_hashes[2] in bm.cached
+    s = Sequence("a2", 0, list(range(13)) + [7], SamplingParams(max_tokens=1))
+    hits = bm.match_prefix(s)
+    assert len(hits) == 3 and bm.cached[b1] == hits[1]
+    assert torch.equal(pool.data[hits[1]], content(b1))
+    bm.admit(s, hits, s.num_tokens)
+    assert bm.tier_hit_tokens["disk"] == 4
+    bm.free(s)
+    bm.free(x)
+    # The bookkeeping stays consistent while everything is evicted again.
+    run(bm, pool, tiers, list(range(900, 931)), "y")
+    assert all(bm.cached[h] == blk for h, blk in bm.cached.items() if bm.block_hash[blk] == h)
+    assert len(bm.cached) == sum(h is not None for h in bm.block_hash)
+    disk.close()

@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.set_defaults(func=cmd_bench_throughput, seed=0)
 
+    from .bench.multiturn import add_arguments as add_multiturn_arguments
+
+    p = bench.add_parser("multiturn", help="multi-turn chat TTFT with and without KV tiers, and after a restart")
+    add_multiturn_arguments(p)
+    _engine_args(p)
+    p.set_defaults(func=cmd_bench_multiturn, kv_host_memory="1GiB")
+
     from .bench.serve_bench import add_arguments as add_serve_bench_arguments
     from .router.commands import add_arguments as add_router_arguments
 
@@ -218,6 +225,12 @@ def cmd_bench_router(args: argparse.Namespace) -> int:
     from .bench.router import run_from_args
 
     return run_from_args(args)
+
+
+def cmd_bench_multiturn(args: argparse.Namespace) -> int:
+    from .bench.multiturn import run_from_args
+
+    return run_from_args(args, engine_options(args))
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:

@@ -89,8 +89,11 @@ class DiskTier:
 
     # ---- set-up --------------------------------------------------------------
     def _take_lock(self) -> bool:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.dir / "lock", "a+")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            f = open(self.dir / "lock", "a+")
+        except OSError as e:
+            raise ValueError(f"kv_disk_dir: cannot use {self.dir}: {e.strerror or e}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

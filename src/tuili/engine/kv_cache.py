@@ -93,13 +93,25 @@ class BlockManager:
         self._extend_hashes(seq, seq.num_tokens - 1)
         wanted = seq.block_hashes[: (seq.num_tokens - 1) // self.block_size]
         hits: list[int] = []
-        for h in wanted:
-            block = self.cached.get(h)
-            if block is None:
+        i = 0
+        while i < len(wanted):
+            block = self.cached.get(wanted[i])
+            if block is not None:
+                hits.append(block)
+                i += 1
+                continue
+            if self.tiers is None:
                 break
-            hits.append(block)
-        if self.tiers is not None and len(hits) < len(wanted):
-            hits += self._restore(hits, wanted[len(hits):])
+            # A run of blocks missing from the device (the device may still hold later ones:
+            # it evicts a sequence's last blocks first).
+            j = i
+            while j < len(wanted) and wanted[j] not in self.cached:
+                j += 1
+            restored = self._restore(hits, wanted[i:j])
+            hits += restored
+            if len(restored) < j - i:
+                break
+            i = j
         return hits
 
     def _restore(self, hits: list[int], missing: list[bytes]) -> list[int]:

@@ -44,6 +44,8 @@ class Metrics:
         self.preemptions = g("tuili_preemptions", "Sequences preempted since start")
         self.prefix_hits = g("tuili_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache")
         self.prefix_queries = g("tuili_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache")
+        self.prefix_hit_rate = g("tuili_prefix_cache_hit_rate", "Share of looked-up prompt tokens served from cache")
+        self.kv = KVTierMetrics(r)
 
     def observe_request(self, model: str, prompt_tokens: int, completion_tokens: int, ttft: float | None,
                         e2e: float, finish_reasons: list[str]) -> None:
@@ -72,4 +74,36 @@ class Metrics:
             self.preemptions.labels(m.name).set(s["preemptions"])
             self.prefix_hits.labels(m.name).set(s["prefix_hit_tokens"])
             self.prefix_queries.labels(m.name).set(s["prefix_query_tokens"])
+            self.prefix_hit_rate.labels(m.name).set(s["prefix_hit_tokens"] / max(s["prefix_query_tokens"], 1))
+            self.kv.set(m.name, s)
         return generate_latest(self.registry)
+
+
+class KVTierMetrics:
+    """Gauges of the KV tiers (device, host, disk), copied from Engine.stats() keys."""
+
+    TIERS = ("device", "host", "disk")
+    MOVES = (("device", "host"), ("host", "disk"), ("device", "disk"), ("host", "device"), ("disk", "device"))
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.hits = Gauge("tuili_prefix_cache_hit_tokens_by_tier", "Prompt tokens served from each KV tier",
+                          ["model", "tier"], registry=r)
+        self.moved = Gauge("tuili_kv_blocks_moved", "KV blocks copied between tiers", ["model", "source", "destination"],
+                           registry=r)
+        self.evictions = Gauge("tuili_kv_evictions", "KV blocks evicted from each tier", ["model", "tier"], registry=r)
+        self.blocks = Gauge("tuili_kv_tier_blocks", "KV blocks held by the host and disk tiers", ["model", "tier"],
+                            registry=r)
+        self.bytes = Gauge("tuili_kv_tier_bytes", "Bytes held by the host and disk tiers", ["model", "tier"], registry=r)
+        self.disk_errors = Gauge("tuili_kv_disk_errors", "Corrupt, truncated or foreign disk blocks dropped", ["model"],
+                                 registry=r)
+
+    def set(self, model: str, s: dict[str, int]) -> None:
+        for t in self.TIERS:
+            self.hits.labels(model, t).set(s.get(f"prefix_hit_tokens_{t}", 0))
+            self.evictions.labels(model, t).set(s.get(f"kv_evictions_{t}", 0))
+        for a, b in self.MOVES:
+            self.moved.labels(model, a, b).set(s.get(f"kv_blocks_moved_{a}_to_{b}", 0))
+        for t in ("host", "disk"):
+            self.blocks.labels(model, t).set(s.get(f"kv_{t}_blocks", 0))
+            self.bytes.labels(model, t).set(s.get(f"kv_{t}_bytes", 0))
+        self.disk_errors.labels(model).set(s.get("kv_disk_errors", 0))
