@@ -281,6 +281,7 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "prefix_hit_tokens": self.blocks.prefix_hit_tokens,
             "prefix_query_tokens": self.blocks.prefix_query_tokens,
+            "pending_tokens": self.pending_tokens(),
             **{f"prefix_hit_tokens_{t}": n for t, n in self.blocks.tier_hit_tokens.items()},
             **tier_snapshot(self.tiers),
         }
