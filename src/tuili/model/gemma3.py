@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .layers import AttentionMetadata, Rotary, linear, paged_attention, write_kv
+from .layers import AttentionMetadata, Rotary, linear, load_projections, paged_attention, write_kv
 from .quant import QuantWeight, model_weight_bytes, quantize_model
 
 
@@ -112,16 +112,7 @@ class Gemma3Model(torch.nn.Module):
         self.norm.weight.copy_(take("model.norm.weight"))
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            a = p + "self_attn."
-            layer.qkv_weight = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
-                                          take(a + "v_proj.weight")]).contiguous()
-            if self.cfg.attention_bias:
-                layer.qkv_bias = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
-                                            take(a + "v_proj.bias")]).contiguous()
-            layer.o_weight = take(a + "o_proj.weight")
-            layer.gate_up_weight = torch.cat([take(p + "mlp.gate_proj.weight"),
-                                              take(p + "mlp.up_proj.weight")]).contiguous()
-            layer.down_weight = take(p + "mlp.down_proj.weight")
+            load_projections(layer, take, p, self.cfg.attention_bias)
             for norm, name in ((layer.input_norm, "input_layernorm"), (layer.post_attn_norm, "post_attention_layernorm"),
                                (layer.pre_ff_norm, "pre_feedforward_layernorm"),
                                (layer.post_ff_norm, "post_feedforward_layernorm"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, bias: torch.Tens
         out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
         return out.to(torch.bfloat16)
     return F.linear(x, weight, bias)
+
+
+def load_projections(layer: torch.nn.Module, take: Callable[[str], torch.Tensor], prefix: str,
+                     attention_bias: bool) -> None:
+    """Set a decoder layer's projections from HF-named tensors under `prefix`, fused:
+    q/k/v into `qkv_weight` (and `qkv_bias`), gate/up into `gate_up_weight`."""
+    a = prefix + "self_attn."
+    layer.qkv_weight = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
+                                  take(a + "v_proj.weight")]).contiguous()
+    if attention_bias:
+        layer.qkv_bias = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
+                                    take(a + "v_proj.bias")]).contiguous()
+    layer.o_weight = take(a + "o_proj.weight")
+    layer.gate_up_weight = torch.cat([take(prefix + "mlp.gate_proj.weight"),
+                                      take(prefix + "mlp.up_proj.weight")]).contiguous()
+    layer.down_weight = take(prefix + "mlp.down_proj.weight")
 
 
 class RMSNorm(torch.nn.Module):

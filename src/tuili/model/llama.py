@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .layers import AttentionMetadata, RMSNorm, Rotary, linear, paged_attention, write_kv
+from .layers import (AttentionMetadata, RMSNorm, Rotary, linear, load_projections, paged_attention,
+                     write_kv)
 from .quant import QuantWeight, model_weight_bytes, quantize_model
 
 
@@ -89,15 +90,7 @@ class LlamaModel(torch.nn.Module):
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
-            layer.qkv_weight = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
-                                          take(a + "v_proj.weight")]).contiguous()
-            if self.cfg.attention_bias:
-                layer.qkv_bias = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
-                                            take(a + "v_proj.bias")]).contiguous()
-            layer.o_weight = take(a + "o_proj.weight")
-            layer.gate_up_weight = torch.cat([take(p + "mlp.gate_proj.weight"),
-                                              take(p + "mlp.up_proj.weight")]).contiguous()
-            layer.down_weight = take(p + "mlp.down_proj.weight")
+            load_projections(layer, take, p, self.cfg.attention_bias)
             layer.input_norm.weight.copy_(take(p + "input_layernorm.weight"))
             layer.post_attn_norm.weight.copy_(take(p + "post_attention_layernorm.weight"))
             if layer.q_norm is not None:
