@@ -83,3 +83,99 @@ def test_sliding_window_reads_only_the_last_positions(window):
         k, v = k.repeat_interleave(heads // kvh, 1), v.repeat_interleave(heads // kvh, 1)
         w = torch.softmax(torch.einsum("hd,thd->ht", q[b], k) * 0.25, dim=-1)
         torch.testing.assert_close(got[b], torch.einsum("ht,thd->hd", w, v), atol=2e-5, rtol=1e-4)
+
+
+# ---- matrix products from packed weights (csrc/gemm.cpp) ---------------------------------
+gemm = pytest.mark.skipif(ext is None or not ext.gemm_available(), reason="packed products need AVX2")
+
+
+@gemm
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8, torch.float32])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 33, 130])
+def test_packed_linear_matches_float32_product(wdtype, rows):
+    """Every row-tile size (1..6 and remainders), a width that is not a multiple of 16, and
+    row blocks (130 rows of K=200): equal to a float32 product of the same values."""
+    torch.manual_seed(3)
+    n, k = 40, 200
+    w = (torch.randn(n, k) * 30).to(wdtype) if wdtype is torch.int8 else torch.randn(n, k).to(wdtype)
+    scales = torch.rand(n) + 0.5 if wdtype is torch.int8 else NONE
+    bias = torch.randn(n)
+    x = torch.randn(rows, k)
+    wf = w.float() * (scales[:, None] if wdtype is torch.int8 else 1)
+    want = torch.nn.functional.linear(x, wf, bias)
+    got = ext.packed_linear(x, ext.pack_weight(w), n, scales, bias, True)
+    torch.testing.assert_close(got, want, atol=1e-6 * want.abs().max().item(), rtol=1e-5)
+    got_bf16 = ext.packed_linear(x.bfloat16(), ext.pack_weight(w), n, scales, NONE, False)
+    assert got_bf16.dtype is torch.bfloat16
+    want_bf16 = torch.nn.functional.linear(x.bfloat16().float(), wf)
+    torch.testing.assert_close(got_bf16.float(), want_bf16, atol=1e-3 * want_bf16.abs().max().item(), rtol=2 ** -8)
+
+
+@gemm
+def test_packed_linear_rejects_a_mismatched_weight():
+    with pytest.raises(RuntimeError, match="does not match"):
+        ext.packed_linear(torch.randn(2, 64), ext.pack_weight(torch.randn(16, 32)), 16, NONE, NONE, True)
+
+
+# ---- fused element-wise steps (csrc/fused.cpp) ----------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_with_residual_add(dtype):
+    from tuili.model.layers import RMSNorm
+
+    torch.manual_seed(4)
+    norm = RMSNorm(96, 1e-5, dtype, torch.device("cpu"))
+    norm.weight.data = torch.randn(96).to(dtype)
+    x, delta = torch.randn(7, 96).to(dtype), torch.randn(7, 96).to(dtype)
+    want_x = x + delta
+    want = norm(want_x)
+    got = ext.rms_norm(x, norm.weight, norm.eps, delta)
+    assert torch.equal(x, want_x)  # the residual add happened in place, rounded as torch rounds
+    if dtype is torch.bfloat16:  # the sum of squares is float32 either way; bf16 results agree to 1 ulp
+        torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2 ** -7)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ext.rms_norm(want_x, norm.weight, norm.eps, NONE), got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,kv", [(torch.float32, "same"), (torch.bfloat16, "same"), (torch.bfloat16, "int8"),
+                                      (torch.float32, "int8")])
+def test_fused_rope_and_kv_write_match_the_torch_steps(dtype, kv):
+    from tuili.config import ModelConfig
+    from tuili.model.layers import Rotary, write_kv
+
+    torch.manual_seed(5)
+    heads, kv_heads, d, t = 6, 2, 32, 5
+    cfg = ModelConfig(architecture="llama", vocab_size=10, hidden_size=heads * d, intermediate_size=8, num_layers=1, num_heads=heads,
+                      num_kv_heads=kv_heads, head_dim=d, rope_theta=10000.0)
+    rot = Rotary(cfg, 64, dtype, torch.device("cpu"))
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d).to(dtype)
+    positions = torch.tensor([3, 0, 17, 63, 5])
+    slots = torch.tensor([9, 2, 30, 11, 0])
+    cache_dtype = torch.int8 if kv == "int8" else dtype
+    shape = (4, 8, kv_heads, d)
+
+    def caches():
+        c = (torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype))
+        return c + ((torch.zeros(shape[:-1]), torch.zeros(shape[:-1])) if kv == "int8" else ())
+
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    want_q, want_k = rot(q.reshape(t, heads, d), k.reshape(t, kv_heads, d), positions)
+    want = caches()
+    write_kv(want[0], want[1], want_k, v.reshape(t, kv_heads, d), slots, want[2:] or None)
+    got = caches()
+    got_q = ext.rope_write_kv(qkv, positions, rot.cos, rot.sin, heads, kv_heads, got[0], got[1], slots,
+                              *(got[2:] or (NONE, NONE)))
+    assert torch.equal(got_q, want_q)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_silu_mul(dtype):
+    torch.manual_seed(6)
+    gate_up = (torch.randn(3, 2 * 50) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = ext.silu_mul(gate_up)
+    tol = dict(atol=0, rtol=2 ** -7) if dtype is torch.bfloat16 else dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got.float(), want.float(), **tol)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .layers import AttentionMetadata, Rotary, linear, load_projections, paged_attention, write_kv
-from .quant import QuantWeight, model_weight_bytes, quantize_model
+from .quant import QuantWeight, model_weight_bytes, prepare_linears
 
 
 class GemmaRMSNorm(torch.nn.Module):
@@ -118,8 +118,7 @@ class Gemma3Model(torch.nn.Module):
                                (layer.post_ff_norm, "post_feedforward_layernorm"),
                                (layer.q_norm, "self_attn.q_norm"), (layer.k_norm, "self_attn.k_norm")):
                 norm.weight.copy_(take(p + name + ".weight"))
-        if self.quantization[0] != "none":
-            quantize_model(self, *self.quantization)
+        prepare_linears(self, self.quantization)
 
     def weight_bytes(self) -> int:
         return model_weight_bytes(self)

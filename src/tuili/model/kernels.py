@@ -24,7 +24,10 @@ import torch
 from ..config import cache_dir
 
 log = logging.getLogger("tuili.kernels")
-_SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_attention.cpp", "gemm.cpp", "fused.cpp")]
+# -ffp-contract=off: a * b + c is never fused into one rounding, so the fused element-wise
+# steps round as PyTorch's ops do (the matrix products use explicit FMA instructions).
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 _ext: ModuleType | None = None
 _tried = False
 
@@ -33,6 +36,7 @@ def _build_key() -> str:
     h = hashlib.sha256()
     for src in _SOURCES:
         h.update(src.read_bytes())
+    h.update(" ".join(_CFLAGS).encode())
     h.update(torch.__version__.encode())
     h.update(platform.machine().encode())
     try:
@@ -66,14 +70,14 @@ def cpu_kernels() -> ModuleType | None:
             (build_dir / "lock").unlink(missing_ok=True)
             fresh = not any(build_dir.glob("*.so"))
             if fresh:
-                log.info("compiling the CPU attention kernel (once per machine)...")
+                log.info("compiling the CPU kernels (once per machine)...")
             _ext = load(name=f"tuili_cpu_{key}", sources=[str(s) for s in _SOURCES],
-                        build_directory=str(build_dir), extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                        build_directory=str(build_dir), extra_cflags=_CFLAGS,
                         extra_ldflags=["-fopenmp"], verbose=False)
             if fresh:
-                log.info("compiled the CPU attention kernel in %.1f s", time.perf_counter() - start)
+                log.info("compiled the CPU kernels in %.1f s", time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
-        log.warning("CPU attention kernel unavailable, using the PyTorch path: %s", str(e).splitlines()[0][:200])
+        log.warning("CPU kernels unavailable, using the PyTorch path: %s", str(e).splitlines()[0][:200])
         _ext = None
     return _ext
 

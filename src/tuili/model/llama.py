@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .kernels import cpu_kernels
 from .layers import (AttentionMetadata, RMSNorm, Rotary, linear, load_projections, paged_attention,
                      write_kv)
-from .quant import QuantWeight, model_weight_bytes, quantize_model
+from .quant import QuantWeight, model_weight_bytes, prepare_linears
 
 
 class DecoderLayer(torch.nn.Module):
@@ -60,6 +61,24 @@ class DecoderLayer(torch.nn.Module):
         gate, up = linear(h, self.gate_up_weight).chunk(2, dim=-1)
         return x + linear(F.silu(gate) * up, self.down_weight)
 
+    def forward_fused(self, ext, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+                      kv: tuple[torch.Tensor, ...], meta: AttentionMetadata) -> torch.Tensor:
+        """The same layer through the CPU kernels' fused steps (model/csrc/fused.cpp): one
+        call each for the norms, rotary + KV write and silu * up. Updates x in place."""
+        t = x.shape[0]
+        qkv = linear(ext.rms_norm(x, self.input_norm.weight, self.input_norm.eps, _EMPTY), self.qkv_weight,
+                     self.qkv_bias)
+        kv_scales = (kv[2], kv[3]) if len(kv) == 4 else None
+        q = ext.rope_write_kv(qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, kv[0], kv[1],
+                              meta.slot_mapping, *(kv_scales or (_EMPTY, _EMPTY)))
+        attn = paged_attention(q, kv[0], kv[1], meta, self.scale, kv_scales)
+        h = ext.rms_norm(x, self.post_attn_norm.weight, self.post_attn_norm.eps,
+                         linear(attn.reshape(t, self.q_size), self.o_weight))  # x += o first
+        return x.add_(linear(ext.silu_mul(linear(h, self.gate_up_weight)), self.down_weight))
+
+
+_EMPTY = torch.empty(0)
+
 
 class LlamaModel(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
@@ -96,18 +115,29 @@ class LlamaModel(torch.nn.Module):
             if layer.q_norm is not None:
                 layer.q_norm.weight.copy_(take(a + "q_norm.weight"))
                 layer.k_norm.weight.copy_(take(a + "k_norm.weight"))
-        if self.quantization[0] != "none":
-            quantize_model(self, *self.quantization)
+        prepare_linears(self, self.quantization)
 
     def weight_bytes(self) -> int:
         return model_weight_bytes(self)
 
+    def _fused_kernels(self, kv_caches: list[tuple[torch.Tensor, ...]]):
+        """The CPU kernels when the fused layer path applies here, else None."""
+        if (self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16) or self.cfg.qk_norm
+                or not kv_caches or kv_caches[0][0].dtype not in (self.dtype, torch.int8)):
+            return None
+        return cpu_kernels()
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, ...]], meta: AttentionMetadata) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
+        ext = self._fused_kernels(kv_caches)
+        if ext is None:
+            for layer, kv in zip(self.layers, kv_caches):
+                x = layer(x, positions, self.rotary, kv, meta)
+            return self.norm(x)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, kv, meta)
-        return self.norm(x)
+            x = layer.forward_fused(ext, x, positions, self.rotary, kv, meta)
+        return ext.rms_norm(x, self.norm.weight, self.norm.eps, _EMPTY)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()

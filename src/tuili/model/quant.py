@@ -99,7 +99,34 @@ class Int4Weight:
         return out.to(x.dtype)
 
 
-QuantWeight = Int8Weight | Int4Weight
+@dataclass
+class PackedWeight:
+    """A bfloat16 or int8 weight repacked once for the CPU product of `model/csrc/gemm.cpp`
+    (panels of 16 output columns, widened to float32 in registers). Used on CPUs without
+    native bfloat16, where it is faster than torch's bf16 and int8 ops at every row count
+    (figures in docs/BENCHMARKS.md, "CPU matrix products")."""
+
+    packed: torch.Tensor  # [ceil(N/16), K, 16] bfloat16 or int8
+    scales: torch.Tensor  # [N] float32 for int8 (w = q * scale), empty for bfloat16
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.scales.numel() * 4
+
+    def matmul(self, x: torch.Tensor, slow_bf16: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+        from .kernels import cpu_kernels
+
+        return cpu_kernels().packed_linear(x.reshape(-1, self.in_features), self.packed, self.out_features,
+                                           self.scales, _NONE if bias is None else bias, False)
+
+
+_NONE = torch.empty(0)
+QuantWeight = Int8Weight | Int4Weight | PackedWeight
 
 
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
@@ -178,6 +205,42 @@ def quantize_model(model: torch.nn.Module, mode: str, group: int) -> None:
         for name in LINEARS:
             setattr(layer, name, quantize(getattr(layer, name), mode, group))
     model.lm_head = quantize(model.lm_head, mode, group)
+
+
+def cpu_packing_available(device: torch.device) -> bool:
+    """Whether this CPU gets the packed products: no native bf16 and the kernel built."""
+    from ..config import cpu_has_fast_bf16
+    from .kernels import cpu_kernels
+
+    if device.type != "cpu" or cpu_has_fast_bf16():
+        return False
+    ext = cpu_kernels()
+    return ext is not None and ext.gemm_available()
+
+
+def pack_weight(w: torch.Tensor | QuantWeight) -> torch.Tensor | QuantWeight:
+    """bf16 tensors and int8 weights become PackedWeight; anything else is returned as is."""
+    from .kernels import cpu_kernels
+
+    if isinstance(w, torch.Tensor) and w.dtype is torch.bfloat16 and w.dim() == 2:
+        return PackedWeight(cpu_kernels().pack_weight(w), _NONE, w.shape[0], w.shape[1])
+    if isinstance(w, Int8Weight):
+        return PackedWeight(cpu_kernels().pack_weight(w.q), w.scales_f32.contiguous(), w.q.shape[0], w.q.shape[1])
+    return w
+
+
+def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> None:
+    """After loading: quantize the linear layers if asked, then, on a CPU that benefits,
+    repack bf16 and int8 weights for the CPU kernel (the output head too; the embedding
+    lookup keeps its own table)."""
+    if quantization[0] != "none":
+        quantize_model(model, *quantization)
+    if not cpu_packing_available(model.device):
+        return
+    for layer in model.layers:
+        for name in LINEARS:
+            setattr(layer, name, pack_weight(getattr(layer, name)))
+    model.lm_head = pack_weight(model.lm_head)
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:

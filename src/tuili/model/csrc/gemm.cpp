@@ -1,0 +1,200 @@
+// Matrix products with few rows (decode) from bfloat16 or int8 weights, on AVX2 CPUs.
+//
+// A CPU without native bfloat16 runs torch's bf16 matmul at a fraction of memory speed, and
+// converting a bf16 weight to float32 for every call costs more memory traffic than the
+// product itself. Here the weight is repacked once, at load time, into panels of 16
+// output columns: packed[p][k][j] = w[16 p + j][k] (columns past N are zero). A micro-tile
+// of MR activation rows x 16 columns keeps its 2 MR accumulators in registers; each weight
+// element is loaded once per tile, widened to float32 in registers (bf16: shift left 16;
+// int8: sign-extend and convert, the per-row scale applied at the end) and used by every
+// row of the tile. Activations and accumulation are float32. Threads split the panels.
+//
+// The sum over k runs in order, one float32 FMA per element, so results differ from a
+// BLAS float32 product of the same values only by summation order.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+#ifdef __AVX2__
+namespace {
+
+constexpr int64_t kPanel = 16;
+constexpr int kMaxRows = 6;  // 6 x 2 accumulators + 2 weight vectors + 1 broadcast = 15 of 16 registers
+
+inline void load16(const uint16_t* p, __m256& a, __m256& b) {
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))), 16));
+}
+
+inline void load16(const int8_t* p, __m256& a, __m256& b) {
+  a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+}
+
+inline void load16(const float* p, __m256& a, __m256& b) {
+  a = _mm256_loadu_ps(p);
+  b = _mm256_loadu_ps(p + 8);
+}
+
+// acc[MR][16] = x[MR rows, K] . panel[K][16]. The accumulators are named variables, not
+// arrays: compilers keep arrays of vectors in memory and store them on every iteration.
+#define TUILI_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+template <int MR, typename T>
+inline void tile(const float* x, int64_t ldx, const T* panel, int64_t K, float* acc) {
+#define TUILI_DECL(r) __m256 c##r##0 = _mm256_setzero_ps(), c##r##1 = _mm256_setzero_ps(), \
+                             e##r##0 = _mm256_setzero_ps(), e##r##1 = _mm256_setzero_ps();
+  TUILI_ROWS(TUILI_DECL)
+#undef TUILI_DECL
+  int64_t k = 0;
+  if constexpr (MR <= 2) {
+    // Few rows: a second set of accumulators for odd k breaks the FMA latency chain.
+    for (; k + 1 < K; k += 2) {
+      __m256 w0, w1, v0, v1;
+      load16(panel + k * kPanel, w0, w1);
+      load16(panel + (k + 1) * kPanel, v0, v1);
+#define TUILI_STEP2(r)                                              \
+  if constexpr (MR > r) {                                           \
+    const __m256 xa = _mm256_broadcast_ss(x + r * ldx + k);         \
+    const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k + 1);     \
+    c##r##0 = _mm256_fmadd_ps(xa, w0, c##r##0);                     \
+    c##r##1 = _mm256_fmadd_ps(xa, w1, c##r##1);                     \
+    e##r##0 = _mm256_fmadd_ps(xb, v0, e##r##0);                     \
+    e##r##1 = _mm256_fmadd_ps(xb, v1, e##r##1);                     \
+  }
+      TUILI_ROWS(TUILI_STEP2)
+#undef TUILI_STEP2
+    }
+  }
+  for (; k < K; ++k) {
+    __m256 w0, w1;
+    load16(panel + k * kPanel, w0, w1);
+#define TUILI_STEP(r)                                               \
+  if constexpr (MR > r) {                                           \
+    const __m256 xa = _mm256_broadcast_ss(x + r * ldx + k);         \
+    c##r##0 = _mm256_fmadd_ps(xa, w0, c##r##0);                     \
+    c##r##1 = _mm256_fmadd_ps(xa, w1, c##r##1);                     \
+  }
+    TUILI_ROWS(TUILI_STEP)
+#undef TUILI_STEP
+  }
+#define TUILI_STORE(r)                                                               \
+  if constexpr (MR > r) {                                                            \
+    _mm256_storeu_ps(acc + r * kPanel, _mm256_add_ps(c##r##0, e##r##0));            \
+    _mm256_storeu_ps(acc + r * kPanel + 8, _mm256_add_ps(c##r##1, e##r##1));        \
+  }
+  TUILI_ROWS(TUILI_STORE)
+#undef TUILI_STORE
+}
+#undef TUILI_ROWS
+
+template <typename T>
+void run_tile(int rows, const float* x, int64_t ldx, const T* panel, int64_t K, float* acc) {
+  switch (rows) {
+    case 1: tile<1>(x, ldx, panel, K, acc); break;
+    case 2: tile<2>(x, ldx, panel, K, acc); break;
+    case 3: tile<3>(x, ldx, panel, K, acc); break;
+    case 4: tile<4>(x, ldx, panel, K, acc); break;
+    case 5: tile<5>(x, ldx, panel, K, acc); break;
+    default: tile<6>(x, ldx, panel, K, acc); break;
+  }
+}
+
+template <typename T, typename Out>
+void gemm(const float* x, int64_t M, int64_t K, const T* packed, int64_t N, const float* scales,
+          const float* bias, Out* out) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  // Rows are taken in blocks small enough that their activations stay in L2 while the
+  // block walks every panel; for decode (M <= 64) that is a single block.
+  const int64_t row_block = std::max<int64_t>(kMaxRows, (64 * 1024 / (K * 4)) / kMaxRows * kMaxRows);
+  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
+    const int64_t m1 = std::min(M, m0 + row_block);
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      alignas(32) float acc[kMaxRows * kPanel];
+      for (int64_t p = p0; p < p1; ++p) {
+        const T* panel = packed + p * K * kPanel;
+        const int64_t n0 = p * kPanel;
+        const int64_t width = std::min(kPanel, N - n0);
+        for (int64_t m = m0; m < m1; m += kMaxRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, m1 - m));
+          run_tile<T>(rows, x + m * K, K, panel, K, acc);
+          for (int r = 0; r < rows; ++r) {
+            Out* o = out + (m + r) * N + n0;
+            const float* a = acc + r * kPanel;
+            for (int64_t j = 0; j < width; ++j) {
+              float v = a[j];
+              if (scales) v *= scales[n0 + j];
+              if (bias) v += bias[n0 + j];
+              o[j] = static_cast<Out>(v);
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+#endif  // __AVX2__
+
+bool gemm_available() {
+#ifdef __AVX2__
+  return true;
+#else
+  return false;
+#endif
+}
+
+// w [N, K] (bfloat16, int8 or float32) -> packed [ceil(N/16), K, 16] of the same dtype.
+torch::Tensor pack_weight(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2, "pack_weight: weight must be 2-D");
+  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  auto padded = torch::zeros({panels * kPanel, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  return padded.view({panels, kPanel, K}).transpose(1, 2).contiguous();
+}
+
+// x [M, K] float32 or bfloat16; returns [M, N] float32 when out_float, else x's dtype.
+// scales [N] float32 (int8 weights) and bias [N] are optional (empty tensors).
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, torch::Tensor scales,
+                            torch::Tensor bias, bool out_float) {
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == kPanel, "packed_linear: bad shapes");
+#ifndef __AVX2__
+  TORCH_CHECK(false, "packed_linear: built without AVX2");
+#else
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(packed.size(1) == K && packed.size(0) * kPanel >= N, "packed_linear: weight does not match input");
+  auto xf = x.to(torch::kFloat32).contiguous();
+  auto out_dtype = out_float ? torch::kFloat32 : x.scalar_type();
+  auto out = torch::empty({M, N}, x.options().dtype(out_dtype));
+  auto sf = scales.numel() ? scales.to(torch::kFloat32).contiguous() : scales;
+  auto bf = bias.numel() ? bias.to(torch::kFloat32).contiguous() : bias;
+  const float* s = sf.numel() ? sf.data_ptr<float>() : nullptr;
+  const float* b = bf.numel() ? bf.data_ptr<float>() : nullptr;
+  const float* xp = xf.data_ptr<float>();
+  auto dispatch_out = [&](auto* wp) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
+    if (out_dtype == torch::kFloat32) {
+      gemm<W, float>(xp, M, K, wp, N, s, b, out.data_ptr<float>());
+    } else if (out_dtype == torch::kBFloat16) {
+      gemm<W, at::BFloat16>(xp, M, K, wp, N, s, b, out.data_ptr<at::BFloat16>());
+    } else {
+      TORCH_CHECK(false, "packed_linear: activations must be float32 or bfloat16");
+    }
+  };
+  switch (packed.scalar_type()) {
+    case torch::kBFloat16: dispatch_out(reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>())); break;
+    case torch::kChar: dispatch_out(packed.data_ptr<int8_t>()); break;
+    case torch::kFloat32: dispatch_out(packed.data_ptr<float>()); break;
+    default: TORCH_CHECK(false, "packed_linear: weight must be bfloat16, int8 or float32");
+  }
+  return out;
+#endif
+}
