@@ -25,6 +25,7 @@ from ..config import cache_dir
 
 log = logging.getLogger("tuili.kernels")
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_attention.cpp", "gemm.cpp", "fused.cpp")]
+_HEADERS = [Path(__file__).parent / "csrc" / "vec.h"]
 # -ffp-contract=off: a * b + c is never fused into one rounding, so the fused element-wise
 # steps round as PyTorch's ops do (the matrix products use explicit FMA instructions).
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
@@ -34,7 +35,7 @@ _tried = False
 
 def _build_key() -> str:
     h = hashlib.sha256()
-    for src in _SOURCES:
+    for src in _SOURCES + _HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(_CFLAGS).encode())
     h.update(torch.__version__.encode())

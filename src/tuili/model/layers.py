@@ -181,9 +181,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     CPUs with slow bfloat16 the attention arithmetic runs in float32 (K/V are upcast as
     they are gathered). `window` (sliding-window layers): a query at position p sees only
     positions p - window + 1 .. p, as in transformers' sliding-window mask."""
-    out = torch.empty_like(q)
+    dtype = q.dtype
     if _CPU_BF16_IS_SLOW and q.dtype is torch.bfloat16 and q.device.type == "cpu":
         q = q.float()
+    if not meta.prefills:  # decodes only: no output buffer to assemble
+        return _decode_attention(q, k_cache, v_cache, meta, scale, kv_scales, window).to(dtype)
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale, kv_scales,
                                                      window)

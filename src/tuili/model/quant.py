@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .kernels import cpu_kernels
+
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 # Above this many rows a CPU without native bf16 runs int8 weights as a dequantized float32
@@ -119,9 +121,7 @@ class PackedWeight:
         return self.packed.numel() * self.packed.element_size() + self.scales.numel() * 4
 
     def matmul(self, x: torch.Tensor, slow_bf16: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
-        from .kernels import cpu_kernels
-
-        return cpu_kernels().packed_linear(x.reshape(-1, self.in_features), self.packed, self.out_features,
+        return cpu_kernels().packed_linear(x, self.packed, self.out_features,
                                            self.scales, _NONE if bias is None else bias, False)
 
 
@@ -210,7 +210,6 @@ def quantize_model(model: torch.nn.Module, mode: str, group: int) -> None:
 def cpu_packing_available(device: torch.device) -> bool:
     """Whether this CPU gets the packed products: no native bf16 and the kernel built."""
     from ..config import cpu_has_fast_bf16
-    from .kernels import cpu_kernels
 
     if device.type != "cpu" or cpu_has_fast_bf16():
         return False
@@ -220,8 +219,6 @@ def cpu_packing_available(device: torch.device) -> bool:
 
 def pack_weight(w: torch.Tensor | QuantWeight) -> torch.Tensor | QuantWeight:
     """bf16 tensors and int8 weights become PackedWeight; anything else is returned as is."""
-    from .kernels import cpu_kernels
-
     if isinstance(w, torch.Tensor) and w.dtype is torch.bfloat16 and w.dim() == 2:
         return PackedWeight(cpu_kernels().pack_weight(w), _NONE, w.shape[0], w.shape[1])
     if isinstance(w, Int8Weight):

@@ -16,6 +16,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
 inline float to_f(float x) { return x; }
@@ -107,7 +109,16 @@ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t inter) {
       const T* g = gate_up + r * 2 * inter;
       const T* u = g + inter;
       T* o = out + r * inter;
-      for (int64_t i = 0; i < inter; ++i) {
+      int64_t i = 0;
+#ifdef __AVX2__
+      for (; i + 8 <= inter; i += 8) {
+        const __m256 x = tuili::load8(g + i);
+        const __m256 one = _mm256_set1_ps(1.f);
+        const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, tuili::exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+        tuili::store8(o + i, _mm256_mul_ps(tuili::round8(silu, g), tuili::load8(u + i)));
+      }
+#endif
+      for (; i < inter; ++i) {
         const float x = to_f(g[i]);
         o[i] = static_cast<T>(R<T>(x / (1.f + std::exp(-x))) * to_f(u[i]));
       }

@@ -11,10 +11,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "vec.h"
 
 namespace {
 
@@ -98,6 +101,136 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
   });
 }
 
+#ifdef __AVX2__
+// The same computation with 8-wide float32 vectors, for head dims that are a multiple of 8.
+// G > 0: the group size (query heads per kv head) as a constant, for head dims that are a
+// multiple of 16; each K row then feeds 2 G independent accumulators held in registers.
+// A task is one sequence and a range of its kv heads: all of them when there are enough
+// sequences to keep the threads busy, so each token's row is read whole and each block is
+// one contiguous stretch of memory; fewer when the batch is small.
+template <typename T, int G>
+void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, const float* k_scales,
+                        const float* v_scales, const int64_t* tables, const int64_t* lens, float* out, int64_t batch,
+                        int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, int64_t table_width,
+                        float scale, int64_t window) {
+  using tuili::load8;
+  const int64_t group = G > 0 ? G : heads / kv_heads;
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
+  const int64_t per_split = (kv_heads + splits - 1) / splits;
+  const int64_t row_stride = kv_heads * dim;  // between consecutive tokens of a block
+  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / splits;
+      const int64_t h0 = (task % splits) * per_split;
+      const int64_t h1 = std::min(kv_heads, h0 + per_split);
+      const int64_t nq = (h1 - h0) * group;  // query heads of this task, from h0 * group
+      const int64_t end_pos = lens[b];
+      const int64_t first = window > 0 && end_pos > window ? end_pos - window : 0;
+      const int64_t len = end_pos - first;
+      const int64_t* table = tables + b * table_width;
+      const float* qb = q + (b * heads + h0 * group) * dim;
+      float* ob = out + (b * heads + h0 * group) * dim;
+      scores.resize(nq * len);
+      // Blocks are scattered, so the hardware prefetcher does not see one stream: at the
+      // start of each block, its successor's rows (this task's heads) are requested.
+      auto prefetch_block = [&](const T* cache, int64_t t0) {
+        const int64_t next = t0 + block_size;
+        if (next >= end_pos) return;
+        const int64_t rows = std::min(block_size, end_pos - next);
+        const char* p = reinterpret_cast<const char*>(cache + (table[next / block_size] * block_size * kv_heads + h0) * dim);
+        const int64_t bytes = (h1 - h0) * dim * static_cast<int64_t>(sizeof(T));
+        for (int64_t i = 0; i < rows; ++i, p += row_stride * sizeof(T))
+          for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+      };
+      // Scores: for each position, the G query heads of each kv head against its K row.
+      for (int64_t t0 = first - first % block_size; t0 < end_pos; t0 += block_size) {
+        const int64_t slot0 = table[t0 / block_size] * block_size;
+        const int64_t n = std::min(end_pos - t0, block_size);
+        prefetch_block(k_cache, t0);
+        for (int64_t i = std::max<int64_t>(0, first - t0); i < n; ++i) {
+          const int64_t pos = t0 + i - first;
+          for (int64_t kvh = h0; kvh < h1; ++kvh) {
+            const T* kp = k_cache + ((slot0 + i) * kv_heads + kvh) * dim;
+            const float ks = (k_scales ? k_scales[(slot0 + i) * kv_heads + kvh] : 1.f) * scale;
+            const float* qk = qb + (kvh - h0) * group * dim;
+            float* sk = scores.data() + (kvh - h0) * group * len + pos;
+            if constexpr (G > 0) {
+              __m256 a0[G], a1[G];
+#pragma GCC unroll 8
+              for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+              for (int64_t d = 0; d < dim; d += 16) {
+                const __m256 k0 = load8(kp + d), k1 = load8(kp + d + 8);
+#pragma GCC unroll 8
+                for (int g = 0; g < G; ++g) {
+                  a0[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d), k0, a0[g]);
+                  a1[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d + 8), k1, a1[g]);
+                }
+              }
+#pragma GCC unroll 8
+              for (int g = 0; g < G; ++g) sk[g * len] = tuili::hsum(_mm256_add_ps(a0[g], a1[g])) * ks;
+            } else {
+              for (int64_t g = 0; g < group; ++g) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t d = 0; d < dim; d += 8)
+                  acc = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d), load8(kp + d), acc);
+                sk[g * len] = tuili::hsum(acc) * ks;
+              }
+            }
+          }
+        }
+      }
+      // Softmax per query head, in place.
+      for (int64_t g = 0; g < nq; ++g) {
+        float* sg = scores.data() + g * len;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) m = sg[t] > m ? sg[t] : m;
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 sv = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 8 <= len; t += 8) {
+          const __m256 e = tuili::exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + t), mv));
+          _mm256_storeu_ps(sg + t, e);
+          sv = _mm256_add_ps(sv, e);
+        }
+        float sum = tuili::hsum(sv);
+        for (; t < len; ++t) {
+          sg[t] = std::exp(sg[t] - m);
+          sum += sg[t];
+        }
+        const float inv = 1.f / sum;
+        for (t = 0; t < len; ++t) sg[t] *= inv;
+        std::memset(ob + g * dim, 0, dim * sizeof(float));
+      }
+      // Output: the weighted sum of V rows, each row read once for the G heads that share it.
+      const float* sc = scores.data();
+      for (int64_t t0 = first - first % block_size; t0 < end_pos; t0 += block_size) {
+        const int64_t slot0 = table[t0 / block_size] * block_size;
+        const int64_t n = std::min(end_pos - t0, block_size);
+        prefetch_block(v_cache, t0);
+        for (int64_t i = std::max<int64_t>(0, first - t0); i < n; ++i) {
+          const int64_t pos = t0 + i - first;
+          for (int64_t kvh = h0; kvh < h1; ++kvh) {
+            const T* vp = v_cache + ((slot0 + i) * kv_heads + kvh) * dim;
+            const float vs = v_scales ? v_scales[(slot0 + i) * kv_heads + kvh] : 1.f;
+            const int64_t g0 = (kvh - h0) * group;
+            for (int64_t d = 0; d < dim; d += 8) {
+              const __m256 v = load8(vp + d);
+              for (int64_t g = g0; g < g0 + group; ++g) {
+                const __m256 w = _mm256_set1_ps(sc[g * len + pos] * vs);
+                float* og = ob + g * dim + d;
+                _mm256_storeu_ps(og, _mm256_fmadd_ps(w, v, _mm256_loadu_ps(og)));
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 // q: [B, H, D] float32; caches: [NB, BS, KVH, D]; tables: [B, W] int64; lens: [B] int64;
@@ -120,13 +253,34 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   float* op = out.data_ptr<float>();
   const float fs = static_cast<float>(scale);
   const int64_t width = tables.size(1);
+#ifdef __AVX2__
+  const bool vec = dim % 8 == 0;
+  const int grouped = dim % 16 == 0 && heads / kv_heads <= 8 ? static_cast<int>(heads / kv_heads) : 0;
+#define TUILI_DECODE(T, ...)                                                \
+  do {                                                                      \
+    if (!vec) { decode_kernel<T>(__VA_ARGS__); break; }                     \
+    switch (grouped) {                                                      \
+      case 1: decode_kernel_avx2<T, 1>(__VA_ARGS__); break;                 \
+      case 2: decode_kernel_avx2<T, 2>(__VA_ARGS__); break;                 \
+      case 3: decode_kernel_avx2<T, 3>(__VA_ARGS__); break;                 \
+      case 4: decode_kernel_avx2<T, 4>(__VA_ARGS__); break;                 \
+      case 5: decode_kernel_avx2<T, 5>(__VA_ARGS__); break;                 \
+      case 6: decode_kernel_avx2<T, 6>(__VA_ARGS__); break;                 \
+      case 7: decode_kernel_avx2<T, 7>(__VA_ARGS__); break;                 \
+      case 8: decode_kernel_avx2<T, 8>(__VA_ARGS__); break;                 \
+      default: decode_kernel_avx2<T, 0>(__VA_ARGS__); break;                \
+    }                                                                       \
+  } while (0)
+#else
+#define TUILI_DECODE(T, ...) decode_kernel<T>(__VA_ARGS__)
+#endif
   switch (k_cache.scalar_type()) {
     case torch::kFloat32:
-      decode_kernel<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr,
+      TUILI_DECODE(float, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr,
                            nullptr, tp, lp, op, batch, heads, kv_heads, dim, block_size, width, fs, window);
       break;
     case torch::kBFloat16:
-      decode_kernel<at::BFloat16>(q.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
+      TUILI_DECODE(at::BFloat16, q.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
                                   v_cache.data_ptr<at::BFloat16>(), nullptr, nullptr, tp, lp, op, batch, heads,
                                   kv_heads, dim, block_size, width, fs, window);
       break;
@@ -135,12 +289,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                       k_scales.is_contiguous() && v_scales.is_contiguous() &&
                       k_scales.numel() == k_cache.numel() / dim && v_scales.numel() == k_scales.numel(),
                   "an int8 cache needs float32 scales [NB, BS, KVH]");
-      decode_kernel<int8_t>(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+      TUILI_DECODE(int8_t, q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
                             k_scales.data_ptr<float>(), v_scales.data_ptr<float>(), tp, lp, op, batch, heads,
                             kv_heads, dim, block_size, width, fs, window);
       break;
     default:
       TORCH_CHECK(false, "caches must be float32, bfloat16 or int8");
   }
+#undef TUILI_DECODE
   return out;
 }
