@@ -72,6 +72,28 @@ def test_int4_matmul_equals_dequantized_weight(group):
     assert (deq - w).abs().max() < 0.6 * s.max() + 0.05  # half a step, plus bf16 rounding of scale/zero
 
 
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
+def test_packed_int4_matmul_equals_dequantized_weight(group, rows):
+    """The CPU kernel's int4 path computes with the same bf16-rounded scale and zero as the
+    op, over a width (40) that leaves part of a 16-column panel empty."""
+    from tuili.model.kernels import cpu_kernels
+    from tuili.model.quant import quantize_int4_packed
+
+    ext = cpu_kernels()
+    if ext is None or not ext.gemm_available():
+        pytest.skip("packed products need the AVX2 kernels")
+    torch.manual_seed(3)
+    w, x, bias = torch.randn(40, 128), torch.randn(rows, 128), torch.randn(40)
+    q, s, m = int4_codes(w, group)
+    s_b, zero_b = s.bfloat16().float(), (m + 8 * s).bfloat16().float()
+    want = torch.nn.functional.linear(x, dequantize_int4_codes(q, s_b, zero_b - 8 * s_b, group), bias)
+    packed = quantize_int4_packed(w, group)
+    got = packed.matmul(x, bias=bias)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert packed.matmul(x.bfloat16()).dtype is torch.bfloat16
+
+
 def test_int4_group_must_divide_the_input_width():
     with pytest.raises(ValueError, match="does not divide"):
         quantize_int4(torch.randn(4, 96), 64)

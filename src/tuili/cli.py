@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.set_defaults(func=cmd_bench_decode)
 
+    p = bench.add_parser("matmul", help="the linear layers through torch's ops and through the CPU kernel")
+    p.add_argument("--rows", default="1,4,16,32,64,256", help="comma-separated row counts")
+    p.add_argument("--formats", default="bf16,int8,int4", help="comma-separated: bf16, int8, int4")
+    p.add_argument("--repeats", type=int, default=5, help="timings per case; the median is reported")
+    p.add_argument("--output", default="bench-results/matmul.jsonl", help="JSON lines file to append to")
+    p.set_defaults(func=cmd_bench_matmul)
+
     ev = sub.add_parser("eval", help="quality evaluation").add_subparsers(dest="eval", required=True)
     p = ev.add_parser("perplexity", help="perplexity on a fixed text (and agreement with full precision)")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -245,6 +252,12 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     return run_from_args(args, engine_options(args))
 
 
+def cmd_bench_matmul(args: argparse.Namespace) -> int:
+    from .bench.matmul import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -268,9 +281,9 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     line = json.dumps(record)
     print(line)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "a") as f:
-            f.write(line + "\n")
+        from .bench.results import append_jsonl
+
+        append_jsonl(args.output, record)
     return 0
 
 

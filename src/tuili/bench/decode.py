@@ -9,7 +9,6 @@ from the shipped corpus, then `--output-len` tokens with EOS ignored; decode spe
 """
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ import torch
 
 from ..engine.engine import Engine
 from ..sampling import SamplingParams
+from .results import append_jsonl
 from .workload import random_prompts
 
 
@@ -67,7 +67,6 @@ def run_from_args(args, options: dict[str, Any]) -> int:
               flush=True)
     base = statistics.median(speeds[0])
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for (quant, kv), s, e in zip(configs, speeds, engines):
         med = statistics.median(s)
@@ -79,6 +78,5 @@ def run_from_args(args, options: dict[str, Any]) -> int:
                   "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                   "time": stamp}
         print(f"{quant:>8}/{kv:<5} decode {med:6.1f} tok/s (x{med / base:.2f})  weights {record['weight_bytes'] / 1e6:.1f} MB")
-        with out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(out, record)
     return 0

@@ -27,7 +27,6 @@ figure does not include reading a cold SSD.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import shutil
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .results import append_jsonl
 from .workload import corpus_text
 
 
@@ -223,9 +223,5 @@ def run_from_args(args: argparse.Namespace, options: dict[str, Any]) -> int:
             raise ValueError(f"{name.replace('_', '-')}: must be >= 1")
     record = run(args, options)
     print(report(record))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {out}")
+    print(f"appended to {append_jsonl(args.output, record)}")
     return 0

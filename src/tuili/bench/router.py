@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..router import DEFAULT_ROUTER
+from .results import append_jsonl
 from ..router.classifier import RouterClassifier
 from ..router.data import load_examples
 
@@ -135,9 +136,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     line = json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})
     print(line)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "a") as f:
-            f.write(line + "\n")
+        append_jsonl(args.output, json.loads(line))
     return 0
 
 

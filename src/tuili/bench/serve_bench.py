@@ -69,6 +69,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from .results import append_jsonl
 from .workload import parse_range, random_prompt_texts
 
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
@@ -505,8 +506,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         settings["request_rate"] = "inf"  # JSON has no infinity
     record = {"bench": "serve", "time": stamp, "args": settings, "base_url": base_url, "model": model,
               "endpoint": args.endpoint, "extras": not args.no_extras, "plot": str(plot), **summary}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(out, record)
     print(f"appended to {out}; plot in {plot}", file=sys.stderr)
     return 0

@@ -8,16 +8,15 @@ neither (one short warm-up run precedes each timing).
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from ..config import resolve_device, resolve_dtype
+from .results import append_jsonl
 from .workload import parse_range, random_prompts
 
 
@@ -91,8 +90,5 @@ def run_from_args(args, options: dict[str, Any]) -> int:
     }
     print(f"{args.backend}: {args.num_prompts} requests in {elapsed:.1f} s, "
           f"{record['output_tok_s']:.1f} output tok/s, {record['total_tok_s']:.1f} total tok/s ({result['dtype']})")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(args.output, record)
     return 0

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, cpu_has_fast_bf16
 from .kernels import cpu_kernels
-from .quant import PackedWeight, QuantWeight
+from .quant import PACKED_TYPES, QuantWeight
 
 # A CPU without native bfloat16 (no AVX512-BF16/AMX) emulates bf16 matmuls at a fraction of
 # float32 speed once there are more than a few rows, while for a handful of rows (decode)
@@ -32,7 +32,7 @@ _CPU_BF16_IS_SLOW = not cpu_has_fast_bf16()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if isinstance(weight, PackedWeight):  # bf16 / int8 repacked for the CPU kernel
+    if isinstance(weight, PACKED_TYPES):  # bf16 / int8 / int4 packed for the CPU kernel
         return weight.matmul(x, bias=bias)
     if not isinstance(weight, torch.Tensor):  # int8 / int4 weight-only (model/quant.py)
         out = weight.matmul(x, _CPU_BF16_IS_SLOW and x.device.type == "cpu")

@@ -125,8 +125,35 @@ class PackedWeight:
                                            self.scales, _NONE if bias is None else bias, False)
 
 
+@dataclass
+class PackedInt4Weight:
+    """int4 codes for the CPU product of `model/csrc/gemm.cpp` (`packed_linear_q4`): panels of
+    16 output columns, two codes per byte, and float32 scale and min per (group, column)
+    with w = q * scale + min. Scale and zero are rounded to bf16 first, exactly as
+    `Int4Weight` holds them, so both int4 paths compute with the same weights."""
+
+    codes: torch.Tensor  # [ceil(N/16), K, 8] uint8: byte j = column j (low nibble), j + 8 (high)
+    scales: torch.Tensor  # [ceil(N/16), K / group, 16] float32
+    mins: torch.Tensor  # same shape
+    group_size: int
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    def nbytes(self) -> int:
+        return self.codes.numel() + 2 * self.scales.numel() * 4
+
+    def matmul(self, x: torch.Tensor, slow_bf16: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return cpu_kernels().packed_linear_q4(x, self.codes, self.scales, self.mins, self.out_features,
+                                              self.group_size, _NONE if bias is None else bias, False)
+
+
 _NONE = torch.empty(0)
-QuantWeight = Int8Weight | Int4Weight | PackedWeight
+QuantWeight = Int8Weight | Int4Weight | PackedWeight | PackedInt4Weight
+PACKED_TYPES = (PackedWeight, PackedInt4Weight)
 
 
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
@@ -178,6 +205,22 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Weight:
     return Int4Weight(packed, sz, group_size, n, k)
 
 
+def quantize_int4_packed(w: torch.Tensor, group_size: int) -> PackedInt4Weight:
+    n, k = w.shape
+    q, scale, lo = int4_codes(w, group_size)
+    s_b = scale.to(torch.bfloat16).float()
+    z_b = (lo + 8 * scale).to(torch.bfloat16).float()
+    panels = -(-n // 16)
+    pad = panels * 16 - n
+
+    def panelize(t: torch.Tensor) -> torch.Tensor:  # [N, C] -> [panels, C, 16]
+        return F.pad(t, (0, 0, 0, pad)).view(panels, 16, -1).transpose(1, 2).contiguous()
+
+    qp = panelize(q)
+    codes = (qp[..., :8] | (qp[..., 8:] << 4)).to(torch.uint8).contiguous()
+    return PackedInt4Weight(codes, panelize(s_b), panelize(z_b - 8 * s_b), group_size, n, k)
+
+
 def quantize(w: torch.Tensor, mode: str, group_size: int) -> torch.Tensor | QuantWeight:
     if mode == "int8":
         return quantize_int8(w)
@@ -199,12 +242,7 @@ LINEARS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 def quantize_model(model: torch.nn.Module, mode: str, group: int) -> None:
     """Weight-only quantization of every linear layer, the output head included (a tied
     head gets its own quantized copy; the embedding lookup keeps the full-precision table)."""
-    from tqdm import tqdm
-
-    for layer in tqdm(model.layers, desc=f"quantizing to {mode}", unit="layer", leave=False):
-        for name in LINEARS:
-            setattr(layer, name, quantize(getattr(layer, name), mode, group))
-    model.lm_head = quantize(model.lm_head, mode, group)
+    _convert_linears(model, lambda w: quantize(w, mode, group), f"quantizing to {mode}")
 
 
 def cpu_packing_available(device: torch.device) -> bool:
@@ -227,17 +265,28 @@ def pack_weight(w: torch.Tensor | QuantWeight) -> torch.Tensor | QuantWeight:
 
 
 def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> None:
-    """After loading: quantize the linear layers if asked, then, on a CPU that benefits,
-    repack bf16 and int8 weights for the CPU kernel (the output head too; the embedding
-    lookup keeps its own table)."""
-    if quantization[0] != "none":
-        quantize_model(model, *quantization)
-    if not cpu_packing_available(model.device):
+    """After loading: quantize the linear layers if asked and, on a CPU that benefits, hold
+    bf16, int8 and int4 weights in the CPU kernel's packed forms (the output head too; the
+    embedding lookup keeps its own table)."""
+    mode, group = quantization
+    packing = cpu_packing_available(model.device)
+    if mode == "int4" and packing:  # straight to the packed codes
+        _convert_linears(model, lambda w: quantize_int4_packed(w, group), f"quantizing to {mode}")
         return
-    for layer in model.layers:
+    if mode != "none":
+        quantize_model(model, mode, group)
+    if packing:
+        _convert_linears(model, pack_weight, None)
+
+
+def _convert_linears(model: torch.nn.Module, convert, desc: str | None) -> None:
+    from tqdm import tqdm
+
+    layers = tqdm(model.layers, desc=desc, unit="layer", leave=False) if desc else model.layers
+    for layer in layers:
         for name in LINEARS:
-            setattr(layer, name, pack_weight(getattr(layer, name)))
-    model.lm_head = pack_weight(model.lm_head)
+            setattr(layer, name, convert(getattr(layer, name)))
+    model.lm_head = convert(model.lm_head)
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:

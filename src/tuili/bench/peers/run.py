@@ -26,6 +26,7 @@ from pathlib import Path
 from ..serve_bench import duration_of, load_tokenizer, run_benchmark, summarize
 from ..workload import parse_range
 from . import cold_start
+from ..results import append_jsonl
 from .common import Layout, free_port, log, model_folder
 from .prompts import PromptSource
 from .report import write_report
@@ -199,9 +200,8 @@ def run_from_args(args, layout: Layout) -> int:
         f"requests {num_prompts}, {args.repeats} repeat(s) -> {out}")
 
     def append(records: list[dict]) -> None:
-        with out.open("a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        for r in records:
+            append_jsonl(out, r)
 
     failed = []
     for spec, port in specs:

@@ -8,22 +8,31 @@ bool gemm_available();
 torch::Tensor pack_weight(torch::Tensor w);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, torch::Tensor scales,
                             torch::Tensor bias, bool out_float);
+torch::Tensor packed_linear_q4(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
+                               int64_t N, int64_t group, torch::Tensor bias, bool out_float);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor delta);
 torch::Tensor rope_write_kv(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
                             int64_t heads, int64_t kv_heads, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor slots, torch::Tensor k_scales, torch::Tensor v_scales);
 torch::Tensor silu_mul(torch::Tensor gate_up);
 
+// The kernels touch no Python objects, so they let go of the GIL: while the engine thread
+// computes a step, the server's event loop thread can stream tokens and take requests.
+static const auto kNoGil = py::call_guard<py::gil_scoped_release>();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)",
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)", kNoGil,
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("lens"), py::arg("scale"),
         py::arg("k_scales"), py::arg("v_scales"), py::arg("window") = 0);
-  m.def("gemm_available", &gemm_available, "whether packed_linear was built (AVX2)");
-  m.def("pack_weight", &pack_weight, "repack a [N, K] weight into panels of 16 output columns");
-  m.def("packed_linear", &packed_linear, "x @ w.T from a packed bf16/int8/fp32 weight (CPU)",
+  m.def("gemm_available", &gemm_available, "whether packed_linear was built (AVX2)", kNoGil);
+  m.def("pack_weight", &pack_weight, "repack a [N, K] weight into panels of 16 output columns", kNoGil);
+  m.def("packed_linear", &packed_linear, "x @ w.T from a packed bf16/int8/fp32 weight (CPU)", kNoGil,
         py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("scales"), py::arg("bias"), py::arg("out_float"));
-  m.def("rms_norm", &rms_norm, "RMSNorm of rows, after an optional in-place residual add", py::arg("x"),
+  m.def("packed_linear_q4", &packed_linear_q4, "x @ w.T from packed int4 codes with group scales and mins (CPU)", kNoGil,
+        py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("mins"), py::arg("n"), py::arg("group"),
+        py::arg("bias"), py::arg("out_float"));
+  m.def("rms_norm", &rms_norm, "RMSNorm of rows, after an optional in-place residual add", kNoGil, py::arg("x"),
         py::arg("w"), py::arg("eps"), py::arg("delta"));
-  m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q and k, and the KV cache write, in one pass");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+  m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q and k, and the KV cache write, in one pass", kNoGil);
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection", kNoGil);
 }

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #ifdef __AVX2__
 namespace {
@@ -139,6 +140,104 @@ void gemm(const float* x, int64_t M, int64_t K, const T* packed, int64_t N, cons
   }
 }
 
+// int4 weights, asymmetric per group of `gs` inputs: w = q * scale + min, codes q in 0..15.
+// A panel row holds 16 codes in 8 bytes, byte j = column j (low nibble) and column j + 8
+// (high nibble); scales and mins are float32 [groups][16] per panel. Within a group the
+// codes are summed against x, then y += scale * that + min * (the group's sum of x).
+#define TUILI_Q4_ROWS(X) X(0) X(1) X(2)
+template <int MR>
+inline void tile_q4(const float* x, int64_t ldx, const uint8_t* panel, const float* sc, const float* mn,
+                    const float* xsum, int64_t groups, int64_t gs, float* acc) {
+  const __m256i low = _mm256_set1_epi32(0xf);
+#define TUILI_DECL(r) __m256 c##r##0 = _mm256_setzero_ps(), c##r##1 = _mm256_setzero_ps();
+  TUILI_Q4_ROWS(TUILI_DECL)
+#undef TUILI_DECL
+  for (int64_t grp = 0; grp < groups; ++grp) {
+#define TUILI_DECL(r) __m256 e##r##0 = _mm256_setzero_ps(), e##r##1 = _mm256_setzero_ps(), \
+                             f##r##0 = _mm256_setzero_ps(), f##r##1 = _mm256_setzero_ps();
+    TUILI_Q4_ROWS(TUILI_DECL)
+#undef TUILI_DECL
+    const int64_t k_end = (grp + 1) * gs;
+    for (int64_t k = grp * gs; k < k_end; k += 2) {  // gs is even: codes two at a time
+      const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(panel + k * 8)));
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(panel + k * 8 + 8)));
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(a, low)), w1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+      const __m256 v0 = _mm256_cvtepi32_ps(_mm256_and_si256(b, low)), v1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+#define TUILI_STEP(r)                                               \
+  if constexpr (MR > r) {                                           \
+    const __m256 xa = _mm256_broadcast_ss(x + r * ldx + k);         \
+    const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k + 1);     \
+    e##r##0 = _mm256_fmadd_ps(xa, w0, e##r##0);                     \
+    e##r##1 = _mm256_fmadd_ps(xa, w1, e##r##1);                     \
+    f##r##0 = _mm256_fmadd_ps(xb, v0, f##r##0);                     \
+    f##r##1 = _mm256_fmadd_ps(xb, v1, f##r##1);                     \
+  }
+      TUILI_Q4_ROWS(TUILI_STEP)
+#undef TUILI_STEP
+    }
+    const __m256 s0 = _mm256_loadu_ps(sc + grp * kPanel), s1 = _mm256_loadu_ps(sc + grp * kPanel + 8);
+    const __m256 m0 = _mm256_loadu_ps(mn + grp * kPanel), m1 = _mm256_loadu_ps(mn + grp * kPanel + 8);
+#define TUILI_FOLD(r)                                                           \
+  if constexpr (MR > r) {                                                       \
+    const __m256 xs = _mm256_set1_ps(xsum[r * groups + grp]);                   \
+    c##r##0 = _mm256_fmadd_ps(s0, _mm256_add_ps(e##r##0, f##r##0), c##r##0);   \
+    c##r##1 = _mm256_fmadd_ps(s1, _mm256_add_ps(e##r##1, f##r##1), c##r##1);   \
+    c##r##0 = _mm256_fmadd_ps(m0, xs, c##r##0);                                 \
+    c##r##1 = _mm256_fmadd_ps(m1, xs, c##r##1);                                 \
+  }
+    TUILI_Q4_ROWS(TUILI_FOLD)
+#undef TUILI_FOLD
+  }
+#define TUILI_STORE(r)                                   \
+  if constexpr (MR > r) {                                \
+    _mm256_storeu_ps(acc + r * kPanel, c##r##0);         \
+    _mm256_storeu_ps(acc + r * kPanel + 8, c##r##1);     \
+  }
+  TUILI_Q4_ROWS(TUILI_STORE)
+#undef TUILI_STORE
+}
+#undef TUILI_Q4_ROWS
+
+template <typename Out>
+void gemm_q4(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* scales, const float* mins,
+             int64_t gs, int64_t N, const float* bias, Out* out) {
+  constexpr int kRows = 3;
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t groups = K / gs;
+  std::vector<float> xsum(M * groups);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += x[m * K + k];
+      xsum[m * groups + g] = s;
+    }
+  const int64_t row_block = std::max<int64_t>(kRows, (64 * 1024 / (K * 4)) / kRows * kRows);
+  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
+    const int64_t m1 = std::min(M, m0 + row_block);
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      alignas(32) float acc[kRows * kPanel];
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint8_t* panel = codes + p * K * (kPanel / 2);
+        const float* sc = scales + p * groups * kPanel;
+        const float* mn = mins + p * groups * kPanel;
+        const int64_t n0 = p * kPanel;
+        const int64_t width = std::min(kPanel, N - n0);
+        for (int64_t m = m0; m < m1; m += kRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
+          const float* xs = xsum.data() + m * groups;
+          if (rows == 1) tile_q4<1>(x + m * K, K, panel, sc, mn, xs, groups, gs, acc);
+          else if (rows == 2) tile_q4<2>(x + m * K, K, panel, sc, mn, xs, groups, gs, acc);
+          else tile_q4<3>(x + m * K, K, panel, sc, mn, xs, groups, gs, acc);
+          for (int r = 0; r < rows; ++r) {
+            Out* o = out + (m + r) * N + n0;
+            for (int64_t j = 0; j < width; ++j) o[j] = static_cast<Out>(acc[r * kPanel + j] + (bias ? bias[n0 + j] : 0.f));
+          }
+        }
+      }
+    });
+  }
+}
+
 }  // namespace
 
 #endif  // __AVX2__
@@ -194,6 +293,39 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, to
     case torch::kChar: dispatch_out(packed.data_ptr<int8_t>()); break;
     case torch::kFloat32: dispatch_out(packed.data_ptr<float>()); break;
     default: TORCH_CHECK(false, "packed_linear: weight must be bfloat16, int8 or float32");
+  }
+  return out;
+#endif
+}
+
+// int4: codes [ceil(N/16), K, 8] uint8 (see tile_q4), scales and mins [ceil(N/16), K/group, 16]
+// float32; x [M, K] float32 or bfloat16 -> [M, N] in x's dtype (float32 when out_float).
+torch::Tensor packed_linear_q4(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
+                               int64_t N, int64_t group, torch::Tensor bias, bool out_float) {
+#ifndef __AVX2__
+  TORCH_CHECK(false, "packed_linear_q4: built without AVX2");
+#else
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 3 && codes.size(2) == kPanel / 2 && codes.scalar_type() == torch::kByte,
+              "packed_linear_q4: bad shapes");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(codes.size(1) == K && codes.size(0) * kPanel >= N && group % 2 == 0 && K % group == 0,
+              "packed_linear_q4: weight does not match input");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && mins.scalar_type() == torch::kFloat32 &&
+              scales.is_contiguous() && mins.is_contiguous() && scales.numel() == codes.size(0) * (K / group) * kPanel &&
+              mins.numel() == scales.numel(), "packed_linear_q4: scales/mins");
+  auto xf = x.to(torch::kFloat32).contiguous();
+  auto out_dtype = out_float ? torch::kFloat32 : x.scalar_type();
+  auto out = torch::empty({M, N}, x.options().dtype(out_dtype));
+  auto bf = bias.numel() ? bias.to(torch::kFloat32).contiguous() : bias;
+  const float* b = bf.numel() ? bf.data_ptr<float>() : nullptr;
+  auto cc = codes.contiguous();
+  if (out_dtype == torch::kFloat32) {
+    gemm_q4<float>(xf.data_ptr<float>(), M, K, cc.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                   mins.data_ptr<float>(), group, N, b, out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(out_dtype == torch::kBFloat16, "packed_linear_q4: activations must be float32 or bfloat16");
+    gemm_q4<at::BFloat16>(xf.data_ptr<float>(), M, K, cc.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                          mins.data_ptr<float>(), group, N, b, out.data_ptr<at::BFloat16>());
   }
   return out;
 #endif
