@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(ext is None, reason="the C++ kernel could not be
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 48)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 48), (4, 2, 20)])  # 20: the scalar path
 def test_kernel_matches_torch_path(dtype, heads, kv_heads, dim):
     torch.manual_seed(0)
     num_blocks, block_size = 40, 16
@@ -59,12 +59,13 @@ def test_int8_cache_is_close_to_the_full_precision_one():
     assert not torch.equal(approx, exact)
 
 
+@pytest.mark.parametrize("dim", [16, 12])  # 12: the scalar path (head dims not a multiple of 8)
 @pytest.mark.parametrize("window", [1, 5, 16, 40])
-def test_sliding_window_reads_only_the_last_positions(window):
+def test_sliding_window_reads_only_the_last_positions(window, dim):
     """Kernel and PyTorch path agree with a window, and both equal attention over the last
     `window` positions gathered by hand."""
     torch.manual_seed(2)
-    num_blocks, block_size, kvh, heads, dim = 24, 8, 2, 4, 16
+    num_blocks, block_size, kvh, heads = 24, 8, 2, 4
     k_cache = torch.randn(num_blocks, block_size, kvh, dim)
     v_cache = torch.randn(num_blocks, block_size, kvh, dim)
     lens = torch.tensor([3, 9, 33, 60])

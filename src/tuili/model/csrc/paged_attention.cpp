@@ -32,6 +32,22 @@ inline float to_float(at::BFloat16 x) {
   return f;
 }
 
+// Walks one sequence's positions first..end_pos-1 block by block: on_block(t0) before each
+// block (t0: the block's first position), then fn(slot, pos) for each position, with slot
+// its row in the cache (block id * block_size + offset) and pos its index from `first`.
+template <typename OnBlock, typename Fn>
+inline void for_each_position(const int64_t* table, int64_t block_size, int64_t first, int64_t end_pos,
+                              OnBlock&& on_block, Fn&& fn) {
+  for (int64_t t0 = first - first % block_size; t0 < end_pos; t0 += block_size) {
+    const int64_t slot0 = table[t0 / block_size] * block_size;
+    const int64_t n = std::min(end_pos - t0, block_size);
+    on_block(t0);
+    for (int64_t i = std::max<int64_t>(0, first - t0); i < n; ++i) fn(slot0 + i, t0 + i - first);
+  }
+}
+
+inline void no_prefetch(int64_t) {}
+
 template <typename T>
 void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const float* k_scales,
                    const float* v_scales, const int64_t* tables, const int64_t* lens, float* out, int64_t batch, int64_t heads, int64_t kv_heads,
@@ -50,24 +66,18 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
       const float* qb = q + (b * heads + kvh * group) * dim;
       float* ob = out + (b * heads + kvh * group) * dim;
       scores.assign(group * len, 0.f);
-      const int64_t row_stride = kv_heads * dim;  // between consecutive tokens of a block
-      for (int64_t t0 = first - first % block_size; t0 < end_pos; t0 += block_size) {
-        const int64_t slot0 = table[t0 / block_size] * block_size;
-        const T* kp = k_cache + (slot0 * kv_heads + kvh) * dim;
-        const int64_t n = end_pos - t0 < block_size ? end_pos - t0 : block_size;
-        for (int64_t i = 0; i < n; ++i, kp += row_stride) {
-          if (t0 + i < first) continue;
-          const float ks = k_scales ? k_scales[(slot0 + i) * kv_heads + kvh] : 1.f;
-          for (int64_t d = 0; d < dim; ++d) row[d] = to_float(kp[d]) * ks;
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qb + g * dim;
-            float s = 0.f;
+      for_each_position(table, block_size, first, end_pos, no_prefetch, [&](int64_t slot, int64_t pos) {
+        const T* kp = k_cache + (slot * kv_heads + kvh) * dim;
+        const float ks = k_scales ? k_scales[slot * kv_heads + kvh] : 1.f;
+        for (int64_t d = 0; d < dim; ++d) row[d] = to_float(kp[d]) * ks;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qb + g * dim;
+          float s = 0.f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < dim; ++d) s += qg[d] * row[d];
-            scores[g * len + t0 + i - first] = s * scale;
-          }
+          for (int64_t d = 0; d < dim; ++d) s += qg[d] * row[d];
+          scores[g * len + pos] = s * scale;
         }
-      }
+      });
       for (int64_t g = 0; g < group; ++g) {
         float* sg = scores.data() + g * len;
         float m = -INFINITY;
@@ -81,22 +91,17 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
         for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
         std::memset(ob + g * dim, 0, dim * sizeof(float));
       }
-      for (int64_t t0 = first - first % block_size; t0 < end_pos; t0 += block_size) {
-        const int64_t slot0 = table[t0 / block_size] * block_size;
-        const T* vp = v_cache + (slot0 * kv_heads + kvh) * dim;
-        const int64_t n = end_pos - t0 < block_size ? end_pos - t0 : block_size;
-        for (int64_t i = 0; i < n; ++i, vp += row_stride) {
-          if (t0 + i < first) continue;
-          const float vs = v_scales ? v_scales[(slot0 + i) * kv_heads + kvh] : 1.f;
-          for (int64_t d = 0; d < dim; ++d) row[d] = to_float(vp[d]) * vs;
-          for (int64_t g = 0; g < group; ++g) {
-            const float w = scores[g * len + t0 + i - first];
-            float* og = ob + g * dim;
+      for_each_position(table, block_size, first, end_pos, no_prefetch, [&](int64_t slot, int64_t pos) {
+        const T* vp = v_cache + (slot * kv_heads + kvh) * dim;
+        const float vs = v_scales ? v_scales[slot * kv_heads + kvh] : 1.f;
+        for (int64_t d = 0; d < dim; ++d) row[d] = to_float(vp[d]) * vs;
+        for (int64_t g = 0; g < group; ++g) {
+          const float w = scores[g * len + pos];
+          float* og = ob + g * dim;
 #pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) og[d] += w * row[d];
-          }
+          for (int64_t d = 0; d < dim; ++d) og[d] += w * row[d];
         }
-      }
+      });
     }
   });
 }
@@ -145,42 +150,37 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
           for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
       };
       // Scores: for each position, the G query heads of each kv head against its K row.
-      for (int64_t t0 = first - first % block_size; t0 < end_pos; t0 += block_size) {
-        const int64_t slot0 = table[t0 / block_size] * block_size;
-        const int64_t n = std::min(end_pos - t0, block_size);
-        prefetch_block(k_cache, t0);
-        for (int64_t i = std::max<int64_t>(0, first - t0); i < n; ++i) {
-          const int64_t pos = t0 + i - first;
-          for (int64_t kvh = h0; kvh < h1; ++kvh) {
-            const T* kp = k_cache + ((slot0 + i) * kv_heads + kvh) * dim;
-            const float ks = (k_scales ? k_scales[(slot0 + i) * kv_heads + kvh] : 1.f) * scale;
-            const float* qk = qb + (kvh - h0) * group * dim;
-            float* sk = scores.data() + (kvh - h0) * group * len + pos;
-            if constexpr (G > 0) {
-              __m256 a0[G], a1[G];
+      for_each_position(table, block_size, first, end_pos, [&](int64_t t0) { prefetch_block(k_cache, t0); },
+                        [&](int64_t slot, int64_t pos) {
+        for (int64_t kvh = h0; kvh < h1; ++kvh) {
+          const T* kp = k_cache + (slot * kv_heads + kvh) * dim;
+          const float ks = (k_scales ? k_scales[slot * kv_heads + kvh] : 1.f) * scale;
+          const float* qk = qb + (kvh - h0) * group * dim;
+          float* sk = scores.data() + (kvh - h0) * group * len + pos;
+          if constexpr (G > 0) {
+            __m256 a0[G], a1[G];
 #pragma GCC unroll 8
-              for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
-              for (int64_t d = 0; d < dim; d += 16) {
-                const __m256 k0 = load8(kp + d), k1 = load8(kp + d + 8);
+            for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < dim; d += 16) {
+              const __m256 k0 = load8(kp + d), k1 = load8(kp + d + 8);
 #pragma GCC unroll 8
-                for (int g = 0; g < G; ++g) {
-                  a0[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d), k0, a0[g]);
-                  a1[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d + 8), k1, a1[g]);
-                }
+              for (int g = 0; g < G; ++g) {
+                a0[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d), k0, a0[g]);
+                a1[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d + 8), k1, a1[g]);
               }
+            }
 #pragma GCC unroll 8
-              for (int g = 0; g < G; ++g) sk[g * len] = tuili::hsum(_mm256_add_ps(a0[g], a1[g])) * ks;
-            } else {
-              for (int64_t g = 0; g < group; ++g) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t d = 0; d < dim; d += 8)
-                  acc = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d), load8(kp + d), acc);
-                sk[g * len] = tuili::hsum(acc) * ks;
-              }
+            for (int g = 0; g < G; ++g) sk[g * len] = tuili::hsum(_mm256_add_ps(a0[g], a1[g])) * ks;
+          } else {
+            for (int64_t g = 0; g < group; ++g) {
+              __m256 acc = _mm256_setzero_ps();
+              for (int64_t d = 0; d < dim; d += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d), load8(kp + d), acc);
+              sk[g * len] = tuili::hsum(acc) * ks;
             }
           }
         }
-      }
+      });
       // Softmax per query head, in place.
       for (int64_t g = 0; g < nq; ++g) {
         float* sg = scores.data() + g * len;
@@ -205,27 +205,22 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
       }
       // Output: the weighted sum of V rows, each row read once for the G heads that share it.
       const float* sc = scores.data();
-      for (int64_t t0 = first - first % block_size; t0 < end_pos; t0 += block_size) {
-        const int64_t slot0 = table[t0 / block_size] * block_size;
-        const int64_t n = std::min(end_pos - t0, block_size);
-        prefetch_block(v_cache, t0);
-        for (int64_t i = std::max<int64_t>(0, first - t0); i < n; ++i) {
-          const int64_t pos = t0 + i - first;
-          for (int64_t kvh = h0; kvh < h1; ++kvh) {
-            const T* vp = v_cache + ((slot0 + i) * kv_heads + kvh) * dim;
-            const float vs = v_scales ? v_scales[(slot0 + i) * kv_heads + kvh] : 1.f;
-            const int64_t g0 = (kvh - h0) * group;
-            for (int64_t d = 0; d < dim; d += 8) {
-              const __m256 v = load8(vp + d);
-              for (int64_t g = g0; g < g0 + group; ++g) {
-                const __m256 w = _mm256_set1_ps(sc[g * len + pos] * vs);
-                float* og = ob + g * dim + d;
-                _mm256_storeu_ps(og, _mm256_fmadd_ps(w, v, _mm256_loadu_ps(og)));
-              }
+      for_each_position(table, block_size, first, end_pos, [&](int64_t t0) { prefetch_block(v_cache, t0); },
+                        [&](int64_t slot, int64_t pos) {
+        for (int64_t kvh = h0; kvh < h1; ++kvh) {
+          const T* vp = v_cache + (slot * kv_heads + kvh) * dim;
+          const float vs = v_scales ? v_scales[slot * kv_heads + kvh] : 1.f;
+          const int64_t g0 = (kvh - h0) * group;
+          for (int64_t d = 0; d < dim; d += 8) {
+            const __m256 v = load8(vp + d);
+            for (int64_t g = g0; g < g0 + group; ++g) {
+              const __m256 w = _mm256_set1_ps(sc[g * len + pos] * vs);
+              float* og = ob + g * dim + d;
+              _mm256_storeu_ps(og, _mm256_fmadd_ps(w, v, _mm256_loadu_ps(og)));
             }
           }
         }
-      }
+      });
     }
   });
 }
