@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _median_time(fn, repeats: int = 7) -> float:
+def median_time(fn, repeats: int = 7) -> float:
+    """Median wall time in seconds of `repeats` calls of fn, after one unmeasured call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -27,14 +28,14 @@ def _median_time(fn, repeats: int = 7) -> float:
 def measure() -> dict[str, float]:
     big = torch.randn(64 * 2**20)
     out = {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "read_GBps": big.numel() * 4 / _median_time(big.sum) / 1e9}
+           "read_GBps": big.numel() * 4 / median_time(big.sum) / 1e9}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         w = torch.randn(49152, 576).to(dtype)
         x = torch.randn(1, 576).to(dtype)
-        out[f"gemv_{name}_GBps"] = w.numel() * w.element_size() / _median_time(lambda: F.linear(x, w)) / 1e9
+        out[f"gemv_{name}_GBps"] = w.numel() * w.element_size() / median_time(lambda: F.linear(x, w)) / 1e9
         a = torch.randn(1024, 1024).to(dtype)
-        out[f"matmul_{name}_GFLOPs"] = 2 * 1024**3 / _median_time(lambda: F.linear(a, a), 3) / 1e9
+        out[f"matmul_{name}_GFLOPs"] = 2 * 1024**3 / median_time(lambda: F.linear(a, a), 3) / 1e9
     return out
 
 

@@ -16,7 +16,6 @@ Medians of `--repeats` timings; the ratio is torch time over kernel time.
 from __future__ import annotations
 
 import platform
-import statistics
 import time
 
 import torch
@@ -24,6 +23,7 @@ import torch
 from ..model.kernels import cpu_kernels
 from ..model.layers import linear
 from ..model.quant import pack_weight, quantize_int4, quantize_int4_packed, quantize_int8
+from .machine import median_time
 from .results import append_jsonl
 
 # SmolLM2-135M: hidden 576, 9 heads and 3 kv heads of 64, intermediate 1536, vocab 49152, 30 layers.
@@ -33,16 +33,6 @@ DEFAULT_SHAPES = dict(hidden=576, q_size=576, kv_size=192, intermediate=1536, vo
 def layer_shapes(s: dict[str, int]) -> list[tuple[int, int]]:
     h = s["hidden"]
     return [(s["q_size"] + 2 * s["kv_size"], h), (h, s["q_size"]), (2 * s["intermediate"], h), (h, s["intermediate"])]
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def run_from_args(args) -> int:
@@ -73,8 +63,8 @@ def run_from_args(args) -> int:
             def run(weights):
                 return lambda: [linear(xs[w.shape[1]], w) for layer in weights for w in layer]
 
-            t_torch = _median_ms(run(torch_w), args.repeats)
-            t_kernel = _median_ms(run(kernel_w), args.repeats)
+            t_torch = median_time(run(torch_w), args.repeats) * 1000
+            t_kernel = median_time(run(kernel_w), args.repeats) * 1000
             record = {"bench": "matmul", "format": fmt, "rows": rows, "torch_ms": round(t_torch, 2),
                       "kernel_ms": round(t_kernel, 2), "ratio": round(t_torch / t_kernel, 2),
                       "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
