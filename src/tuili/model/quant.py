@@ -50,6 +50,18 @@ def parse_quantization(value: str | None) -> tuple[str, int]:
     raise ValueError(f"quantization: unknown value {value!r}; use none, int8, int4, int4:64 or int4:128")
 
 
+class _Features:
+    """`shape` ([out, in], as a weight tensor's) of the weight classes that keep their
+    dimensions as `out_features` and `in_features`."""
+
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+
 @dataclass
 class Int8Weight:
     """Symmetric int8 per output channel: w ≈ q * scale[:, None]."""
@@ -76,7 +88,7 @@ class Int8Weight:
 
 
 @dataclass
-class Int4Weight:
+class Int4Weight(_Features):
     """Asymmetric int4 in groups along K: w ≈ (q - 8) * scale + zero, per (group, output row)."""
 
     packed: torch.Tensor  # the op's packed layout
@@ -84,10 +96,6 @@ class Int4Weight:
     group_size: int
     out_features: int
     in_features: int
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.out_features, self.in_features))
 
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
@@ -102,7 +110,7 @@ class Int4Weight:
 
 
 @dataclass
-class PackedWeight:
+class PackedWeight(_Features):
     """A bfloat16 or int8 weight repacked once for the CPU product of `model/csrc/gemm.cpp`
     (panels of 16 output columns, widened to float32 in registers). Used on CPUs without
     native bfloat16, where it is faster than torch's bf16 and int8 ops at every row count
@@ -113,10 +121,6 @@ class PackedWeight:
     out_features: int
     in_features: int
 
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.out_features, self.in_features))
-
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scales.numel() * 4
 
@@ -126,7 +130,7 @@ class PackedWeight:
 
 
 @dataclass
-class PackedInt4Weight:
+class PackedInt4Weight(_Features):
     """int4 codes for the CPU product of `model/csrc/gemm.cpp` (`packed_linear_q4`): panels of
     16 output columns, two codes per byte, and float32 scale and min per (group, column)
     with w = q * scale + min. Scale and zero are rounded to bf16 first, exactly as
@@ -138,10 +142,6 @@ class PackedInt4Weight:
     group_size: int
     out_features: int
     in_features: int
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.out_features, self.in_features))
 
     def nbytes(self) -> int:
         return self.codes.numel() + 2 * self.scales.numel() * 4
