@@ -152,13 +152,20 @@ def content(block_hash: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(block_hash * (NB // 16)), dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("host_blocks", [0, 2])
-def test_block_manager_spills_down_and_restores_per_tier(tmp_path, host_blocks):
-    pool = FakePool(6)
-    bm = BlockManager(num_blocks=6, block_size=4)
+def tiered(tmp_path, num_blocks: int, host_blocks: int = 0):
+    """A block manager over a fake pool of num_blocks blocks of 4 tokens, with a host tier of
+    host_blocks blocks and a disk tier of 100 under it."""
+    pool = FakePool(num_blocks)
+    bm = BlockManager(num_blocks=num_blocks, block_size=4)
     disk = DiskTier(tmp_path, 100 * (NB + HEADER.size), FP, NB)
     tiers = KVTiers(pool.read, pool.write, NB, host_blocks * NB, disk)
     bm.tiers, bm.on_evict = tiers, tiers.on_evict
+    return pool, bm, disk, tiers
+
+
+@pytest.mark.parametrize("host_blocks", [0, 2])
+def test_block_manager_spills_down_and_restores_per_tier(tmp_path, host_blocks):
+    pool, bm, disk, tiers = tiered(tmp_path, 6, host_blocks)
     a = list(range(17))  # 4 full blocks + 1 token
     run(bm, pool, tiers, a, "a")
     # Another prompt takes the whole pool: a's blocks leave the device, last block first,
@@ -178,11 +185,7 @@ def test_block_manager_spills_down_and_restores_per_tier(tmp_path, host_blocks):
 
 
 def test_failed_restore_leaves_the_rest_to_compute(tmp_path):
-    pool = FakePool(6)
-    bm = BlockManager(num_blocks=6, block_size=4)
-    disk = DiskTier(tmp_path, 100 * (NB + HEADER.size), FP, NB)
-    tiers = KVTiers(pool.read, pool.write, NB, 0, disk)
-    bm.tiers, bm.on_evict = tiers, tiers.on_evict
+    pool, bm, disk, tiers = tiered(tmp_path, 6)
     a = list(range(17))
     seq_a = run(bm, pool, tiers, a, "a")
     for j in range(3):
@@ -236,11 +239,7 @@ def test_unusable_disk_dir_is_a_clear_error(tmp_path):
 
 def test_restore_fills_a_hole_between_device_blocks(tmp_path):
     """Device holds blocks 0 and 2 of a prefix, block 1 is on disk: all three are reused."""
-    pool = FakePool(8)
-    bm = BlockManager(num_blocks=8, block_size=4)
-    disk = DiskTier(tmp_path, 100 * (NB + HEADER.size), FP, NB)
-    tiers = KVTiers(pool.read, pool.write, NB, 0, disk)
-    bm.tiers, bm.on_evict = tiers, tiers.on_evict
+    pool, bm, disk, tiers = tiered(tmp_path, 8)
     a = run(bm, pool, tiers, list(range(13)), "a")  # blocks 0, 1, 2 hashed
     b1 = a.block_hashes[1]
     block1 = bm.cached[b1]
