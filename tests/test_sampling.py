@@ -119,3 +119,18 @@ def test_logprobs_are_raw_model_logprobs_with_top_k():
     assert math.isclose(chosen, lsm[1].item(), rel_tol=1e-6)  # ... but logprobs are the model's
     assert [t for t, _ in top] == [2, 1]
     assert math.isclose(top[0][1], lsm[2].item(), rel_tol=1e-6)
+
+
+def test_mixed_batch_greedy_rows_and_sampled_rows_never_pick_removed_tokens():
+    # Row 0 greedy; row 1 top_k=2 over a flat-ish row whose best two tokens sit apart, so the
+    # removed tokens between them (probability 0 after top_k) must never be drawn.
+    logits = torch.tensor([[0.0, 4.0, 1.0, 2.0, 0.5], [2.0, 1.0, 1.0, 1.0, 2.0 + math.log(3.0)]])
+    s = Sampler(torch.device("cpu"), 0)
+    rows = [row(SamplingParams(temperature=0)), row(SamplingParams(temperature=1.0, top_k=2))]
+    counts = [0] * 5
+    for _ in range(2000):
+        res = s(logits, rows).token_ids
+        assert res[0] == 1
+        counts[res[1]] += 1
+    assert counts[1] == counts[2] == counts[3] == 0
+    assert abs(counts[4] / 2000 - 0.75) < 0.04  # exp(2 + ln 3) : exp(2) = 3 : 1

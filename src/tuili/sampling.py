@@ -7,7 +7,10 @@ Decisions:
   before penalties and temperature), as OpenAI and vLLM report them.
 - A request with a `seed` owns a torch.Generator; its draws depend only on that generator
   and its own logits row, so the same seed gives the same text whatever else is batched.
-  Draws use the exponential-race form argmax(p / E), E = -log(U) ~ Exp(1), one per vocab entry.
+  A draw inverts the row's cumulative distribution at one uniform U: the first token whose
+  cumulative probability exceeds U times the row's total. One random number per row keeps
+  sampling cheap next to the model step (a draw per vocabulary entry cost more than the
+  step's attention at batch 32).
 - `n > 1` completions of a seeded request use seed, seed+1, ... so they differ.
 """
 from __future__ import annotations
@@ -117,17 +120,29 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> SampleResult:
         """logits: [N, V] float32, one row per request in `rows`."""
         raw = logits
-        logits = logits.clone()
-        self._apply_penalties(logits, rows)
-        self._mask_early_stop(logits, rows)
-        tokens = logits.argmax(dim=-1)
+        if any(self._edits(r) for r in rows):  # penalties and masks edit a copy; logprobs use `raw`
+            logits = logits.clone()
+            self._apply_penalties(logits, rows)
+            self._mask_early_stop(logits, rows)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        token_list = [0] * len(rows)
+        if greedy:
+            picked = logits if len(greedy) == len(rows) else logits[torch.tensor(greedy, device=logits.device)]
+            for i, t in zip(greedy, picked.argmax(dim=-1).tolist()):
+                token_list[i] = t
         if sampled:
-            idx = torch.tensor(sampled, device=logits.device)
-            probs = self._probs(logits[idx], [rows[i] for i in sampled])
-            tokens[idx] = self._draw(probs, [rows[i] for i in sampled])
-        token_list = tokens.tolist()
+            part = logits if len(sampled) == len(rows) else logits[torch.tensor(sampled, device=logits.device)]
+            sub = [rows[i] for i in sampled]
+            for i, t in zip(sampled, self._draw(self._probs(part, sub), sub).tolist()):
+                token_list[i] = t
         return SampleResult(token_list, self._logprobs(raw, rows, token_list))
+
+    @staticmethod
+    def _edits(r: SampleRequest) -> bool:
+        p = r.params
+        return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+                or len(r.output_token_ids) < p.min_tokens)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> None:
         for i, r in enumerate(rows):
@@ -152,18 +167,21 @@ class Sampler:
                     logits[i, banned] = float("-inf")
 
     def _probs(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
-        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
-        logits = logits / temps[:, None]
+        """Unnormalised probabilities after temperature, min_p, top_k and top_p (the draw
+        divides by each row's total)."""
+        temps = [r.params.temperature for r in rows]
+        if any(t != 1.0 for t in temps):
+            logits = logits / torch.tensor(temps, device=logits.device)[:, None]
         probs = torch.softmax(logits, dim=-1)
-        min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device)
-        if bool((min_p > 0).any()):
-            floor = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+        min_p = [r.params.min_p for r in rows]
+        if any(m > 0 for m in min_p):
+            floor = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=probs.device)[:, None]
             probs = probs.masked_fill(probs < floor, 0.0)
         top_k = [r.params.top_k for r in rows]
         top_p = [r.params.top_p for r in rows]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             probs = self._top_k_top_p(probs, top_k, top_p)
-        return probs / probs.sum(dim=-1, keepdim=True)
+        return probs
 
     @staticmethod
     def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -183,15 +201,19 @@ class Sampler:
         return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
     def _draw(self, probs: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
-        """Exponential race: argmax(p / E) with E = -log(U) ~ Exp(1). Seeded rows draw their U
-        from their own generator; the others share one draw from the sampler's generator."""
-        u = torch.empty_like(probs)
+        """Inverse CDF: the first token whose cumulative probability exceeds U * total, U uniform
+        in [0, 1). Seeded rows draw their U from their own generator; the others share one draw
+        from the sampler's generator. Tokens of probability 0 are never picked (the cumulative
+        sum does not rise there, and the search wants a value strictly above the target)."""
+        u = torch.empty(len(rows), 1, dtype=probs.dtype, device=probs.device)
         own = [i for i, r in enumerate(rows) if r.generator is not None]
         if len(own) < len(rows):
             u.uniform_(generator=self.generator)
         for i in own:
             u[i].uniform_(generator=rows[i].generator)
-        return (probs / -torch.log(u)).argmax(dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+        return picked.squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, rows: Seq[SampleRequest], tokens: list[int]):
