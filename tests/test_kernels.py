@@ -180,3 +180,48 @@ def test_fused_silu_mul(dtype):
     got = ext.silu_mul(gate_up)
     tol = dict(atol=0, rtol=2 ** -7) if dtype is torch.bfloat16 else dict(atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+@pytest.fixture(scope="module")
+def small_models(tmp_path_factory):
+    """Two random-weight models saved here: Llama (GQA, untied) and Qwen2 (q/k/v bias)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    folders = []
+    for name, make in (("llama", lambda: LlamaForCausalLM(LlamaConfig(**common))),
+                       ("qwen2", lambda: Qwen2ForCausalLM(Qwen2Config(**common)))):
+        torch.manual_seed(5)
+        model = make().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(4.0)
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+@gemm
+@pytest.mark.parametrize("quant,kv", [("none", "auto"), ("int8", "auto"), ("int4", "auto"), ("none", "int8")])
+def test_decode_stack_in_one_call_is_bit_identical_to_the_per_layer_path(small_models, monkeypatch, quant, kv):
+    """`llama_decode_layers` (decoder.cpp) walks the same kernels as DecoderLayer.forward_fused;
+    the tokens and their logprobs (to the last bit) must not depend on which path ran."""
+    import tuili.model.llama as llama
+    from tuili import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    prompts = [[5, 9, 17, 33, 2, 8], [41, 7], list(range(20, 47))]
+    for folder in small_models:
+        results = []
+        for stack in (True, False):
+            monkeypatch.setattr(llama, "DECODE_STACK", stack)
+            llm = LLM(str(folder), dtype="bfloat16", quantization=quant, kv_cache_dtype=kv, block_size=4,
+                      num_kv_blocks=64)
+            assert llm.engine.model._decode_stack(llm.engine.runner.kv_caches) is not None
+            outs = llm.generate(prompts, params)
+            results.append([(o.outputs[0].token_ids, [(lp.logprob, lp.top) for lp in o.outputs[0].logprobs])
+                            for o in outs])
+        assert results[0] == results[1]

@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from .kernels import cpu_kernels
 from .layers import (AttentionMetadata, RMSNorm, Rotary, linear, load_projections, paged_attention,
                      write_kv)
-from .quant import QuantWeight, model_weight_bytes, prepare_linears
+from .quant import PackedInt4Weight, PackedWeight, QuantWeight, model_weight_bytes, prepare_linears
 
 
 class DecoderLayer(torch.nn.Module):
@@ -78,6 +78,7 @@ class DecoderLayer(torch.nn.Module):
 
 
 _EMPTY = torch.empty(0)
+DECODE_STACK = True  # tests turn it off to compare with the per-layer path
 
 
 class LlamaModel(torch.nn.Module):
@@ -93,6 +94,8 @@ class LlamaModel(torch.nn.Module):
         self.rotary = Rotary(cfg, max_positions or cfg.max_position_embeddings, dtype, device)
         self.embed: torch.Tensor
         self.lm_head: torch.Tensor
+        self._stack: tuple | bool | None = None  # llama_decode_layers' weight lists; False: not packed
+        self._stack_caches: tuple[list, list] | None = None
 
     @torch.inference_mode()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -116,6 +119,7 @@ class LlamaModel(torch.nn.Module):
                 layer.q_norm.weight.copy_(take(a + "q_norm.weight"))
                 layer.k_norm.weight.copy_(take(a + "k_norm.weight"))
         prepare_linears(self, self.quantization)
+        self._stack = None
 
     def weight_bytes(self) -> int:
         return model_weight_bytes(self)
@@ -135,9 +139,43 @@ class LlamaModel(torch.nn.Module):
             for layer, kv in zip(self.layers, kv_caches):
                 x = layer(x, positions, self.rotary, kv, meta)
             return self.norm(x)
+        stack = self._decode_stack(kv_caches) if not meta.prefills and DECODE_STACK else None
+        if stack is not None:  # decodes only: the whole stack in one call, same kernels and roundings
+            layer = self.layers[0]
+            return ext.llama_decode_layers(x, positions, self.rotary.cos, self.rotary.sin, *stack, meta.slot_mapping,
+                                           meta.decode_block_tables, meta.decode_context_lens, layer.num_heads,
+                                           layer.num_kv_heads, self.norm.eps, layer.scale, self.norm.weight)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer.forward_fused(ext, x, positions, self.rotary, kv, meta)
         return ext.rms_norm(x, self.norm.weight, self.norm.eps, _EMPTY)
+
+    def _decode_stack(self, kv_caches: list[tuple[torch.Tensor, ...]]):
+        """(norms, caches, linears, sizes) as `llama_decode_layers` (model/csrc/decoder.cpp) takes
+        them, or None when some linear is not packed for the CPU kernels."""
+        if self._stack is None:
+            norms, linears, sizes = [], [], []
+            for layer in self.layers:
+                norms.append([layer.input_norm.weight, layer.post_attn_norm.weight])
+                for w, bias in ((layer.qkv_weight, layer.qkv_bias), (layer.o_weight, None),
+                                (layer.gate_up_weight, None), (layer.down_weight, None)):
+                    b = _EMPTY if bias is None else bias
+                    if isinstance(w, PackedWeight):
+                        linears.append([w.packed, w.scales, b])
+                        sizes.append([w.out_features, 0])
+                    elif isinstance(w, PackedInt4Weight):
+                        linears.append([w.codes, w.scales, w.mins, b])
+                        sizes.append([w.out_features, w.group_size])
+                    else:
+                        self._stack = False
+                        return None
+            self._stack = (norms, linears, sizes)
+        if self._stack is False:
+            return None
+        if self._stack_caches is None or self._stack_caches[0] is not kv_caches:
+            self._stack_caches = (kv_caches, [list(kv) if len(kv) == 4 else [kv[0], kv[1], _EMPTY, _EMPTY]
+                                              for kv in kv_caches])
+        norms, linears, sizes = self._stack
+        return norms, self._stack_caches[1], linears, sizes
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()

@@ -15,6 +15,13 @@ torch::Tensor rope_write_kv(torch::Tensor qkv, torch::Tensor positions, torch::T
                             int64_t heads, int64_t kv_heads, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor slots, torch::Tensor k_scales, torch::Tensor v_scales);
 torch::Tensor silu_mul(torch::Tensor gate_up);
+torch::Tensor llama_decode_layers(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
+                                  std::vector<std::vector<torch::Tensor>> norms,
+                                  std::vector<std::vector<torch::Tensor>> caches,
+                                  std::vector<std::vector<torch::Tensor>> linears,
+                                  std::vector<std::vector<int64_t>> sizes, torch::Tensor slots, torch::Tensor tables,
+                                  torch::Tensor lens, int64_t heads, int64_t kv_heads, double eps, double scale,
+                                  torch::Tensor final_norm);
 
 // The kernels touch no Python objects, so they let go of the GIL: while the engine thread
 // computes a step, the server's event loop thread can stream tokens and take requests.
@@ -35,4 +42,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("eps"), py::arg("delta"));
   m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q and k, and the KV cache write, in one pass", kNoGil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection", kNoGil);
+  m.def("llama_decode_layers", &llama_decode_layers, "all Llama decoder layers of a decode-only step (CPU)", kNoGil);
 }

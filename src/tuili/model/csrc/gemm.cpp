@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX2__
@@ -27,6 +28,9 @@ namespace {
 
 constexpr int64_t kPanel = 16;
 constexpr int kMaxRows = 6;  // 6 x 2 accumulators + 2 weight vectors + 1 broadcast = 15 of 16 registers
+// Activations of one row block: half of a 512 KB L2. Measured against 64 KB (the
+// widened panel is reused by more tiles): 10-15% more GFLOP/s at 64-512 rows.
+constexpr int64_t kRowBlockBytes = 256 * 1024;
 
 inline void load16(const uint16_t* p, __m256& a, __m256& b) {
   a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
@@ -111,19 +115,33 @@ void gemm(const float* x, int64_t M, int64_t K, const T* packed, int64_t N, cons
           const float* bias, Out* out) {
   const int64_t panels = (N + kPanel - 1) / kPanel;
   // Rows are taken in blocks small enough that their activations stay in L2 while the
-  // block walks every panel; for decode (M <= 64) that is a single block.
-  const int64_t row_block = std::max<int64_t>(kMaxRows, (64 * 1024 / (K * 4)) / kMaxRows * kMaxRows);
+  // block walks every panel; for decode that is a single block.
+  const int64_t row_block = std::max<int64_t>(kMaxRows, (kRowBlockBytes / (K * 4)) / kMaxRows * kMaxRows);
   for (int64_t m0 = 0; m0 < M; m0 += row_block) {
     const int64_t m1 = std::min(M, m0 + row_block);
+    // A block of many tiles widens each panel to float32 once, into a per-thread buffer,
+    // instead of once per tile: the widening takes vector slots the FMAs need (prefill).
+    // With few tiles the extra pass over the panel costs more than it saves (8 rows: -25%).
+    const bool widen = !std::is_same_v<T, float> && m1 - m0 >= 4 * kMaxRows;
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
       alignas(32) float acc[kMaxRows * kPanel];
+      std::vector<float> wide(widen ? K * kPanel : 0);
       for (int64_t p = p0; p < p1; ++p) {
         const T* panel = packed + p * K * kPanel;
         const int64_t n0 = p * kPanel;
         const int64_t width = std::min(kPanel, N - n0);
+        if (widen) {
+          for (int64_t k = 0; k < K; ++k) {
+            __m256 a, b;
+            load16(panel + k * kPanel, a, b);
+            _mm256_storeu_ps(wide.data() + k * kPanel, a);
+            _mm256_storeu_ps(wide.data() + k * kPanel + 8, b);
+          }
+        }
         for (int64_t m = m0; m < m1; m += kMaxRows) {
           const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, m1 - m));
-          run_tile<T>(rows, x + m * K, K, panel, K, acc);
+          if (widen) run_tile<float>(rows, x + m * K, K, wide.data(), K, acc);
+          else run_tile<T>(rows, x + m * K, K, panel, K, acc);
           for (int r = 0; r < rows; ++r) {
             Out* o = out + (m + r) * N + n0;
             const float* a = acc + r * kPanel;

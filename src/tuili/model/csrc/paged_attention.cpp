@@ -119,6 +119,7 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
                         int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, int64_t table_width,
                         float scale, int64_t window) {
   using tuili::load8;
+  constexpr int64_t kAhead = 4;  // blocks requested ahead of the one being read
   const int64_t group = G > 0 ? G : heads / kv_heads;
   const int64_t threads = at::get_num_threads();
   const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
@@ -138,20 +139,25 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
       const float* qb = q + (b * heads + h0 * group) * dim;
       float* ob = out + (b * heads + h0 * group) * dim;
       scores.resize(nq * len);
-      // Blocks are scattered, so the hardware prefetcher does not see one stream: at the
-      // start of each block, its successor's rows (this task's heads) are requested.
+      // Blocks are scattered, so the hardware prefetcher does not see one stream, and after a
+      // step's weights have streamed through the caches every block is a cache (and TLB) miss.
+      // So this task's rows of block t0 + kAhead blocks are requested while block t0 is read:
+      // K ahead during the score pass, and V's first blocks then too, ready for the output pass.
       auto prefetch_block = [&](const T* cache, int64_t t0) {
-        const int64_t next = t0 + block_size;
-        if (next >= end_pos) return;
-        const int64_t rows = std::min(block_size, end_pos - next);
-        const char* p = reinterpret_cast<const char*>(cache + (table[next / block_size] * block_size * kv_heads + h0) * dim);
+        if (t0 >= end_pos) return;
+        const int64_t rows = std::min(block_size, end_pos - t0);
+        const char* p = reinterpret_cast<const char*>(cache + (table[t0 / block_size] * block_size * kv_heads + h0) * dim);
         const int64_t bytes = (h1 - h0) * dim * static_cast<int64_t>(sizeof(T));
         for (int64_t i = 0; i < rows; ++i, p += row_stride * sizeof(T))
           for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
       };
+      const int64_t start_block = first - first % block_size;
+      for (int64_t a = 1; a < kAhead; ++a) prefetch_block(k_cache, start_block + a * block_size);
       // Scores: for each position, the G query heads of each kv head against its K row.
-      for_each_position(table, block_size, first, end_pos, [&](int64_t t0) { prefetch_block(k_cache, t0); },
-                        [&](int64_t slot, int64_t pos) {
+      for_each_position(table, block_size, first, end_pos, [&](int64_t t0) {
+        prefetch_block(k_cache, t0 + kAhead * block_size);
+        if (t0 < start_block + kAhead * block_size) prefetch_block(v_cache, t0);
+      }, [&](int64_t slot, int64_t pos) {
         for (int64_t kvh = h0; kvh < h1; ++kvh) {
           const T* kp = k_cache + (slot * kv_heads + kvh) * dim;
           const float ks = (k_scales ? k_scales[slot * kv_heads + kvh] : 1.f) * scale;
@@ -201,26 +207,57 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
         }
         const float inv = 1.f / sum;
         for (t = 0; t < len; ++t) sg[t] *= inv;
-        std::memset(ob + g * dim, 0, dim * sizeof(float));
       }
-      // Output: the weighted sum of V rows, each row read once for the G heads that share it.
+      // Output: the weighted sum of V rows. With G known, a slice of 16 dims of the G heads'
+      // outputs stays in registers over all positions (one pass per slice; the rows stay in
+      // L2 between passes); otherwise each row is read once and the outputs updated in memory.
       const float* sc = scores.data();
-      for_each_position(table, block_size, first, end_pos, [&](int64_t t0) { prefetch_block(v_cache, t0); },
-                        [&](int64_t slot, int64_t pos) {
+      auto prefetch_v = [&](int64_t t0) { prefetch_block(v_cache, t0 + kAhead * block_size); };
+      if constexpr (G > 0) {
         for (int64_t kvh = h0; kvh < h1; ++kvh) {
-          const T* vp = v_cache + (slot * kv_heads + kvh) * dim;
-          const float vs = v_scales ? v_scales[slot * kv_heads + kvh] : 1.f;
-          const int64_t g0 = (kvh - h0) * group;
-          for (int64_t d = 0; d < dim; d += 8) {
-            const __m256 v = load8(vp + d);
-            for (int64_t g = g0; g < g0 + group; ++g) {
-              const __m256 w = _mm256_set1_ps(sc[g * len + pos] * vs);
-              float* og = ob + g * dim + d;
-              _mm256_storeu_ps(og, _mm256_fmadd_ps(w, v, _mm256_loadu_ps(og)));
+          const float* sk = sc + (kvh - h0) * G * len;
+          float* ok = ob + (kvh - h0) * G * dim;
+          for (int64_t d = 0; d < dim; d += 16) {
+            __m256 a0[G], a1[G];
+#pragma GCC unroll 8
+            for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+            auto pf = [&](int64_t t0) { if (kvh == h0 && d == 0) prefetch_v(t0); };
+            for_each_position(table, block_size, first, end_pos, pf, [&](int64_t slot, int64_t pos) {
+              const T* vp = v_cache + (slot * kv_heads + kvh) * dim + d;
+              const float vs = v_scales ? v_scales[slot * kv_heads + kvh] : 1.f;
+              const __m256 v0 = load8(vp), v1 = load8(vp + 8);
+#pragma GCC unroll 8
+              for (int g = 0; g < G; ++g) {
+                const __m256 w = _mm256_set1_ps(sk[g * len + pos] * vs);
+                a0[g] = _mm256_fmadd_ps(w, v0, a0[g]);
+                a1[g] = _mm256_fmadd_ps(w, v1, a1[g]);
+              }
+            });
+#pragma GCC unroll 8
+            for (int g = 0; g < G; ++g) {
+              _mm256_storeu_ps(ok + g * dim + d, a0[g]);
+              _mm256_storeu_ps(ok + g * dim + d + 8, a1[g]);
             }
           }
         }
-      });
+      } else {
+        for (int64_t g = 0; g < nq; ++g) std::memset(ob + g * dim, 0, dim * sizeof(float));
+        for_each_position(table, block_size, first, end_pos, prefetch_v, [&](int64_t slot, int64_t pos) {
+          for (int64_t kvh = h0; kvh < h1; ++kvh) {
+            const T* vp = v_cache + (slot * kv_heads + kvh) * dim;
+            const float vs = v_scales ? v_scales[slot * kv_heads + kvh] : 1.f;
+            const int64_t g0 = (kvh - h0) * group;
+            for (int64_t d = 0; d < dim; d += 8) {
+              const __m256 v = load8(vp + d);
+              for (int64_t g = g0; g < g0 + group; ++g) {
+                const __m256 w = _mm256_set1_ps(sc[g * len + pos] * vs);
+                float* og = ob + g * dim + d;
+                _mm256_storeu_ps(og, _mm256_fmadd_ps(w, v, _mm256_loadu_ps(og)));
+              }
+            }
+          }
+        });
+      }
     }
   });
 }
