@@ -34,6 +34,32 @@ def test_kernel_matches_torch_path(dtype, heads, kv_heads, dim):
     torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 1, 48), (12, 2, 40)])  # 40: G unknown to the template
+@pytest.mark.parametrize("lens,window", [([300], 0), ([65], 0), ([1000], 0), ([300], 100), ([500, 7], 0)])
+def test_small_batches_split_the_context_into_chunks_and_merge_them(dtype, heads, kv_heads, dim, lens, window):
+    """One or two sequences leave a thread idle unless each context is cut into chunks, merged
+    with their softmax maxima and sums; the merged result equals the PyTorch path."""
+    torch.manual_seed(3)
+    num_blocks, block_size = 80, 16
+    k_cache, v_cache = torch.randn(num_blocks, block_size, kv_heads, dim), torch.randn(num_blocks, block_size, kv_heads, dim)
+    scales = None
+    if dtype is torch.int8:
+        (k_cache, ks), (v_cache, vs) = quantize_kv(k_cache), quantize_kv(v_cache)
+        scales = (ks, vs)
+    k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+    lens = torch.tensor(lens)
+    width = int((lens.max() + block_size - 1) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens])
+    q = torch.randn(len(lens), heads, dim)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=len(lens),
+                             decode_block_tables=tables, decode_context_lens=lens,
+                             decode_max_context=int(lens.max()))
+    got = ext.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim ** -0.5, *(scales or (NONE, NONE)), window)
+    want = decode_attention_torch(q, k_cache, v_cache, meta, dim ** -0.5, scales, window or None)
+    torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
+
 def test_kernel_ignores_blocks_past_the_length():
     torch.manual_seed(1)
     k_cache = torch.randn(8, 4, 2, 16)

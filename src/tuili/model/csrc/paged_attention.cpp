@@ -112,7 +112,10 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
 // multiple of 16; each K row then feeds 2 G independent accumulators held in registers.
 // A task is one sequence and a range of its kv heads: all of them when there are enough
 // sequences to keep the threads busy, so each token's row is read whole and each block is
-// one contiguous stretch of memory; fewer when the batch is small.
+// one contiguous stretch of memory; fewer when the batch is small. When even that leaves a
+// thread with less than two tasks (batch 1: 3 kv heads on 2 threads would leave one thread
+// idle a third of the time), each context is also cut into chunks of whole blocks; a chunk
+// keeps its softmax unnormalised (max, sum, weighted V) and the chunks are merged at the end.
 template <typename T, int G>
 void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, const float* k_scales,
                         const float* v_scales, const int64_t* tables, const int64_t* lens, float* out, int64_t batch,
@@ -125,19 +128,46 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
   const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
   const int64_t per_split = (kv_heads + splits - 1) / splits;
   const int64_t row_stride = kv_heads * dim;  // between consecutive tokens of a block
-  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+  const int64_t seq_tasks = batch * ((kv_heads + per_split - 1) / per_split);
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < batch; ++b) max_len = std::max(max_len, lens[b]);
+  if (window > 0) max_len = std::min(max_len, window);
+  const int64_t chunks = seq_tasks >= 2 * threads ? 1
+      : std::max<int64_t>(1, std::min((2 * threads + seq_tasks - 1) / seq_tasks, max_len / (4 * block_size)));
+  const int64_t span_blocks = (max_len + 2 * block_size - 2) / block_size;  // blocks a context can touch
+  const int64_t chunk_blocks = (span_blocks + chunks - 1) / chunks;
+  // chunks > 1: per (sequence, chunk, query head) the running max, the sum of exp and the
+  // unnormalised output, merged after the parallel loop.
+  std::vector<float> part_o(chunks > 1 ? batch * chunks * heads * dim : 0);
+  std::vector<float> part_m(chunks > 1 ? batch * chunks * heads : 0), part_l(part_m.size());
+  const int64_t splits_used = (kv_heads + per_split - 1) / per_split;
+  at::parallel_for(0, seq_tasks * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / splits;
-      const int64_t h0 = (task % splits) * per_split;
+      const int64_t c = task % chunks;
+      const int64_t b = task / chunks / splits_used;
+      const int64_t h0 = (task / chunks % splits_used) * per_split;
       const int64_t h1 = std::min(kv_heads, h0 + per_split);
       const int64_t nq = (h1 - h0) * group;  // query heads of this task, from h0 * group
-      const int64_t end_pos = lens[b];
-      const int64_t first = window > 0 && end_pos > window ? end_pos - window : 0;
-      const int64_t len = end_pos - first;
+      const int64_t seq_end = lens[b];
+      const int64_t seq_first = window > 0 && seq_end > window ? seq_end - window : 0;
+      // This chunk's positions: [first, end_pos), whole blocks of the sequence's range.
+      const int64_t chunk0 = (seq_first - seq_first % block_size) + c * chunk_blocks * block_size;
+      const int64_t first = std::max(seq_first, chunk0);
+      const int64_t end_pos = c + 1 < chunks ? std::min(seq_end, chunk0 + chunk_blocks * block_size) : seq_end;
+      const int64_t len = std::max<int64_t>(0, end_pos - first);
       const int64_t* table = tables + b * table_width;
       const float* qb = q + (b * heads + h0 * group) * dim;
-      float* ob = out + (b * heads + h0 * group) * dim;
+      const int64_t part = (b * chunks + c) * heads + h0 * group;  // first partial row of this task
+      float* ob = chunks > 1 ? part_o.data() + part * dim : out + (b * heads + h0 * group) * dim;
+      if (len == 0) {  // a chunk past the end of a short sequence
+        for (int64_t g = 0; g < nq; ++g) {
+          part_m[part + g] = -INFINITY;
+          part_l[part + g] = 0.f;
+          std::memset(ob + g * dim, 0, dim * sizeof(float));
+        }
+        continue;
+      }
       scores.resize(nq * len);
       // Blocks are scattered, so the hardware prefetcher does not see one stream, and after a
       // step's weights have streamed through the caches every block is a cache (and TLB) miss.
@@ -205,6 +235,11 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
           sg[t] = std::exp(sg[t] - m);
           sum += sg[t];
         }
+        if (chunks > 1) {  // left unnormalised; the merge rescales
+          part_m[part + g] = m;
+          part_l[part + g] = sum;
+          continue;
+        }
         const float inv = 1.f / sum;
         for (t = 0; t < len; ++t) sg[t] *= inv;
       }
@@ -260,6 +295,25 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
       }
     }
   });
+  if (chunks > 1) {
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t h = 0; h < heads; ++h) {
+        float m = -INFINITY;
+        for (int64_t c = 0; c < chunks; ++c) m = std::max(m, part_m[(b * chunks + c) * heads + h]);
+        float total = 0.f;
+        float* o = out + (b * heads + h) * dim;
+        std::memset(o, 0, dim * sizeof(float));
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t r = (b * chunks + c) * heads + h;
+          if (part_l[r] == 0.f) continue;
+          const float f = std::exp(part_m[r] - m);
+          total += f * part_l[r];
+          for (int64_t d = 0; d < dim; ++d) o[d] += f * part_o[r * dim + d];
+        }
+        const float inv = 1.f / total;
+        for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
+      }
+  }
 }
 #endif
 
