@@ -5,22 +5,7 @@
 // a sixth of the step on this kind of CPU. This walks the same kernels, in the same order
 // and with the same roundings, from C++: the result is bit-identical to the per-layer
 // path of `DecoderLayer.forward_fused`, and the GIL is let go once for the whole stack.
-#include <torch/extension.h>
-
-#include <vector>
-
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor tables, torch::Tensor lens, double scale,
-                                     torch::Tensor k_scales, torch::Tensor v_scales, int64_t window);
-torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, torch::Tensor scales,
-                            torch::Tensor bias, bool out_float);
-torch::Tensor packed_linear_q4(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
-                               int64_t N, int64_t group, torch::Tensor bias, bool out_float);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor delta);
-torch::Tensor rope_write_kv(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
-                            int64_t heads, int64_t kv_heads, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor slots, torch::Tensor k_scales, torch::Tensor v_scales);
-torch::Tensor silu_mul(torch::Tensor gate_up);
+#include "kernels.h"
 
 namespace {
 
