@@ -14,25 +14,7 @@ pytestmark = pytest.mark.skipif(ext is None, reason="the C++ kernel could not be
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 48), (4, 2, 20)])  # 20: the scalar path
 def test_kernel_matches_torch_path(dtype, heads, kv_heads, dim):
     torch.manual_seed(0)
-    num_blocks, block_size = 40, 16
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
-    scales = None
-    if dtype is torch.int8:  # codes and a float32 scale per token and head
-        (k_cache, ks), (v_cache, vs) = quantize_kv(k_cache), quantize_kv(v_cache)
-        scales = (ks, vs)
-    k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
-    lens = torch.tensor([1, 17, 70, 33, 160])
-    width = int((lens.max() + block_size - 1) // block_size)
-    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens])
-    q = torch.randn(len(lens), heads, dim)
-    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=len(lens),
-                             decode_block_tables=tables, decode_context_lens=lens,
-                             decode_max_context=int(lens.max()))
-    got = ext.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim ** -0.5, *(scales or (NONE, NONE)))
-    want = decode_attention_torch(q, k_cache, v_cache, meta, dim ** -0.5, scales)
-    torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
-
+    check_against_torch(dtype, heads, kv_heads, dim, [1, 17, 70, 33, 160], num_blocks=40)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
@@ -42,8 +24,14 @@ def test_small_batches_split_the_context_into_chunks_and_merge_them(dtype, heads
     """One or two sequences leave a thread idle unless each context is cut into chunks, merged
     with their softmax maxima and sums; the merged result equals the PyTorch path."""
     torch.manual_seed(3)
-    num_blocks, block_size = 80, 16
-    k_cache, v_cache = torch.randn(num_blocks, block_size, kv_heads, dim), torch.randn(num_blocks, block_size, kv_heads, dim)
+    check_against_torch(dtype, heads, kv_heads, dim, lens, num_blocks=80, window=window)
+
+
+def check_against_torch(dtype, heads, kv_heads, dim, lens, num_blocks, window=0, block_size=16):
+    """The kernel on a random paged cache (int8: codes and a float32 scale per token and head)
+    against `decode_attention_torch`, one query per sequence of the given lengths."""
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
     scales = None
     if dtype is torch.int8:
         (k_cache, ks), (v_cache, vs) = quantize_kv(k_cache), quantize_kv(v_cache)
@@ -59,6 +47,7 @@ def test_small_batches_split_the_context_into_chunks_and_merge_them(dtype, heads
     got = ext.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim ** -0.5, *(scales or (NONE, NONE)), window)
     want = decode_attention_torch(q, k_cache, v_cache, meta, dim ** -0.5, scales, window or None)
     torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
+
 
 def test_kernel_ignores_blocks_past_the_length():
     torch.manual_seed(1)
