@@ -10,6 +10,13 @@ at once, which frees its KV blocks at the next step boundary.
 
 If a step raises, every request in flight gets the error, is aborted, and the loop keeps
 serving new requests: one bad batch never takes the server down.
+
+`AsyncEngine.load` builds the engine inside the loop thread. Loading runs OpenMP parallel
+regions, and the first one in a thread creates that thread's OpenMP team: a model loaded in
+the main thread and stepped in the loop thread leaves two teams, more OpenMP threads than
+cores, and libgomp then stops spinning between parallel regions. Each step of a small model
+runs about 150 of them, and batch-1 decode was about 30% slower that way
+(`docs/BENCHMARKS.md`). The server loads every model with it.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ..sampling import SamplingParams
 from .engine import Engine, RequestOutput
@@ -44,7 +51,7 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_queue: int = 1024):
+    def __init__(self, engine: Engine, max_queue: int = 1024, *, _thread: threading.Thread | None = None):
         self.engine = engine
         self.max_queue = max_queue
         self.tokenizer = _own_tokenizer(engine)
@@ -57,15 +64,54 @@ class AsyncEngine:
         self._stats = engine.stats()
         self.seconds_per_token: float | None = None  # moving average over steps, for wait estimates
         self._inbox_tokens = 0
-        self._thread = threading.Thread(target=self._run, name=f"engine-{engine.model_name}", daemon=True)
+        self._go: threading.Event | None = None  # set by load(): the loop thread already runs
+        self._thread = _thread or threading.Thread(target=self._run, name=f"engine-{engine.model_name}", daemon=True)
+
+    @classmethod
+    def load(cls, build: Callable[[], Engine], max_queue: int = 1024) -> AsyncEngine:
+        """Build the engine in the thread that will step it (see the module docstring).
+
+        Returns once the engine is built; an error while building is raised here, in the
+        caller. start() then lets the thread go on into the loop."""
+        built = threading.Event()
+        go = threading.Event()
+        box: dict[str, Any] = {}
+
+        def body() -> None:
+            try:
+                box["engine"] = build()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                box["error"] = e
+                return
+            finally:
+                built.set()
+            go.wait()
+            box["self"]._run()
+
+        thread = threading.Thread(target=body, name="engine-loading", daemon=True)
+        thread.start()
+        built.wait()
+        if "error" in box:
+            thread.join()
+            raise box["error"]
+        self = cls(box["engine"], max_queue, _thread=thread)
+        thread.name = f"engine-{self.engine.model_name}"
+        box["self"] = self
+        self._go = go
+        return self
 
     # ---- lifecycle -----------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        if self._go is not None:
+            self._go.set()
+        else:
+            self._thread.start()
 
     def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self._go is not None:
+            self._go.set()  # a loaded engine that never started: let its thread see _stopping
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         if not self._thread.is_alive():

@@ -9,6 +9,7 @@ carry `X-Tuili-Routed-To` (the model that answered, also in the body's `model` f
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import uuid
@@ -250,9 +251,10 @@ def build_registry(args, engine_options: dict[str, Any]) -> ModelRegistry:
         raise ValueError(f"--model: the name {dup!r} is given twice")
     for spec in specs:
         options = dict(engine_options, **spec.options)
-        engine = Engine(spec.model, **options)
-        name = spec.name or engine.model_name
-        registry.add(name, AsyncEngine(engine, max_queue=args.max_queue))
+        # loaded in its loop thread: one OpenMP team per model, not one more in the main thread
+        served = AsyncEngine.load(functools.partial(Engine, spec.model, **options), max_queue=args.max_queue)
+        name = spec.name or served.model_name
+        registry.add(name, served)
         if len(specs) > 1:
             log.info("serving %s as %r (%s)", spec.model, name,
                      ", ".join(f"{k}={v}" for k, v in spec.options.items()) or "server-wide engine options")
