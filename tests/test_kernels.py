@@ -4,6 +4,7 @@ import torch
 
 from tuili.model.kernels import cpu_kernels
 from tuili.model.layers import AttentionMetadata, decode_attention_torch, quantize_kv
+from tuili.model.quant import int8_activations
 
 ext = cpu_kernels()
 NONE = torch.empty(0)
@@ -106,24 +107,51 @@ gemm = pytest.mark.skipif(ext is None or not ext.gemm_available(), reason="packe
 
 
 @gemm
-@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8, torch.float32])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 33, 130])
 def test_packed_linear_matches_float32_product(wdtype, rows):
     """Every row-tile size (1..6 and remainders), a width that is not a multiple of 16, and
     row blocks (130 rows of K=200): equal to a float32 product of the same values."""
     torch.manual_seed(3)
     n, k = 40, 200
-    w = (torch.randn(n, k) * 30).to(wdtype) if wdtype is torch.int8 else torch.randn(n, k).to(wdtype)
-    scales = torch.rand(n) + 0.5 if wdtype is torch.int8 else NONE
+    w = torch.randn(n, k).to(wdtype)
     bias = torch.randn(n)
     x = torch.randn(rows, k)
-    wf = w.float() * (scales[:, None] if wdtype is torch.int8 else 1)
-    want = torch.nn.functional.linear(x, wf, bias)
-    got = ext.packed_linear(x, ext.pack_weight(w), n, scales, bias, True)
+    want = torch.nn.functional.linear(x, w.float(), bias)
+    got = ext.packed_linear(x, ext.pack_weight(w), n, NONE, bias, True)
     torch.testing.assert_close(got, want, atol=1e-6 * want.abs().max().item(), rtol=1e-5)
-    got_bf16 = ext.packed_linear(x.bfloat16(), ext.pack_weight(w), n, scales, NONE, False)
+    got_bf16 = ext.packed_linear(x.bfloat16(), ext.pack_weight(w), n, NONE, NONE, False)
     assert got_bf16.dtype is torch.bfloat16
-    want_bf16 = torch.nn.functional.linear(x.bfloat16().float(), wf)
+    want_bf16 = torch.nn.functional.linear(x.bfloat16().float(), w.float())
+    torch.testing.assert_close(got_bf16.float(), want_bf16, atol=1e-3 * want_bf16.abs().max().item(), rtol=2 ** -8)
+
+
+@gemm
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 130])
+@pytest.mark.parametrize("k", [200, 256])
+def test_int8_packed_linear_is_the_product_of_int8_activations(rows, k):
+    """int8 weights multiply int8 activations (csrc/gemm.cpp, gemm_a8): equal to a float64
+    product of the block-quantized activations, for every row-tile size, a K that is not a
+    multiple of 32, a width that is not a multiple of 16, and row blocks; and within the
+    quantization's error of the float32 product."""
+    torch.manual_seed(3)
+    n = 40
+    w = (torch.randn(n, k) * 40).clamp(-127, 127).to(torch.int8)
+    scales = torch.rand(n) + 0.5
+    bias = torch.randn(n)
+    x = torch.randn(rows, k)
+    x[0, :7] *= 50  # an outlier block: only its own block loses resolution
+    wf = w.double() * scales.double()[:, None]
+    want = (int8_activations(x) @ wf.T + bias.double()).float()
+    packed = ext.pack_weight(w)
+    got = ext.packed_linear(x, packed, n, scales, bias, True)
+    torch.testing.assert_close(got, want, atol=2e-6 * want.abs().max().item(), rtol=1e-5)
+    exact = torch.nn.functional.linear(x, wf.float(), bias)
+    assert (got - exact).abs().max() < 0.03 * exact.abs().max()
+    assert not torch.equal(got, exact)  # the activations really are quantized
+    got_bf16 = ext.packed_linear(x.bfloat16(), packed, n, scales, NONE, False)
+    assert got_bf16.dtype is torch.bfloat16
+    want_bf16 = (int8_activations(x.bfloat16().float()) @ wf.T).float()
     torch.testing.assert_close(got_bf16.float(), want_bf16, atol=1e-3 * want_bf16.abs().max().item(), rtol=2 ** -8)
 
 
@@ -224,8 +252,13 @@ def small_models(tmp_path_factory):
 def test_decode_stack_in_one_call_is_bit_identical_to_the_per_layer_path(small_models, monkeypatch, quant, kv):
     """`llama_decode_layers` (decoder.cpp) walks the same kernels as DecoderLayer.forward_fused;
     the tokens and their logprobs (to the last bit) must not depend on which path ran."""
+    import tuili.config
     import tuili.model.llama as llama
     from tuili import LLM, SamplingParams
+
+    # The packed products (and so the stack) are what a CPU without native bf16 gets; a CPU
+    # with it uses torch's matmul. Test the kernels on either.
+    monkeypatch.setattr(tuili.config, "cpu_has_fast_bf16", lambda: False)
 
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
     prompts = [[5, 9, 17, 33, 2, 8], [41, 7], list(range(20, 47))]

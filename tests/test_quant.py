@@ -4,9 +4,12 @@ Tolerances, on the default model over the first 256 tokens of the shipped corpus
 mode against the same model in full precision (bfloat16 weights and KV); measured values
 when this was written are in brackets:
 - int8 KV cache: perplexity at most 1% above, top-1 agreement >= 95% [+0.2%, 97%];
-- int8 weights: perplexity at most 2.5% above, top-1 agreement >= 90% [+1.7%, 94%];
+- int8 weights: perplexity at most 3.5% above, top-1 agreement >= 90% [+1.7%, 94% through
+  torch's op; +2.6% through the CPU kernel, which also rounds the activations to int8];
 - int4 weights (groups of 32): perplexity at most 8% above, agreement >= 85% [+4.7%, 91%];
-- int8 weights with int8 KV: at most 3% above, agreement >= 90%.
+- int8 weights with int8 KV: at most 6.5% above, agreement >= 90% [+5.2% through the kernel].
+These 256 tokens are a regression guard; the targets are on the whole text, in
+docs/BENCHMARKS.md (int8 through the kernel there: +0.42%, with int8 KV +0.86%).
 """
 import subprocess
 import sys
@@ -16,8 +19,8 @@ import torch
 
 from tuili.engine.engine import Engine
 from tuili.engine.evaluate import DEFAULT_TEXT, evaluate
-from tuili.model.quant import (dequantize_int4_codes, int4_codes, parse_quantization, quantize_int4,
-                               quantize_int8)
+from tuili.model.quant import (dequantize_int4_codes, int4_codes, int8_activations, parse_quantization,
+                               quantize_int4, quantize_int8)
 
 
 def test_parse_quantization():
@@ -87,10 +90,13 @@ def test_packed_int4_matmul_equals_dequantized_weight(group, rows):
     w, x, bias = torch.randn(40, 128), torch.randn(rows, 128), torch.randn(40)
     q, s, m = int4_codes(w, group)
     s_b, zero_b = s.bfloat16().float(), (m + 8 * s).bfloat16().float()
-    want = torch.nn.functional.linear(x, dequantize_int4_codes(q, s_b, zero_b - 8 * s_b, group), bias)
+    deq = dequantize_int4_codes(q, s_b, zero_b - 8 * s_b, group).double()
+    want = (int8_activations(x) @ deq.T + bias.double()).float()  # int8 activations (gemm.cpp, gemm_q4a8)
     packed = quantize_int4_packed(w, group)
     got = packed.matmul(x, bias=bias)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    exact = torch.nn.functional.linear(x, deq.float(), bias)
+    assert 0 < (got - exact).abs().max() < 0.02 * exact.abs().max()
     assert packed.matmul(x.bfloat16()).dtype is torch.bfloat16
 
 
@@ -110,14 +116,18 @@ def reference(default_model_folder):
     return Engine(str(default_model_folder), dtype="bfloat16", num_kv_blocks=40)
 
 
-@pytest.mark.parametrize("quantization,kv,max_ppl_ratio,min_agree", [
-    ("int8", "auto", 1.025, 0.90),
-    ("none", "int8", 1.01, 0.95),
-    ("int4", "auto", 1.08, 0.85),
-    ("int8", "int8", 1.03, 0.90),
+@pytest.mark.parametrize("quantization,kv,max_ppl_ratio,min_agree,packed", [
+    ("int8", "auto", 1.035, 0.90, "auto"),
+    ("none", "int8", 1.01, 0.95, "auto"),
+    ("int4", "auto", 1.08, 0.85, "auto"),
+    ("int8", "int8", 1.065, 0.90, "auto"),
+    # The CPU kernels' int4 product (int8 activations) wherever they build, whatever this
+    # CPU's default; int8 takes the kernels by default wherever they build.
+    ("int4", "auto", 1.08, 0.85, "1"),
 ])
-def test_quantized_model_stays_close_to_full_precision(default_model_folder, corpus_ids, reference,
-                                                       quantization, kv, max_ppl_ratio, min_agree):
+def test_quantized_model_stays_close_to_full_precision(default_model_folder, corpus_ids, reference, monkeypatch,
+                                                       quantization, kv, max_ppl_ratio, min_agree, packed):
+    monkeypatch.setenv("TUILI_PACKED", packed)
     engine = Engine(str(default_model_folder), dtype="bfloat16", num_kv_blocks=40, quantization=quantization,
                     kv_cache_dtype=kv)
     r = evaluate(engine, corpus_ids, window=256, chunk=128, reference=reference, progress=False)

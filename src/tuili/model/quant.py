@@ -16,9 +16,16 @@ Measured on the 2-core AVX2 machine, one thread, the four matrices of a SmolLM2 
 int8 op vs bf16 F.linear 3.7 vs 15.0 ms (x10, 1 row); int8 op vs dequantized float32
 192 vs 266 ms at 64 rows, 94 vs 49 ms at 256 rows. The int4 op has no such fallback
 (its packed layout is the op's own); its prefill runs about 2x slower than float32.
+
+Where the CPU kernels are built (`cpu_packing_available`), weights are instead repacked
+for `model/csrc/gemm.cpp`. Its int8 and int4 products quantize the activations too, per
+block of 32 inputs (`int8_activations`), and multiply int8 bytes exactly in int32: the
+weights are what is stored; the activations' rounding is part of the measured quality
+loss (tests/test_quant.py, docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -112,11 +119,10 @@ class Int4Weight(_Features):
 @dataclass
 class PackedWeight(_Features):
     """A bfloat16 or int8 weight repacked once for the CPU product of `model/csrc/gemm.cpp`
-    (panels of 16 output columns, widened to float32 in registers). Used on CPUs without
-    native bfloat16, where it is faster than torch's bf16 and int8 ops at every row count
-    (figures in docs/BENCHMARKS.md, "CPU matrix products")."""
+    (panels of 16 output columns; bf16 widened to float32 in registers, int8 multiplied by
+    int8 activations). Where it is used: `cpu_packing_available`."""
 
-    packed: torch.Tensor  # [ceil(N/16), K, 16] bfloat16 or int8
+    packed: torch.Tensor  # bf16 [ceil(N/16), K, 16]; int8 [ceil(N/16), K32/4, 16, 4] (K32: K rounded up to 32)
     scales: torch.Tensor  # [N] float32 for int8 (w = q * scale), empty for bfloat16
     out_features: int
     in_features: int
@@ -136,7 +142,7 @@ class PackedInt4Weight(_Features):
     with w = q * scale + min. Scale and zero are rounded to bf16 first, exactly as
     `Int4Weight` holds them, so both int4 paths compute with the same weights."""
 
-    codes: torch.Tensor  # [ceil(N/16), K, 8] uint8: byte j = column j (low nibble), j + 8 (high)
+    codes: torch.Tensor  # [ceil(N/16), K/4, 32] uint8 (layout: gemm.cpp, tile_q4a8)
     scales: torch.Tensor  # [ceil(N/16), K / group, 16] float32
     mins: torch.Tensor  # same shape
     group_size: int
@@ -216,9 +222,24 @@ def quantize_int4_packed(w: torch.Tensor, group_size: int) -> PackedInt4Weight:
     def panelize(t: torch.Tensor) -> torch.Tensor:  # [N, C] -> [panels, C, 16]
         return F.pad(t, (0, 0, 0, pad)).view(panels, 16, -1).transpose(1, 2).contiguous()
 
-    qp = panelize(q)
-    codes = (qp[..., :8] | (qp[..., 8:] << 4)).to(torch.uint8).contiguous()
+    # [panels, K/4, 16 columns, 4 inputs]: byte i of a 4-input step = column i // 4 (low
+    # nibble) and column 8 + i // 4 (high nibble), input i % 4 (gemm.cpp, tile_q4a8)
+    qp = panelize(q).view(panels, k // 4, 4, 16).transpose(2, 3)
+    codes = (qp[:, :, :8, :] | (qp[:, :, 8:, :] << 4)).reshape(panels, k // 4, 32).to(torch.uint8).contiguous()
     return PackedInt4Weight(codes, panelize(s_b), panelize(z_b - 8 * s_b), group_size, n, k)
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the CPU int8 and int4 products compute with it (gemm.cpp, quantize_rows):
+    per row and block of 32 inputs, round(x * 127 / absmax) * absmax / 127, in float64. The
+    reference for tests; the kernels never materialize it."""
+    rows, k = x.shape
+    k32 = -(-k // 32) * 32
+    blocks = F.pad(x.float(), (0, k32 - k)).view(rows, -1, 32)
+    amax = blocks.abs().amax(dim=2, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    q = (blocks * inv).round().clamp(-127, 127)
+    return (q.double() * (amax.double() / 127)).view(rows, k32)[:, :k]
 
 
 def quantize(w: torch.Tensor, mode: str, group_size: int) -> torch.Tensor | QuantWeight:
@@ -245,11 +266,24 @@ def quantize_model(model: torch.nn.Module, mode: str, group: int) -> None:
     _convert_linears(model, lambda w: quantize(w, mode, group), f"quantizing to {mode}")
 
 
-def cpu_packing_available(device: torch.device) -> bool:
-    """Whether this CPU gets the packed products: no native bf16 and the kernel built."""
+def cpu_packing_available(device: torch.device, mode: str = "none") -> bool:
+    """Whether this CPU gets the packed products of `model/csrc/gemm.cpp` for weights of
+    `mode` (none, int8, int4), by what measured faster (docs/BENCHMARKS.md, "CPU matrix
+    products" and "int8 activations"):
+    - a CPU without native bf16 (AVX2 only): every mode; torch's bf16 there runs at a
+      fraction of memory speed;
+    - a CPU with it (AVX512-BF16 or AMX): int8 only. torch's bf16 matmul is faster from 4
+      rows up and its int4 op at 1-4 rows, while the int8 kernel beats torch's int8 op at
+      every row count.
+    TUILI_PACKED=1 or 0 forces the packed products on or off (benchmarks and tests)."""
     from ..config import cpu_has_fast_bf16
 
-    if device.type != "cpu" or cpu_has_fast_bf16():
+    forced = os.environ.get("TUILI_PACKED", "auto")
+    if forced not in ("auto", "0", "1"):
+        raise ValueError(f"TUILI_PACKED: expected auto, 0 or 1, got {forced!r}")
+    if device.type != "cpu" or forced == "0":
+        return False
+    if forced == "auto" and cpu_has_fast_bf16() and mode != "int8":
         return False
     ext = cpu_kernels()
     return ext is not None and ext.gemm_available()
@@ -269,7 +303,7 @@ def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> No
     bf16, int8 and int4 weights in the CPU kernel's packed forms (the output head too; the
     embedding lookup keeps its own table)."""
     mode, group = quantization
-    packing = cpu_packing_available(model.device)
+    packing = cpu_packing_available(model.device, mode)
     if mode == "int4" and packing:  # straight to the packed codes
         _convert_linears(model, lambda w: quantize_int4_packed(w, group), f"quantizing to {mode}")
         return

@@ -1,16 +1,18 @@
-// Matrix products with few rows (decode) from bfloat16 or int8 weights, on AVX2 CPUs.
+// Matrix products from bfloat16, int8 or int4 weights, on AVX2 CPUs.
 //
 // A CPU without native bfloat16 runs torch's bf16 matmul at a fraction of memory speed, and
 // converting a bf16 weight to float32 for every call costs more memory traffic than the
 // product itself. Here the weight is repacked once, at load time, into panels of 16
 // output columns: packed[p][k][j] = w[16 p + j][k] (columns past N are zero). A micro-tile
 // of MR activation rows x 16 columns keeps its 2 MR accumulators in registers; each weight
-// element is loaded once per tile, widened to float32 in registers (bf16: shift left 16;
-// int8: sign-extend and convert, the per-row scale applied at the end) and used by every
-// row of the tile. Activations and accumulation are float32. Threads split the panels.
+// element is loaded once per tile, widened to float32 in registers (bf16: shift left 16)
+// and used by every row of the tile. Activations and accumulation are float32. Threads
+// split the panels. The sum over k runs in order, one float32 FMA per element, so results
+// differ from a BLAS float32 product of the same values only by summation order.
 //
-// The sum over k runs in order, one float32 FMA per element, so results differ from a
-// BLAS float32 product of the same values only by summation order.
+// int8 and int4 weights multiply int8 activations instead (gemm_a8, gemm_q4a8 below): the
+// activations are quantized per block of 32 inputs on the fly, and the products are
+// integer byte products summed exactly in int32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -36,11 +38,6 @@ constexpr int64_t kRowBlockBytes = 256 * 1024;
 inline void load16(const uint16_t* p, __m256& a, __m256& b) {
   a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
   b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))), 16));
-}
-
-inline void load16(const int8_t* p, __m256& a, __m256& b) {
-  a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
 }
 
 inline void load16(const float* p, __m256& a, __m256& b) {
@@ -163,52 +160,224 @@ void gemm(const float* x, int64_t M, int64_t K, const T* packed, int64_t N, cons
   }
 }
 
-// int4 weights, asymmetric per group of `gs` inputs: w = q * scale + min, codes q in 0..15.
-// A panel row holds 16 codes in 8 bytes, byte j = column j (low nibble) and column j + 8
-// (high nibble); scales and mins are float32 [groups][16] per panel. Within a group the
-// codes are summed against x, then y += scale * that + min * (the group's sum of x).
-#define TUILI_Q4_ROWS(X) X(0) X(1) X(2)
+// ---- int8 weights x int8 activations -------------------------------------------------
+// Each activation row is quantized on the fly, per block of 32 inputs, to int8 with one
+// float32 scale per block (round to nearest, the block's abs-max maps to 127). Sums of
+// int8 x int8 products are exact in int32; each block's sum is scaled to float32 once.
+// Per 64 products this takes 2 sign + 2 multiply-add-pairs + 2 pair-sum + 2 add
+// instructions, where widening the int8 weight to float32 took 8 + 8 conversions and
+// 8 FMAs (docs/BENCHMARKS.md, "int8 activations").
+//
+// Weight layout: [ceil(N/16)][K32/4][16][4] int8 (K32 = K rounded up to 32, padded with
+// zeros): the 4 consecutive inputs of one column are adjacent, so one 32-byte load holds
+// 4 inputs x 8 columns. AVX2's byte product (maddubs) takes one unsigned operand: it gets
+// |x| and the weight takes x's sign (sign_epi8), as |x| w sign(x) = x w. With |x|, |w| <=
+// 127 a pair of products is at most 32,258 and never saturates the int16 sum.
+constexpr int64_t kQBlock = 32;
+constexpr int64_t kA8Ahead = 512;    // bytes of the int8 weight stream requested ahead (measured: 2 KB was slower)
+constexpr int64_t kQ4A8Ahead = 2048;  // and of the int4 codes (measured: 512 B took 11.1 ms, 2 KB 7.1, 4 KB no better)
+constexpr int kA8Rows = 2;  // measured: 3-4 row tiles ran at half the rate of 2-row ones (rows 4: 19 ms, 2 x 2 rows: see BENCHMARKS)
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// x [M][K] float32 -> xq [M][K32] int8 and xs [M][K32/32] float32 (zero padding).
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs) {
+  const int64_t K32 = round_up(K, kQBlock), nb = K32 / kQBlock;
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    alignas(32) float buf[kQBlock];
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * kQBlock, n = std::min(kQBlock, K - k0);
+        const float* src = x + m * K + k0;
+        if (n < kQBlock) {
+          std::memset(buf, 0, sizeof(buf));
+          std::memcpy(buf, src, n * sizeof(float));
+          src = buf;
+        }
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; ++i) {
+          v[i] = _mm256_loadu_ps(src + 8 * i);
+          amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+        const float mx = _mm_cvtss_f32(h);
+        const float scale = mx / 127.f;
+        xs[m * nb + b] = scale;
+        const __m256 inv = _mm256_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // nearest, ties to even
+        // int32 -> int8 keeping order: packs interleave 128-bit lanes, the permute undoes it.
+        const __m256i w16 = _mm256_packs_epi32(q[0], q[1]), z16 = _mm256_packs_epi32(q[2], q[3]);
+        const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, z16),
+                                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K32 + k0), b8);
+      }
+    }
+  });
+}
+
+// acc[MR][16] = sum over blocks of xs[r][b] * (xq[r, block b] . panel[block b]) in float32.
+#define TUILI_A8_ROWS(X) X(0) X(1) X(2) X(3)
 template <int MR>
-inline void tile_q4(const float* x, int64_t ldx, const uint8_t* panel, const float* sc, const float* mn,
-                    const float* xsum, int64_t groups, int64_t gs, float* acc) {
-  const __m256i low = _mm256_set1_epi32(0xf);
+inline void tile_a8(const int8_t* xq, const float* xs, int64_t K32, const int8_t* panel, float* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nb = K32 / kQBlock;
+#define TUILI_DECL(r) __m256 f##r##0 = _mm256_setzero_ps(), f##r##1 = _mm256_setzero_ps();
+  TUILI_A8_ROWS(TUILI_DECL)
+#undef TUILI_DECL
+  for (int64_t b = 0; b < nb; ++b) {
+#define TUILI_DECL(r) __m256i i##r##0 = _mm256_setzero_si256(), i##r##1 = _mm256_setzero_si256();
+    TUILI_A8_ROWS(TUILI_DECL)
+#undef TUILI_DECL
+    const int8_t* wb = panel + b * kQBlock * kPanel;
+    for (int64_t g = 0; g < kQBlock / 4; ++g) {  // 4 inputs x 16 columns = one 64-byte line
+      const int8_t* wp = wb + g * 64;
+      // Requested non-temporally ahead, as in tile() (the weight stream would evict the KV cache).
+      _mm_prefetch(reinterpret_cast<const char*>(wp + kA8Ahead), _MM_HINT_NTA);
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32));
+#define TUILI_STEP(r)                                                                              \
+  if constexpr (MR > r) {                                                                          \
+    int32_t x4;                                                                                    \
+    std::memcpy(&x4, xq + r * K32 + b * kQBlock + g * 4, 4);                                       \
+    const __m256i xv = _mm256_set1_epi32(x4), xa = _mm256_abs_epi8(xv);                            \
+    i##r##0 = _mm256_add_epi32(i##r##0,                                                            \
+                               _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(w0, xv)), ones)); \
+    i##r##1 = _mm256_add_epi32(i##r##1,                                                            \
+                               _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(w1, xv)), ones)); \
+  }
+      TUILI_A8_ROWS(TUILI_STEP)
+#undef TUILI_STEP
+    }
+#define TUILI_FOLD(r)                                                          \
+  if constexpr (MR > r) {                                                      \
+    const __m256 s = _mm256_set1_ps(xs[r * nb + b]);                           \
+    f##r##0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i##r##0), s, f##r##0);        \
+    f##r##1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i##r##1), s, f##r##1);        \
+  }
+    TUILI_A8_ROWS(TUILI_FOLD)
+#undef TUILI_FOLD
+  }
+#define TUILI_STORE(r)                                   \
+  if constexpr (MR > r) {                                \
+    _mm256_storeu_ps(acc + r * kPanel, f##r##0);         \
+    _mm256_storeu_ps(acc + r * kPanel + 8, f##r##1);     \
+  }
+  TUILI_A8_ROWS(TUILI_STORE)
+#undef TUILI_STORE
+}
+#undef TUILI_A8_ROWS
+
+template <typename Out>
+void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t N, const float* scales,
+             const float* bias, Out* out) {
+  const int64_t K32 = round_up(K, kQBlock), nb = K32 / kQBlock;
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  std::vector<int8_t> xq(M * K32);
+  std::vector<float> xs(M * nb);
+  quantize_rows(x, M, K, xq.data(), xs.data());
+  const int64_t row_block = std::max<int64_t>(kA8Rows, (kRowBlockBytes / K32) / kA8Rows * kA8Rows);
+  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
+    const int64_t m1 = std::min(M, m0 + row_block);
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      alignas(32) float acc[kA8Rows * kPanel];
+      for (int64_t p = p0; p < p1; ++p) {
+        const int8_t* panel = packed + p * K32 * kPanel;
+        const int64_t n0 = p * kPanel;
+        const int64_t width = std::min(kPanel, N - n0);
+        for (int64_t m = m0; m < m1; m += kA8Rows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kA8Rows, m1 - m));
+          const int8_t* q = xq.data() + m * K32;
+          const float* s = xs.data() + m * nb;
+          switch (rows) {
+            case 1: tile_a8<1>(q, s, K32, panel, acc); break;
+            case 2: tile_a8<2>(q, s, K32, panel, acc); break;
+            case 3: tile_a8<3>(q, s, K32, panel, acc); break;
+            default: tile_a8<4>(q, s, K32, panel, acc); break;
+          }
+          for (int r = 0; r < rows; ++r) {
+            Out* o = out + (m + r) * N + n0;
+            const float* a = acc + r * kPanel;
+            for (int64_t j = 0; j < width; ++j) {
+              float v = a[j] * scales[n0 + j];
+              if (bias) v += bias[n0 + j];
+              o[j] = static_cast<Out>(v);
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+
+// ---- int4 weights x int8 activations ---------------------------------------------------
+// The activations are quantized as for gemm_a8; the codes (0..15) are the unsigned operand
+// of the byte product, so no sign trick is needed. w = q * scale + min per (group, column):
+// sum_k w x = scale * sum_k q x + min * sum_k x, with sum_k q x exact in int32 per block of
+// 32 inputs and sum_k x taken over the quantized activations, so the result is the product
+// of the int4 weight and the int8 activations, up to float32 rounding.
+//
+// Codes layout: [ceil(N/16)][K/4][32] bytes: byte i of a 4-input step holds input 4 s + i % 4
+// of column i / 4 in its low nibble and of column 8 + i / 4 in its high nibble; one 32-byte
+// load thus covers 4 inputs x 16 columns.
+#define TUILI_Q4A8_ROWS(X) X(0) X(1)
+template <int MR>
+inline void tile_q4a8(const int8_t* xq, const float* xs, const float* xsum, int64_t K, const uint8_t* panel,
+                      const float* sc, const float* mn, int64_t gs, float* acc) {
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+  const int64_t groups = K / gs, nb = K / kQBlock, per_group = gs / kQBlock;
 #define TUILI_DECL(r) __m256 c##r##0 = _mm256_setzero_ps(), c##r##1 = _mm256_setzero_ps();
-  TUILI_Q4_ROWS(TUILI_DECL)
+  TUILI_Q4A8_ROWS(TUILI_DECL)
 #undef TUILI_DECL
   for (int64_t grp = 0; grp < groups; ++grp) {
-#define TUILI_DECL(r) __m256 e##r##0 = _mm256_setzero_ps(), e##r##1 = _mm256_setzero_ps(), \
-                             f##r##0 = _mm256_setzero_ps(), f##r##1 = _mm256_setzero_ps();
-    TUILI_Q4_ROWS(TUILI_DECL)
+#define TUILI_DECL(r) __m256 e##r##0 = _mm256_setzero_ps(), e##r##1 = _mm256_setzero_ps();
+    TUILI_Q4A8_ROWS(TUILI_DECL)
 #undef TUILI_DECL
-    const int64_t k_end = (grp + 1) * gs;
-    for (int64_t k = grp * gs; k < k_end; k += 2) {  // gs is even: codes two at a time
-      const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(panel + k * 8)));
-      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(panel + k * 8 + 8)));
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(a, low)), w1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
-      const __m256 v0 = _mm256_cvtepi32_ps(_mm256_and_si256(b, low)), v1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-#define TUILI_STEP(r)                                               \
-  if constexpr (MR > r) {                                           \
-    const __m256 xa = _mm256_broadcast_ss(x + r * ldx + k);         \
-    const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k + 1);     \
-    e##r##0 = _mm256_fmadd_ps(xa, w0, e##r##0);                     \
-    e##r##1 = _mm256_fmadd_ps(xa, w1, e##r##1);                     \
-    f##r##0 = _mm256_fmadd_ps(xb, v0, f##r##0);                     \
-    f##r##1 = _mm256_fmadd_ps(xb, v1, f##r##1);                     \
+    for (int64_t b = grp * per_group; b < (grp + 1) * per_group; ++b) {
+#define TUILI_DECL(r) __m256i i##r##0 = _mm256_setzero_si256(), i##r##1 = _mm256_setzero_si256();
+      TUILI_Q4A8_ROWS(TUILI_DECL)
+#undef TUILI_DECL
+      for (int64_t g = 0; g < kQBlock / 4; ++g) {
+        const uint8_t* wp = panel + (b * (kQBlock / 4) + g) * 32;
+        _mm_prefetch(reinterpret_cast<const char*>(wp + kQ4A8Ahead), _MM_HINT_NTA);
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+        const __m256i lo = _mm256_and_si256(bytes, low);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+#define TUILI_STEP(r)                                                                        \
+  if constexpr (MR > r) {                                                                    \
+    int32_t x4;                                                                              \
+    std::memcpy(&x4, xq + r * K + b * kQBlock + g * 4, 4);                                   \
+    const __m256i xv = _mm256_set1_epi32(x4);                                                \
+    i##r##0 = _mm256_add_epi32(i##r##0, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xv), ones)); \
+    i##r##1 = _mm256_add_epi32(i##r##1, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xv), ones)); \
   }
-      TUILI_Q4_ROWS(TUILI_STEP)
+        TUILI_Q4A8_ROWS(TUILI_STEP)
 #undef TUILI_STEP
+      }
+#define TUILI_FOLD(r)                                                          \
+  if constexpr (MR > r) {                                                      \
+    const __m256 s = _mm256_set1_ps(xs[r * nb + b]);                           \
+    e##r##0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i##r##0), s, e##r##0);        \
+    e##r##1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i##r##1), s, e##r##1);        \
+  }
+      TUILI_Q4A8_ROWS(TUILI_FOLD)
+#undef TUILI_FOLD
     }
     const __m256 s0 = _mm256_loadu_ps(sc + grp * kPanel), s1 = _mm256_loadu_ps(sc + grp * kPanel + 8);
     const __m256 m0 = _mm256_loadu_ps(mn + grp * kPanel), m1 = _mm256_loadu_ps(mn + grp * kPanel + 8);
-#define TUILI_FOLD(r)                                                           \
-  if constexpr (MR > r) {                                                       \
-    const __m256 xs = _mm256_set1_ps(xsum[r * groups + grp]);                   \
-    c##r##0 = _mm256_fmadd_ps(s0, _mm256_add_ps(e##r##0, f##r##0), c##r##0);   \
-    c##r##1 = _mm256_fmadd_ps(s1, _mm256_add_ps(e##r##1, f##r##1), c##r##1);   \
-    c##r##0 = _mm256_fmadd_ps(m0, xs, c##r##0);                                 \
-    c##r##1 = _mm256_fmadd_ps(m1, xs, c##r##1);                                 \
+#define TUILI_FOLD(r)                                                          \
+  if constexpr (MR > r) {                                                      \
+    const __m256 xsm = _mm256_set1_ps(xsum[r * groups + grp]);                 \
+    c##r##0 = _mm256_fmadd_ps(s0, e##r##0, c##r##0);                           \
+    c##r##1 = _mm256_fmadd_ps(s1, e##r##1, c##r##1);                           \
+    c##r##0 = _mm256_fmadd_ps(m0, xsm, c##r##0);                               \
+    c##r##1 = _mm256_fmadd_ps(m1, xsm, c##r##1);                               \
   }
-    TUILI_Q4_ROWS(TUILI_FOLD)
+    TUILI_Q4A8_ROWS(TUILI_FOLD)
 #undef TUILI_FOLD
   }
 #define TUILI_STORE(r)                                   \
@@ -216,25 +385,27 @@ inline void tile_q4(const float* x, int64_t ldx, const uint8_t* panel, const flo
     _mm256_storeu_ps(acc + r * kPanel, c##r##0);         \
     _mm256_storeu_ps(acc + r * kPanel + 8, c##r##1);     \
   }
-  TUILI_Q4_ROWS(TUILI_STORE)
+  TUILI_Q4A8_ROWS(TUILI_STORE)
 #undef TUILI_STORE
 }
-#undef TUILI_Q4_ROWS
+#undef TUILI_Q4A8_ROWS
 
 template <typename Out>
-void gemm_q4(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* scales, const float* mins,
-             int64_t gs, int64_t N, const float* bias, Out* out) {
-  constexpr int kRows = 3;
+void gemm_q4a8(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* scales, const float* mins,
+               int64_t gs, int64_t N, const float* bias, Out* out) {
+  constexpr int kRows = 2;
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  const int64_t groups = K / gs;
-  std::vector<float> xsum(M * groups);
+  const int64_t groups = K / gs, nb = K / kQBlock, per_group = gs / kQBlock;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M * nb), xsum(M * groups);
+  quantize_rows(x, M, K, xq.data(), xs.data());
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += x[m * K + k];
-      xsum[m * groups + g] = s;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t s = 0;
+      for (int64_t k = b * kQBlock; k < (b + 1) * kQBlock; ++k) s += xq[m * K + k];
+      xsum[m * groups + b / per_group] += static_cast<float>(s) * xs[m * nb + b];
     }
-  const int64_t row_block = std::max<int64_t>(kRows, (64 * 1024 / (K * 4)) / kRows * kRows);
+  const int64_t row_block = std::max<int64_t>(kRows, (kRowBlockBytes / K) / kRows * kRows);
   for (int64_t m0 = 0; m0 < M; m0 += row_block) {
     const int64_t m1 = std::min(M, m0 + row_block);
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -247,10 +418,11 @@ void gemm_q4(const float* x, int64_t M, int64_t K, const uint8_t* codes, const f
         const int64_t width = std::min(kPanel, N - n0);
         for (int64_t m = m0; m < m1; m += kRows) {
           const int rows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
-          const float* xs = xsum.data() + m * groups;
-          if (rows == 1) tile_q4<1>(x + m * K, K, panel, sc, mn, xs, groups, gs, acc);
-          else if (rows == 2) tile_q4<2>(x + m * K, K, panel, sc, mn, xs, groups, gs, acc);
-          else tile_q4<3>(x + m * K, K, panel, sc, mn, xs, groups, gs, acc);
+          const int8_t* q = xq.data() + m * K;
+          const float* s = xs.data() + m * nb;
+          const float* xsm = xsum.data() + m * groups;
+          if (rows == 1) tile_q4a8<1>(q, s, xsm, K, panel, sc, mn, gs, acc);
+          else tile_q4a8<2>(q, s, xsm, K, panel, sc, mn, gs, acc);
           for (int r = 0; r < rows; ++r) {
             Out* o = out + (m + r) * N + n0;
             for (int64_t j = 0; j < width; ++j) o[j] = static_cast<Out>(acc[r * kPanel + j] + (bias ? bias[n0 + j] : 0.f));
@@ -273,11 +445,18 @@ bool gemm_available() {
 #endif
 }
 
-// w [N, K] (bfloat16, int8 or float32) -> packed [ceil(N/16), K, 16] of the same dtype.
+// w [N, K] bfloat16 or float32 -> packed [ceil(N/16), K, 16] of the same dtype;
+// int8 -> [ceil(N/16), K32 / 4, 16, 4] (gemm_a8's layout, K32 = K rounded up to 32).
 torch::Tensor pack_weight(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2, "pack_weight: weight must be 2-D");
   const int64_t N = w.size(0), K = w.size(1);
   const int64_t panels = (N + kPanel - 1) / kPanel;
+  if (w.scalar_type() == torch::kChar) {
+    const int64_t K32 = (K + 31) / 32 * 32;
+    auto padded = torch::zeros({panels * kPanel, K32}, w.options());
+    padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
+    return padded.view({panels, kPanel, K32 / 4, 4}).permute({0, 2, 1, 3}).contiguous();
+  }
   auto padded = torch::zeros({panels * kPanel, K}, w.options());
   padded.narrow(0, 0, N).copy_(w);
   return padded.view({panels, kPanel, K}).transpose(1, 2).contiguous();
@@ -287,12 +466,16 @@ torch::Tensor pack_weight(torch::Tensor w) {
 // scales [N] float32 (int8 weights) and bias [N] are optional (empty tensors).
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, torch::Tensor scales,
                             torch::Tensor bias, bool out_float) {
-  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == kPanel, "packed_linear: bad shapes");
+  const bool a8 = packed.scalar_type() == torch::kChar;
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == (a8 ? 4 : 3) && packed.size(2) == kPanel, "packed_linear: bad shapes");
 #ifndef __AVX2__
   TORCH_CHECK(false, "packed_linear: built without AVX2");
 #else
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(packed.size(1) == K && packed.size(0) * kPanel >= N, "packed_linear: weight does not match input");
+  const int64_t k_packed = a8 ? packed.size(1) * 4 : packed.size(1);
+  TORCH_CHECK((a8 ? k_packed == (K + 31) / 32 * 32 : k_packed == K) && packed.size(0) * kPanel >= N,
+              "packed_linear: weight does not match input");
+  TORCH_CHECK(!a8 || scales.numel() == N, "packed_linear: int8 weights need [N] scales");
   auto xf = x.to(torch::kFloat32).contiguous();
   auto out_dtype = out_float ? torch::kFloat32 : x.scalar_type();
   auto out = torch::empty({M, N}, x.options().dtype(out_dtype));
@@ -304,9 +487,11 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, to
   auto dispatch_out = [&](auto* wp) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
     if (out_dtype == torch::kFloat32) {
-      gemm<W, float>(xp, M, K, wp, N, s, b, out.data_ptr<float>());
+      if constexpr (std::is_same_v<W, int8_t>) gemm_a8<float>(xp, M, K, wp, N, s, b, out.data_ptr<float>());
+      else gemm<W, float>(xp, M, K, wp, N, s, b, out.data_ptr<float>());
     } else if (out_dtype == torch::kBFloat16) {
-      gemm<W, at::BFloat16>(xp, M, K, wp, N, s, b, out.data_ptr<at::BFloat16>());
+      if constexpr (std::is_same_v<W, int8_t>) gemm_a8<at::BFloat16>(xp, M, K, wp, N, s, b, out.data_ptr<at::BFloat16>());
+      else gemm<W, at::BFloat16>(xp, M, K, wp, N, s, b, out.data_ptr<at::BFloat16>());
     } else {
       TORCH_CHECK(false, "packed_linear: activations must be float32 or bfloat16");
     }
@@ -321,17 +506,17 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, to
 #endif
 }
 
-// int4: codes [ceil(N/16), K, 8] uint8 (see tile_q4), scales and mins [ceil(N/16), K/group, 16]
+// int4: codes [ceil(N/16), K/4, 32] uint8 (see tile_q4a8), scales and mins [ceil(N/16), K/group, 16]
 // float32; x [M, K] float32 or bfloat16 -> [M, N] in x's dtype (float32 when out_float).
 torch::Tensor packed_linear_q4(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
                                int64_t N, int64_t group, torch::Tensor bias, bool out_float) {
 #ifndef __AVX2__
   TORCH_CHECK(false, "packed_linear_q4: built without AVX2");
 #else
-  TORCH_CHECK(x.dim() == 2 && codes.dim() == 3 && codes.size(2) == kPanel / 2 && codes.scalar_type() == torch::kByte,
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 3 && codes.size(2) == 2 * kPanel && codes.scalar_type() == torch::kByte,
               "packed_linear_q4: bad shapes");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(codes.size(1) == K && codes.size(0) * kPanel >= N && group % 2 == 0 && K % group == 0,
+  TORCH_CHECK(codes.size(1) * 4 == K && codes.size(0) * kPanel >= N && group % kQBlock == 0 && K % group == 0,
               "packed_linear_q4: weight does not match input");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && mins.scalar_type() == torch::kFloat32 &&
               scales.is_contiguous() && mins.is_contiguous() && scales.numel() == codes.size(0) * (K / group) * kPanel &&
@@ -343,11 +528,11 @@ torch::Tensor packed_linear_q4(torch::Tensor x, torch::Tensor codes, torch::Tens
   const float* b = bf.numel() ? bf.data_ptr<float>() : nullptr;
   auto cc = codes.contiguous();
   if (out_dtype == torch::kFloat32) {
-    gemm_q4<float>(xf.data_ptr<float>(), M, K, cc.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+    gemm_q4a8<float>(xf.data_ptr<float>(), M, K, cc.data_ptr<uint8_t>(), scales.data_ptr<float>(),
                    mins.data_ptr<float>(), group, N, b, out.data_ptr<float>());
   } else {
     TORCH_CHECK(out_dtype == torch::kBFloat16, "packed_linear_q4: activations must be float32 or bfloat16");
-    gemm_q4<at::BFloat16>(xf.data_ptr<float>(), M, K, cc.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+    gemm_q4a8<at::BFloat16>(xf.data_ptr<float>(), M, K, cc.data_ptr<uint8_t>(), scales.data_ptr<float>(),
                           mins.data_ptr<float>(), group, N, b, out.data_ptr<at::BFloat16>());
   }
   return out;
