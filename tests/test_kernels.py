@@ -117,6 +117,8 @@ def test_packed_linear_matches_float32_product(wdtype, rows):
     w = torch.randn(n, k).to(wdtype)
     bias = torch.randn(n)
     x = torch.randn(rows, k)
+    if wdtype is torch.bfloat16 and ext.gemm_bf16_pairs():  # AVX512-BF16: bf16 activations
+        x = x.bfloat16().float()
     want = torch.nn.functional.linear(x, w.float(), bias)
     got = ext.packed_linear(x, ext.pack_weight(w), n, NONE, bias, True)
     torch.testing.assert_close(got, want, atol=1e-6 * want.abs().max().item(), rtol=1e-5)

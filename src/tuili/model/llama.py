@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from .kernels import cpu_kernels
 from .layers import (AttentionMetadata, RMSNorm, Rotary, linear, load_projections, paged_attention,
                      write_kv)
-from .quant import PackedInt4Weight, PackedWeight, QuantWeight, model_weight_bytes, prepare_linears
+from .quant import PACKED_MAX_ROWS, PackedInt4Weight, PackedWeight, QuantWeight, model_weight_bytes, prepare_linears
 
 
 class DecoderLayer(torch.nn.Module):
@@ -160,8 +160,8 @@ class LlamaModel(torch.nn.Module):
                                 (layer.gate_up_weight, None), (layer.down_weight, None)):
                     b = _EMPTY if bias is None else bias
                     if isinstance(w, PackedWeight):
-                        linears.append([w.packed, w.scales, b])
-                        sizes.append([w.out_features, 0])
+                        linears.append([w.packed, w.scales, b, w.dense])
+                        sizes.append([w.out_features, 0, PACKED_MAX_ROWS])
                     elif isinstance(w, PackedInt4Weight):
                         linears.append([w.codes, w.scales, w.mins, b])
                         sizes.append([w.out_features, w.group_size])

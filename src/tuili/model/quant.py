@@ -34,6 +34,10 @@ import torch.nn.functional as F
 from .kernels import cpu_kernels
 
 QUANT_MODES = ("none", "int8", "int4")
+_NONE = torch.empty(0)
+# Rows up to which a bf16 weight held in both forms takes the packed product on a CPU with
+# native bf16: measured crossover with torch's matmul about 12 rows (docs/BENCHMARKS.md).
+PACKED_MAX_ROWS = 8
 INT4_GROUP_SIZES = (32, 64, 128)
 # Above this many rows a CPU without native bf16 runs int8 weights as a dequantized float32
 # matmul (the int8 op with bf16 activations falls behind float32 GEMM there).
@@ -122,15 +126,21 @@ class PackedWeight(_Features):
     (panels of 16 output columns; bf16 widened to float32 in registers, int8 multiplied by
     int8 activations). Where it is used: `cpu_packing_available`."""
 
-    packed: torch.Tensor  # bf16 [ceil(N/16), K, 16]; int8 [ceil(N/16), K32/4, 16, 4] (K32: K rounded up to 32)
+    packed: torch.Tensor  # bf16 [ceil(N/16), K, 16] (pairs of inputs with AVX512-BF16); int8 [ceil(N/16), K32/4, 16, 4]
     scales: torch.Tensor  # [N] float32 for int8 (w = q * scale), empty for bfloat16
     out_features: int
     in_features: int
+    # bf16 on a CPU with native bf16: the plain weight too, for torch's matmul above
+    # PACKED_MAX_ROWS rows, where it is faster (prefill); empty otherwise
+    dense: torch.Tensor = _NONE
 
     def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.scales.numel() * 4
+        return (self.packed.numel() * self.packed.element_size() + self.scales.numel() * 4
+                + self.dense.numel() * self.dense.element_size())
 
     def matmul(self, x: torch.Tensor, slow_bf16: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dense.numel() and x.shape[0] > PACKED_MAX_ROWS:
+            return F.linear(x, self.dense, bias)
         return cpu_kernels().packed_linear(x, self.packed, self.out_features,
                                            self.scales, _NONE if bias is None else bias, False)
 
@@ -157,7 +167,6 @@ class PackedInt4Weight(_Features):
                                               self.group_size, _NONE if bias is None else bias, False)
 
 
-_NONE = torch.empty(0)
 QuantWeight = Int8Weight | Int4Weight | PackedWeight | PackedInt4Weight
 PACKED_TYPES = (PackedWeight, PackedInt4Weight)
 
@@ -266,33 +275,41 @@ def quantize_model(model: torch.nn.Module, mode: str, group: int) -> None:
     _convert_linears(model, lambda w: quantize(w, mode, group), f"quantizing to {mode}")
 
 
-def cpu_packing_available(device: torch.device, mode: str = "none") -> bool:
-    """Whether this CPU gets the packed products of `model/csrc/gemm.cpp` for weights of
-    `mode` (none, int8, int4), by what measured faster (docs/BENCHMARKS.md, "CPU matrix
-    products" and "int8 activations"):
-    - a CPU without native bf16 (AVX2 only): every mode; torch's bf16 there runs at a
-      fraction of memory speed;
-    - a CPU with it (AVX512-BF16 or AMX): int8 only. torch's bf16 matmul is faster from 4
-      rows up and its int4 op at 1-4 rows, while the int8 kernel beats torch's int8 op at
-      every row count.
-    TUILI_PACKED=1 or 0 forces the packed products on or off (benchmarks and tests)."""
-    from ..config import cpu_has_fast_bf16
-
-    forced = os.environ.get("TUILI_PACKED", "auto")
-    if forced not in ("auto", "0", "1"):
-        raise ValueError(f"TUILI_PACKED: expected auto, 0 or 1, got {forced!r}")
+def cpu_packing_available(device: torch.device) -> bool:
+    """Whether weights are repacked for the CPU products of `model/csrc/gemm.cpp`: on a CPU
+    where the kernels build (AVX2), in every mode. Measured against torch's ops
+    (docs/BENCHMARKS.md, "CPU matrix products"): faster at every row count for int8 and
+    int4, and for bf16 on a CPU without native bf16; on a CPU with it (AVX512-BF16 or AMX),
+    bf16 is faster up to about 12 rows only, so there bf16 weights keep their plain form too
+    (`keep_dense_bf16`). TUILI_PACKED=1 or 0 forces packing on (never both forms) or off."""
+    forced = _forced_packing()
     if device.type != "cpu" or forced == "0":
-        return False
-    if forced == "auto" and cpu_has_fast_bf16() and mode != "int8":
         return False
     ext = cpu_kernels()
     return ext is not None and ext.gemm_available()
 
 
-def pack_weight(w: torch.Tensor | QuantWeight) -> torch.Tensor | QuantWeight:
-    """bf16 tensors and int8 weights become PackedWeight; anything else is returned as is."""
+def keep_dense_bf16() -> bool:
+    """bf16 weights in both forms: packed for decode (up to PACKED_MAX_ROWS rows) and plain
+    for torch's matmul above (prefill). Costs a second copy of the bf16 weights."""
+    from ..config import cpu_has_fast_bf16
+
+    return _forced_packing() == "auto" and cpu_has_fast_bf16()
+
+
+def _forced_packing() -> str:
+    forced = os.environ.get("TUILI_PACKED", "auto")
+    if forced not in ("auto", "0", "1"):
+        raise ValueError(f"TUILI_PACKED: expected auto, 0 or 1, got {forced!r}")
+    return forced
+
+
+def pack_weight(w: torch.Tensor | QuantWeight, keep_dense: bool = False) -> torch.Tensor | QuantWeight:
+    """bf16 tensors and int8 weights become PackedWeight (a bf16 one keeping the plain tensor
+    too when keep_dense); anything else is returned as is."""
     if isinstance(w, torch.Tensor) and w.dtype is torch.bfloat16 and w.dim() == 2:
-        return PackedWeight(cpu_kernels().pack_weight(w), _NONE, w.shape[0], w.shape[1])
+        return PackedWeight(cpu_kernels().pack_weight(w), _NONE, w.shape[0], w.shape[1],
+                            w.contiguous() if keep_dense else _NONE)
     if isinstance(w, Int8Weight):
         return PackedWeight(cpu_kernels().pack_weight(w.q), w.scales_f32.contiguous(), w.q.shape[0], w.q.shape[1])
     return w
@@ -303,14 +320,15 @@ def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> No
     bf16, int8 and int4 weights in the CPU kernel's packed forms (the output head too; the
     embedding lookup keeps its own table)."""
     mode, group = quantization
-    packing = cpu_packing_available(model.device, mode)
+    packing = cpu_packing_available(model.device)
     if mode == "int4" and packing:  # straight to the packed codes
         _convert_linears(model, lambda w: quantize_int4_packed(w, group), f"quantizing to {mode}")
         return
     if mode != "none":
         quantize_model(model, mode, group)
     if packing:
-        _convert_linears(model, pack_weight, None)
+        dense = keep_dense_bf16()
+        _convert_linears(model, lambda w: pack_weight(w, dense), None)
 
 
 def _convert_linears(model: torch.nn.Module, convert, desc: str | None) -> None:

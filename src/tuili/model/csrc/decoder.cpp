@@ -9,11 +9,16 @@
 
 namespace {
 
-// A packed linear as Python hands it over: group 0 -> (packed, scales, bias) of gemm.cpp's
-// packed_linear; group > 0 -> (codes, scales, mins, bias) of packed_linear_q4.
-torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w, int64_t n, int64_t group) {
+// A packed linear as Python hands it over: group 0 -> (packed, scales, bias, dense) of
+// gemm.cpp's packed_linear, where a non-empty dense (the plain bf16 weight) takes batches of
+// more than max_rows rows through torch's matmul, as PackedWeight.matmul does; group > 0 ->
+// (codes, scales, mins, bias) of packed_linear_q4.
+torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w, int64_t n, int64_t group,
+                     int64_t max_rows) {
   if (group == 0) {
-    TORCH_CHECK(w.size() == 3, "decode_layers: a packed linear is (packed, scales, bias)");
+    TORCH_CHECK(w.size() == 4, "decode_layers: a packed linear is (packed, scales, bias, dense)");
+    if (w[3].numel() && x.size(0) > max_rows)
+      return w[2].numel() ? at::linear(x, w[3], w[2]) : at::linear(x, w[3]);
     return packed_linear(x, w[0], n, w[1], w[2], false);
   }
   TORCH_CHECK(w.size() == 4, "decode_layers: an int4 linear is (codes, scales, mins, bias)");
@@ -25,7 +30,7 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
 // x [T, hidden] (the embeddings; updated in place) -> final-normed hidden states [T, hidden].
 // Per layer l: norms[l] = (input norm, post-attention norm); caches[l] = (k, v, k_scales,
 // v_scales), scales empty unless the cache is int8; linears[4 l + i] with sizes[4 l + i] =
-// (out features, int4 group or 0) for i = qkv, o, gate_up, down.
+// (out features, int4 group or 0[, max rows of the packed product]) for i = qkv, o, gate_up, down.
 torch::Tensor llama_decode_layers(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
                                   std::vector<std::vector<torch::Tensor>> norms,
                                   std::vector<std::vector<torch::Tensor>> caches,
@@ -38,7 +43,9 @@ torch::Tensor llama_decode_layers(torch::Tensor x, torch::Tensor positions, torc
               "decode_layers: one set of norms, caches and four linears per layer");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layers: x must be [T, hidden] contiguous");
   const int64_t t = x.size(0);
-  auto lin = [&](const torch::Tensor& in, size_t i) { return linear(in, linears[i], sizes[i][0], sizes[i][1]); };
+  auto lin = [&](const torch::Tensor& in, size_t i) {
+    return linear(in, linears[i], sizes[i][0], sizes[i][1], sizes[i].size() > 2 ? sizes[i][2] : 0);
+  };
   for (size_t l = 0; l < layers; ++l) {
     const auto& kv = caches[l];
     TORCH_CHECK(norms[l].size() == 2 && kv.size() == 4, "decode_layers: norms (2) and caches (4) per layer");

@@ -174,9 +174,12 @@ void gemm(const float* x, int64_t M, int64_t K, const T* packed, int64_t N, cons
 // |x| and the weight takes x's sign (sign_epi8), as |x| w sign(x) = x w. With |x|, |w| <=
 // 127 a pair of products is at most 32,258 and never saturates the int16 sum.
 constexpr int64_t kQBlock = 32;
-constexpr int64_t kA8Ahead = 512;    // bytes of the int8 weight stream requested ahead (measured: 2 KB was slower)
-constexpr int64_t kQ4A8Ahead = 2048;  // and of the int4 codes (measured: 512 B took 11.1 ms, 2 KB 7.1, 4 KB no better)
-constexpr int kA8Rows = 2;  // measured: 3-4 row tiles ran at half the rate of 2-row ones (rows 4: 19 ms, 2 x 2 rows: see BENCHMARKS)
+// Bytes of the int8 / int4 weight streams requested ahead, into L1 (_MM_HINT_T0). On the
+// AVX512 Xeon, batch 1, the non-temporal hint at 512 B / 2 KB ran int8 at 9.3 ms and int4
+// at 7.1 ms; T0 at 1 KB at 6.5 and 3.7 ms.
+constexpr int64_t kA8Ahead = 1024;
+constexpr int64_t kQ4A8Ahead = 1024;
+constexpr int kA8Rows = 2;  // measured: 4-row tiles were slower at every row count (4 rows: 19 ms, 2 x 2: 12 ms)
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -235,8 +238,7 @@ inline void tile_a8(const int8_t* xq, const float* xs, int64_t K32, const int8_t
     const int8_t* wb = panel + b * kQBlock * kPanel;
     for (int64_t g = 0; g < kQBlock / 4; ++g) {  // 4 inputs x 16 columns = one 64-byte line
       const int8_t* wp = wb + g * 64;
-      // Requested non-temporally ahead, as in tile() (the weight stream would evict the KV cache).
-      _mm_prefetch(reinterpret_cast<const char*>(wp + kA8Ahead), _MM_HINT_NTA);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + kA8Ahead), _MM_HINT_T0);
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32));
 #define TUILI_STEP(r)                                                                              \
@@ -343,7 +345,7 @@ inline void tile_q4a8(const int8_t* xq, const float* xs, const float* xsum, int6
 #undef TUILI_DECL
       for (int64_t g = 0; g < kQBlock / 4; ++g) {
         const uint8_t* wp = panel + (b * (kQBlock / 4) + g) * 32;
-        _mm_prefetch(reinterpret_cast<const char*>(wp + kQ4A8Ahead), _MM_HINT_NTA);
+        _mm_prefetch(reinterpret_cast<const char*>(wp + kQ4A8Ahead), _MM_HINT_T0);
         const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
         const __m256i lo = _mm256_and_si256(bytes, low);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
@@ -433,6 +435,99 @@ void gemm_q4a8(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
   }
 }
 
+
+#ifdef __AVX512BF16__
+// ---- bf16 weights on CPUs with AVX512-BF16 -----------------------------------------------
+// One vdpbf16ps multiplies 16 columns x 2 inputs of bf16 and adds both products to 16
+// float32 sums, so the weight is packed in pairs of inputs: [ceil(N/16)][K2/2][16][2]
+// (K2 = K rounded up to even), one 64-byte line per pair. The activations are bf16 (the
+// model's own; float32 rows are rounded to bf16). Chosen over widening to float32 on such
+// CPUs (docs/BENCHMARKS.md, "bf16 on CPUs with native bf16").
+constexpr bool kPairedBf16 = true;
+constexpr int kBf16Rows = 4;
+// Input pairs (64-byte lines) requested ahead, into L1 (_MM_HINT_T0): on the AVX512 Xeon
+// the non-temporal hint of the AVX2 tile ran at 19.3 ms for batch 1, none at 14.3, T0 at 12.3.
+constexpr int64_t kBf16Ahead = 16;
+
+#define TUILI_BF_ROWS(X) X(0) X(1) X(2) X(3)
+template <int MR>
+inline void tile_bf16x2(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t K2, float* acc) {
+  // two sums per row (even and odd pairs) so consecutive dot products do not wait on each other
+#define TUILI_DECL(r) __m512 c##r = _mm512_setzero_ps(), d##r = _mm512_setzero_ps();
+  TUILI_BF_ROWS(TUILI_DECL)
+#undef TUILI_DECL
+  int64_t k = 0;
+  for (; k + 3 < K2; k += 4) {
+    _mm_prefetch(reinterpret_cast<const char*>(panel + (k + 2 * kBf16Ahead) * kPanel), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(panel + (k + 2 * kBf16Ahead + 2) * kPanel), _MM_HINT_T0);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + k * kPanel);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (k + 2) * kPanel);
+#define TUILI_STEP(r)                                                          \
+  if constexpr (MR > r) {                                                      \
+    int32_t a, b;                                                              \
+    std::memcpy(&a, x + r * ldx + k, 4);                                       \
+    std::memcpy(&b, x + r * ldx + k + 2, 4);                                   \
+    c##r = _mm512_dpbf16_ps(c##r, (__m512bh)_mm512_set1_epi32(a), w0);         \
+    d##r = _mm512_dpbf16_ps(d##r, (__m512bh)_mm512_set1_epi32(b), w1);         \
+  }
+    TUILI_BF_ROWS(TUILI_STEP)
+#undef TUILI_STEP
+  }
+  for (; k < K2; k += 2) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + k * kPanel);
+#define TUILI_STEP(r)                                                          \
+  if constexpr (MR > r) {                                                      \
+    int32_t a;                                                                 \
+    std::memcpy(&a, x + r * ldx + k, 4);                                       \
+    c##r = _mm512_dpbf16_ps(c##r, (__m512bh)_mm512_set1_epi32(a), w0);         \
+  }
+    TUILI_BF_ROWS(TUILI_STEP)
+#undef TUILI_STEP
+  }
+#define TUILI_STORE(r) \
+  if constexpr (MR > r) _mm512_storeu_ps(acc + r * kPanel, _mm512_add_ps(c##r, d##r));
+  TUILI_BF_ROWS(TUILI_STORE)
+#undef TUILI_STORE
+}
+#undef TUILI_BF_ROWS
+
+// x bf16 [M][K2] (zero-padded), packed as above.
+template <typename Out>
+void gemm_bf16x2(const uint16_t* x, int64_t M, int64_t K2, const uint16_t* packed, int64_t N, const float* bias,
+                 Out* out) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t row_block = std::max<int64_t>(kBf16Rows, (kRowBlockBytes / (K2 * 2)) / kBf16Rows * kBf16Rows);
+  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
+    const int64_t m1 = std::min(M, m0 + row_block);
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      alignas(64) float acc[kBf16Rows * kPanel];
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint16_t* panel = packed + p * K2 * kPanel;
+        const int64_t n0 = p * kPanel;
+        const int64_t width = std::min(kPanel, N - n0);
+        for (int64_t m = m0; m < m1; m += kBf16Rows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kBf16Rows, m1 - m));
+          const uint16_t* xr = x + m * K2;
+          switch (rows) {
+            case 1: tile_bf16x2<1>(xr, K2, panel, K2, acc); break;
+            case 2: tile_bf16x2<2>(xr, K2, panel, K2, acc); break;
+            case 3: tile_bf16x2<3>(xr, K2, panel, K2, acc); break;
+            default: tile_bf16x2<4>(xr, K2, panel, K2, acc); break;
+          }
+          for (int r = 0; r < rows; ++r) {
+            Out* o = out + (m + r) * N + n0;
+            const float* a = acc + r * kPanel;
+            for (int64_t j = 0; j < width; ++j) o[j] = static_cast<Out>(a[j] + (bias ? bias[n0 + j] : 0.f));
+          }
+        }
+      }
+    });
+  }
+}
+#else
+constexpr bool kPairedBf16 = false;
+#endif  // __AVX512BF16__
+
 }  // namespace
 
 #endif  // __AVX2__
@@ -445,12 +540,29 @@ bool gemm_available() {
 #endif
 }
 
+// Whether bf16 weights are packed in pairs for AVX512-BF16 (the activations then are bf16).
+bool gemm_bf16_pairs() {
+#if defined(__AVX2__) && defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 // w [N, K] bfloat16 or float32 -> packed [ceil(N/16), K, 16] of the same dtype;
 // int8 -> [ceil(N/16), K32 / 4, 16, 4] (gemm_a8's layout, K32 = K rounded up to 32).
 torch::Tensor pack_weight(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2, "pack_weight: weight must be 2-D");
   const int64_t N = w.size(0), K = w.size(1);
   const int64_t panels = (N + kPanel - 1) / kPanel;
+#if defined(__AVX2__) && defined(__AVX512BF16__)
+  if (w.scalar_type() == torch::kBFloat16) {  // pairs of inputs: [panels, K2/2, 16, 2] (gemm_bf16x2)
+    const int64_t K2 = (K + 1) / 2 * 2;
+    auto padded = torch::zeros({panels * kPanel, K2}, w.options());
+    padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
+    return padded.view({panels, kPanel, K2 / 2, 2}).permute({0, 2, 1, 3}).contiguous().view({panels, K2, kPanel});
+  }
+#endif
   if (w.scalar_type() == torch::kChar) {
     const int64_t K32 = (K + 31) / 32 * 32;
     auto padded = torch::zeros({panels * kPanel, K32}, w.options());
@@ -472,10 +584,30 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, to
   TORCH_CHECK(false, "packed_linear: built without AVX2");
 #else
   const int64_t M = x.size(0), K = x.size(1);
+  const bool paired = kPairedBf16 && packed.scalar_type() == torch::kBFloat16;
   const int64_t k_packed = a8 ? packed.size(1) * 4 : packed.size(1);
-  TORCH_CHECK((a8 ? k_packed == (K + 31) / 32 * 32 : k_packed == K) && packed.size(0) * kPanel >= N,
-              "packed_linear: weight does not match input");
+  const int64_t k_want = a8 ? (K + 31) / 32 * 32 : paired ? (K + 1) / 2 * 2 : K;
+  TORCH_CHECK(k_packed == k_want && packed.size(0) * kPanel >= N, "packed_linear: weight does not match input");
   TORCH_CHECK(!a8 || scales.numel() == N, "packed_linear: int8 weights need [N] scales");
+#ifdef __AVX512BF16__
+  if (paired) {
+    TORCH_CHECK(scales.numel() == 0, "packed_linear: bf16 weights take no scales");
+    auto xb = x.to(torch::kBFloat16);
+    if (k_want != K) xb = torch::constant_pad_nd(xb, {0, k_want - K});
+    xb = xb.contiguous();
+    auto out_dtype = out_float ? torch::kFloat32 : x.scalar_type();
+    TORCH_CHECK(out_dtype == torch::kFloat32 || out_dtype == torch::kBFloat16,
+                "packed_linear: activations must be float32 or bfloat16");
+    auto out = torch::empty({M, N}, x.options().dtype(out_dtype));
+    auto bf = bias.numel() ? bias.to(torch::kFloat32).contiguous() : bias;
+    const float* b = bf.numel() ? bf.data_ptr<float>() : nullptr;
+    const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+    const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+    if (out_dtype == torch::kFloat32) gemm_bf16x2<float>(xp, M, k_want, wp, N, b, out.data_ptr<float>());
+    else gemm_bf16x2<at::BFloat16>(xp, M, k_want, wp, N, b, out.data_ptr<at::BFloat16>());
+    return out;
+  }
+#endif
   auto xf = x.to(torch::kFloat32).contiguous();
   auto out_dtype = out_float ? torch::kFloat32 : x.scalar_type();
   auto out = torch::empty({M, N}, x.options().dtype(out_dtype));
