@@ -128,6 +128,31 @@ def test_packed_linear_matches_float32_product(wdtype, rows):
     torch.testing.assert_close(got_bf16.float(), want_bf16, atol=1e-3 * want_bf16.abs().max().item(), rtol=2 ** -8)
 
 
+@pytest.mark.skipif(ext is None or not ext.gemm_bf16_pairs(), reason="pair-packed bf16 needs AVX512-BF16")
+@pytest.mark.parametrize("amx", ["1", "0"])
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("k", [200, 256])
+def test_bf16_pair_products_amx_tiles_and_vector_tiles(monkeypatch, amx, rows, k):
+    """bf16 products from the pair-packed weight, on AMX tiles (16-row tiles, 32 rows x 2
+    panels at a time: remainders of rows and an odd panel count) and, with TUILI_AMX=0, on
+    the vdpbf16ps tiles: a float32 product of the same bf16 values, up to summation order."""
+    if amx == "1" and not ext.gemm_amx_available():
+        pytest.skip("no AMX tiles on this CPU")
+    monkeypatch.setenv("TUILI_AMX", amx)
+    torch.manual_seed(4)
+    n = 40  # three panels of 16
+    w = torch.randn(n, k).bfloat16()
+    bias = torch.randn(n)
+    x = torch.randn(rows, k).bfloat16()
+    want = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+    packed = ext.pack_weight(w)
+    assert packed.shape == (3, (k + 31) // 32 * 32, 16)
+    got = ext.packed_linear(x, packed, n, NONE, bias, True)
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    got_bf16 = ext.packed_linear(x, packed, n, NONE, bias, False)
+    assert got_bf16.dtype is torch.bfloat16 and torch.equal(got_bf16, got.bfloat16())
+
+
 @gemm
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 130])
 @pytest.mark.parametrize("k", [200, 256])

@@ -279,9 +279,9 @@ def cpu_packing_available(device: torch.device) -> bool:
     """Whether weights are repacked for the CPU products of `model/csrc/gemm.cpp`: on a CPU
     where the kernels build (AVX2), in every mode. Measured against torch's ops
     (docs/BENCHMARKS.md, "CPU matrix products"): faster at every row count for int8 and
-    int4, and for bf16 on a CPU without native bf16; on a CPU with it (AVX512-BF16 or AMX),
-    bf16 is faster up to about 12 rows only, so there bf16 weights keep their plain form too
-    (`keep_dense_bf16`). TUILI_PACKED=1 or 0 forces packing on (never both forms) or off."""
+    int4, for bf16 on a CPU without native bf16 and on one with AMX tiles; on a CPU with
+    AVX512-BF16 but no AMX, bf16 is faster up to about 12 rows only, so there bf16 weights
+    keep their plain form too (`keep_dense_bf16`). TUILI_PACKED=1 or 0 forces packing on (never both forms) or off."""
     forced = _forced_packing()
     if device.type != "cpu" or forced == "0":
         return False
@@ -291,10 +291,12 @@ def cpu_packing_available(device: torch.device) -> bool:
 
 def keep_dense_bf16() -> bool:
     """bf16 weights in both forms: packed for decode (up to PACKED_MAX_ROWS rows) and plain
-    for torch's matmul above (prefill). Costs a second copy of the bf16 weights."""
+    for torch's matmul above (prefill), on a CPU with native bf16 but no AMX tiles. Costs a
+    second copy of the bf16 weights. With AMX the packed product is the faster one at every
+    row count (docs/BENCHMARKS.md, "bf16 on AMX"), so the packed form alone serves."""
     from ..config import cpu_has_fast_bf16
 
-    return _forced_packing() == "auto" and cpu_has_fast_bf16()
+    return _forced_packing() == "auto" and cpu_has_fast_bf16() and not cpu_kernels().gemm_amx_available()
 
 
 def _forced_packing() -> str:

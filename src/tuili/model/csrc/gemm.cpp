@@ -20,8 +20,14 @@
 #include <immintrin.h>
 #endif
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -440,7 +446,7 @@ void gemm_q4a8(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
 // ---- bf16 weights on CPUs with AVX512-BF16 -----------------------------------------------
 // One vdpbf16ps multiplies 16 columns x 2 inputs of bf16 and adds both products to 16
 // float32 sums, so the weight is packed in pairs of inputs: [ceil(N/16)][K2/2][16][2]
-// (K2 = K rounded up to even), one 64-byte line per pair. The activations are bf16 (the
+// (K2 = K rounded up to 32, zeros past K), one 64-byte line per pair. The activations are bf16 (the
 // model's own; float32 rows are rounded to bf16). Chosen over widening to float32 on such
 // CPUs (docs/BENCHMARKS.md, "bf16 on CPUs with native bf16").
 constexpr bool kPairedBf16 = true;
@@ -524,8 +530,115 @@ void gemm_bf16x2(const uint16_t* x, int64_t M, int64_t K2, const uint16_t* packe
     });
   }
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// ---- bf16 weights on CPUs with AMX ---------------------------------------------------------
+// An AMX tile multiply (tdpbf16ps) takes a 16-row x 32-input tile of activations and a
+// 32-input x 16-column tile of weights in input pairs: exactly 16 consecutive 64-byte lines
+// of the pair-packed panel above, so the same packed weight serves both kernels. Eight
+// tile registers: four 16 x 16 float32 sums (32 rows x 2 panels), two activation tiles,
+// two weight tiles. Each weight tile is read once per 32 activation rows, so from a few
+// rows up to a few dozen the product streams the weight at memory speed, where the
+// vdpbf16ps tiles above are bound by their arithmetic. Activations are zero-padded to a
+// multiple of 16 rows by the caller, and K2 is a multiple of 32 (pack_weight pads it).
+constexpr int64_t kAmxRows = 16;  // rows of a tile
+constexpr int64_t kAmxK = 32;  // bf16 inputs of a tile row (64 bytes)
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands out the AMX register state only to processes that ask for it.
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+// out[m][n0 .. n0 + width) = sums (16 x 16 float32, row stride 16) + bias, for `rows` rows.
+template <typename Out>
+inline void store_rows(const float* sums, int64_t rows, int64_t n0, int64_t width, int64_t N, const float* bias,
+                       Out* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    Out* o = out + r * N + n0;
+    const float* a = sums + r * kPanel;
+    for (int64_t j = 0; j < width; ++j) o[j] = static_cast<Out>(a[j] + (bias ? bias[n0 + j] : 0.f));
+  }
+}
+
+// x bf16 [M16][K2] (M16 a multiple of 16, rows past M zero), packed as for gemm_bf16x2.
+template <typename Out>
+void gemm_amx(const uint16_t* x, int64_t M, int64_t M16, int64_t K2, const uint16_t* packed, int64_t N,
+              const float* bias, Out* out) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t pairs = (panels + 1) / 2;
+  const int64_t x_stride = K2 * 2;  // bytes between activation rows
+  at::parallel_for(0, pairs, 1, [&](int64_t q0, int64_t q1) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.rows[t] = kAmxRows;
+      cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    alignas(64) float sums[4][kAmxRows * kPanel];
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t p = 2 * q;
+      const bool two = p + 1 < panels;
+      const uint16_t* b0 = packed + p * K2 * kPanel;
+      const uint16_t* b1 = two ? b0 + K2 * kPanel : b0;
+      for (int64_t m = 0; m < M16; m += 2 * kAmxRows) {
+        const bool rows2 = m + kAmxRows < M16;
+        const uint16_t* a0 = x + m * K2;
+        const uint16_t* a1 = rows2 ? a0 + kAmxRows * K2 : a0;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = 0; k < K2; k += kAmxK) {
+          _tile_loadd(4, a0 + k, x_stride);
+          _tile_loadd(6, b0 + k * kPanel, 64);
+          _tile_loadd(7, b1 + k * kPanel, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (rows2) {
+            _tile_loadd(5, a1 + k, x_stride);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(1, sums[1], 64);
+        if (rows2) {
+          _tile_stored(2, sums[2], 64);
+          _tile_stored(3, sums[3], 64);
+        }
+        for (int h = 0; h < (rows2 ? 2 : 1); ++h) {
+          const int64_t r0 = m + h * kAmxRows;
+          const int64_t rows = std::min(kAmxRows, M - r0);
+          if (rows <= 0) continue;
+          for (int c = 0; c < (two ? 2 : 1); ++c) {
+            const int64_t n0 = (p + c) * kPanel;
+            store_rows(sums[2 * h + c], rows, n0, std::min(kPanel, N - n0), N, bias, out + r0 * N);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+constexpr bool kAmxBuilt = true;
+#else
+constexpr bool kAmxBuilt = false;
+#endif  // AMX
 #else
 constexpr bool kPairedBf16 = false;
+constexpr bool kAmxBuilt = false;
 #endif  // __AVX512BF16__
 
 }  // namespace
@@ -535,6 +648,18 @@ constexpr bool kPairedBf16 = false;
 bool gemm_available() {
 #ifdef __AVX2__
   return true;
+#else
+  return false;
+#endif
+}
+
+// Whether bf16 products from pair-packed weights can run on AMX tiles (built for them, and
+// the kernel lets this process use them).
+// TUILI_AMX=0 turns them off (the vdpbf16ps tiles then take every row count).
+bool gemm_amx_available() {
+#if defined(__AVX2__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  const char* env = std::getenv("TUILI_AMX");
+  return !(env && std::string(env) == "0") && amx_permitted();
 #else
   return false;
 #endif
@@ -556,8 +681,8 @@ torch::Tensor pack_weight(torch::Tensor w) {
   const int64_t N = w.size(0), K = w.size(1);
   const int64_t panels = (N + kPanel - 1) / kPanel;
 #if defined(__AVX2__) && defined(__AVX512BF16__)
-  if (w.scalar_type() == torch::kBFloat16) {  // pairs of inputs: [panels, K2/2, 16, 2] (gemm_bf16x2)
-    const int64_t K2 = (K + 1) / 2 * 2;
+  if (w.scalar_type() == torch::kBFloat16) {  // pairs of inputs: [panels, K2/2, 16, 2] (gemm_bf16x2, gemm_amx)
+    const int64_t K2 = (K + 31) / 32 * 32;  // whole 32-input AMX tiles
     auto padded = torch::zeros({panels * kPanel, K2}, w.options());
     padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
     return padded.view({panels, kPanel, K2 / 2, 2}).permute({0, 2, 1, 3}).contiguous().view({panels, K2, kPanel});
@@ -586,23 +711,34 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, to
   const int64_t M = x.size(0), K = x.size(1);
   const bool paired = kPairedBf16 && packed.scalar_type() == torch::kBFloat16;
   const int64_t k_packed = a8 ? packed.size(1) * 4 : packed.size(1);
-  const int64_t k_want = a8 ? (K + 31) / 32 * 32 : paired ? (K + 1) / 2 * 2 : K;
+  const int64_t k_want = a8 || paired ? (K + 31) / 32 * 32 : K;
   TORCH_CHECK(k_packed == k_want && packed.size(0) * kPanel >= N, "packed_linear: weight does not match input");
   TORCH_CHECK(!a8 || scales.numel() == N, "packed_linear: int8 weights need [N] scales");
 #ifdef __AVX512BF16__
   if (paired) {
     TORCH_CHECK(scales.numel() == 0, "packed_linear: bf16 weights take no scales");
-    auto xb = x.to(torch::kBFloat16);
-    if (k_want != K) xb = torch::constant_pad_nd(xb, {0, k_want - K});
-    xb = xb.contiguous();
     auto out_dtype = out_float ? torch::kFloat32 : x.scalar_type();
     TORCH_CHECK(out_dtype == torch::kFloat32 || out_dtype == torch::kBFloat16,
                 "packed_linear: activations must be float32 or bfloat16");
     auto out = torch::empty({M, N}, x.options().dtype(out_dtype));
     auto bf = bias.numel() ? bias.to(torch::kFloat32).contiguous() : bias;
     const float* b = bf.numel() ? bf.data_ptr<float>() : nullptr;
-    const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+    // AMX from a single row up: measured faster than the vdpbf16ps tiles at every row count
+    // (docs/BENCHMARKS.md, "bf16 on AMX").
+    const bool amx = kAmxBuilt && gemm_amx_available();
+    const int64_t m_pad = amx ? (M + 15) / 16 * 16 - M : 0;
+    auto xb = x.to(torch::kBFloat16);
+    if (k_want != K || m_pad) xb = torch::constant_pad_nd(xb, {0, k_want - K, 0, m_pad});
+    xb = xb.contiguous();
+    const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx) {
+      if (out_dtype == torch::kFloat32) gemm_amx<float>(xp, M, M + m_pad, k_want, wp, N, b, out.data_ptr<float>());
+      else gemm_amx<at::BFloat16>(xp, M, M + m_pad, k_want, wp, N, b, out.data_ptr<at::BFloat16>());
+      return out;
+    }
+#endif
     if (out_dtype == torch::kFloat32) gemm_bf16x2<float>(xp, M, k_want, wp, N, b, out.data_ptr<float>());
     else gemm_bf16x2<at::BFloat16>(xp, M, k_want, wp, N, b, out.data_ptr<at::BFloat16>());
     return out;

@@ -9,6 +9,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                                      torch::Tensor k_scales, torch::Tensor v_scales, int64_t window);
 bool gemm_available();
 bool gemm_bf16_pairs();
+bool gemm_amx_available();
 torch::Tensor pack_weight(torch::Tensor w);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, torch::Tensor scales,
                             torch::Tensor bias, bool out_float);
