@@ -28,7 +28,19 @@ def test_small_batches_split_the_context_into_chunks_and_merge_them(dtype, heads
     check_against_torch(dtype, heads, kv_heads, dim, lens, num_blocks=80, window=window)
 
 
-def check_against_torch(dtype, heads, kv_heads, dim, lens, num_blocks, window=0, block_size=16):
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 1, 256), (8, 2, 128), (4, 4, 32)])
+@pytest.mark.parametrize("lens,window,block_size", [([1, 17, 70, 33, 160], 0, 16), ([300], 0, 16), ([500, 7], 0, 32),
+                                                    ([300, 41], 100, 16), ([90, 3], 0, 8)])
+def test_bf16_queries_on_a_bf16_cache(heads, kv_heads, dim, lens, window, block_size):
+    """bf16 queries on a bf16 cache take the AVX512-BF16 loops where they apply (16 positions
+    of a block per vdpbf16ps pass, 64-dim output slices; not for 32 dims or 8-row blocks):
+    the same attention as the PyTorch path on the float32 values."""
+    torch.manual_seed(6)
+    check_against_torch(torch.bfloat16, heads, kv_heads, dim, lens, num_blocks=80, window=window,
+                        block_size=block_size, q_dtype=torch.bfloat16)
+
+
+def check_against_torch(dtype, heads, kv_heads, dim, lens, num_blocks, window=0, block_size=16, q_dtype=torch.float32):
     """The kernel on a random paged cache (int8: codes and a float32 scale per token and head)
     against `decode_attention_torch`, one query per sequence of the given lengths."""
     k_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
@@ -41,12 +53,12 @@ def check_against_torch(dtype, heads, kv_heads, dim, lens, num_blocks, window=0,
     lens = torch.tensor(lens)
     width = int((lens.max() + block_size - 1) // block_size)
     tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens])
-    q = torch.randn(len(lens), heads, dim)
+    q = torch.randn(len(lens), heads, dim).to(q_dtype)
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=len(lens),
                              decode_block_tables=tables, decode_context_lens=lens,
                              decode_max_context=int(lens.max()))
     got = ext.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim ** -0.5, *(scales or (NONE, NONE)), window)
-    want = decode_attention_torch(q, k_cache, v_cache, meta, dim ** -0.5, scales, window or None)
+    want = decode_attention_torch(q.float(), k_cache, v_cache, meta, dim ** -0.5, scales, window or None)
     torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
 
 

@@ -241,7 +241,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     ext = cpu_kernels() if q.device.type == "cpu" and k_cache.dtype in kernel_dtypes else None
     if ext is not None:
         ks, vs = kv_scales if kv_scales is not None else (_NO_SCALES, _NO_SCALES)
-        out = ext.paged_decode_attention(q.float().contiguous(), k_cache, v_cache, meta.decode_block_tables,
+        # bf16 queries stay bf16: with a bf16 cache the kernel then multiplies them as such
+        out = ext.paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.decode_block_tables,
                                          meta.decode_context_lens, scale, ks, vs, window or 0)
         return out.to(q.dtype)
     return decode_attention_torch(q, k_cache, v_cache, meta, scale, kv_scales, window)

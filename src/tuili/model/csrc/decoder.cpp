@@ -51,8 +51,7 @@ torch::Tensor llama_decode_layers(torch::Tensor x, torch::Tensor positions, torc
     TORCH_CHECK(norms[l].size() == 2 && kv.size() == 4, "decode_layers: norms (2) and caches (4) per layer");
     auto h = rms_norm(x, norms[l][0], eps, torch::empty({0}, x.options()));
     auto q = rope_write_kv(lin(h, 4 * l), positions, cos, sin, heads, kv_heads, kv[0], kv[1], slots, kv[2], kv[3]);
-    auto attn = paged_decode_attention(q.to(torch::kFloat32).contiguous(), kv[0], kv[1], tables, lens, scale, kv[2],
-                                       kv[3], 0).to(x.scalar_type());
+    auto attn = paged_decode_attention(q, kv[0], kv[1], tables, lens, scale, kv[2], kv[3], 0).to(x.scalar_type());
     h = rms_norm(x, norms[l][1], eps, lin(attn.reshape({t, -1}), 4 * l + 1));  // x += o first
     x.add_(lin(silu_mul(lin(h, 4 * l + 2)), 4 * l + 3));
   }

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -107,6 +108,57 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
 }
 
 #ifdef __AVX2__
+#ifdef __AVX512BF16__
+// ---- bf16 caches with bf16 queries on AVX512-BF16 CPUs --------------------------------------
+// A bf16 cache belongs to a bf16 model, whose queries are bf16 too: q . k then is a sum of
+// exact bf16 x bf16 products, which vdpbf16ps forms 32 at a time. Scores are made for 16
+// positions at once (16 sums, folded into one vector), and the weighted sum of V rows keeps
+// G heads x 64 dims of float32 sums in registers. Measured with the step's KV out of cache
+// (docs/BENCHMARKS.md, "decode attention"): about 2x the AVX2 loops.
+constexpr bool kBf16Attention = true;
+
+// The 16 lane-sums of a[0..15], in lane order.
+inline __m512 sum16(__m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xdd));
+}
+
+// out[g * out_stride + r] = scale * q[g] . k[r] for rows r < rows (<= 16) of K, stride apart.
+template <int G>
+inline void scores16(const uint16_t* q, const uint16_t* k, int64_t stride, int64_t dim, int64_t rows, float scale,
+                     float* out, int64_t out_stride) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
+  for (int g = 0; g < G; ++g) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 32) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + g * dim + d);
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r)
+        if (r < rows) acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_loadu_si512(k + r * stride + d));
+    }
+    _mm512_mask_storeu_ps(out + g * out_stride, mask, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+  }
+}
+
+inline __m512 load16_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#else
+constexpr bool kBf16Attention = false;
+#endif  // __AVX512BF16__
+
 // The same computation with 8-wide float32 vectors, for head dims that are a multiple of 8.
 // G > 0: the group size (query heads per kv head) as a constant, for head dims that are a
 // multiple of 16; each K row then feeds 2 G independent accumulators held in registers.
@@ -116,12 +168,16 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
 // thread with less than two tasks (batch 1: 3 kv heads on 2 threads would leave one thread
 // idle a third of the time), each context is also cut into chunks of whole blocks; a chunk
 // keeps its softmax unnormalised (max, sum, weighted V) and the chunks are merged at the end.
+// q16: the queries in bf16 when the caller has them so (else null); with a bf16 cache, a
+// known G, 64-dim slices and whole 16-row blocks, the AVX512-BF16 loops above run instead.
 template <typename T, int G>
 void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, const float* k_scales,
                         const float* v_scales, const int64_t* tables, const int64_t* lens, float* out, int64_t batch,
                         int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, int64_t table_width,
-                        float scale, int64_t window) {
+                        float scale, int64_t window, const uint16_t* q16) {
   using tuili::load8;
+  constexpr bool kFastType = kBf16Attention && G > 0 && std::is_same_v<T, at::BFloat16>;
+  const bool fast = kFastType && q16 != nullptr && dim % 64 == 0 && block_size % 16 == 0;
   constexpr int64_t kAhead = 4;  // blocks requested ahead of the one being read
   const int64_t group = G > 0 ? G : heads / kv_heads;
   const int64_t threads = at::get_num_threads();
@@ -183,11 +239,29 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
       };
       const int64_t start_block = first - first % block_size;
       for (int64_t a = 1; a < kAhead; ++a) prefetch_block(k_cache, start_block + a * block_size);
-      // Scores: for each position, the G query heads of each kv head against its K row.
-      for_each_position(table, block_size, first, end_pos, [&](int64_t t0) {
+      auto prefetch_next = [&](int64_t t0) {
         prefetch_block(k_cache, t0 + kAhead * block_size);
         if (t0 < start_block + kAhead * block_size) prefetch_block(v_cache, t0);
-      }, [&](int64_t slot, int64_t pos) {
+      };
+#ifdef __AVX512BF16__
+      if constexpr (kFastType) {
+        if (fast) {  // 16 positions of a block at a time
+          for (int64_t t0 = start_block; t0 < end_pos; t0 += block_size) {
+            prefetch_next(t0);
+            const int64_t slot0 = table[t0 / block_size] * block_size;
+            const int64_t n = std::min(end_pos - t0, block_size);
+            for (int64_t i = std::max<int64_t>(0, first - t0); i < n; i += 16)
+              for (int64_t kvh = h0; kvh < h1; ++kvh)
+                scores16<G>(q16 + (b * heads + kvh * G) * dim,
+                            reinterpret_cast<const uint16_t*>(k_cache + ((slot0 + i) * kv_heads + kvh) * dim),
+                            row_stride, dim, std::min<int64_t>(16, n - i), scale,
+                            scores.data() + (kvh - h0) * G * len + (t0 + i - first), len);
+          }
+        }
+      }
+#endif
+      // Scores: for each position, the G query heads of each kv head against its K row.
+      if (!fast) for_each_position(table, block_size, first, end_pos, prefetch_next, [&](int64_t slot, int64_t pos) {
         for (int64_t kvh = h0; kvh < h1; ++kvh) {
           const T* kp = k_cache + (slot * kv_heads + kvh) * dim;
           const float ks = (k_scales ? k_scales[slot * kv_heads + kvh] : 1.f) * scale;
@@ -248,6 +322,39 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
       // L2 between passes); otherwise each row is read once and the outputs updated in memory.
       const float* sc = scores.data();
       auto prefetch_v = [&](int64_t t0) { prefetch_block(v_cache, t0 + kAhead * block_size); };
+#ifdef __AVX512BF16__
+      if constexpr (kFastType) {
+        if (fast) {  // 64 dims of the G heads' outputs in registers, one pass per slice
+          for (int64_t kvh = h0; kvh < h1; ++kvh) {
+            const float* sk = sc + (kvh - h0) * G * len;
+            float* ok = ob + (kvh - h0) * G * dim;
+            for (int64_t d = 0; d < dim; d += 64) {
+              __m512 acc[G][4];
+#pragma GCC unroll 8
+              for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = _mm512_setzero_ps();
+              auto pf = [&](int64_t t0) { if (kvh == h0 && d == 0) prefetch_v(t0); };
+              for_each_position(table, block_size, first, end_pos, pf, [&](int64_t slot, int64_t pos) {
+                const auto* vp = reinterpret_cast<const uint16_t*>(v_cache + (slot * kv_heads + kvh) * dim + d);
+                const __m512 v0 = load16_bf16(vp), v1 = load16_bf16(vp + 16), v2 = load16_bf16(vp + 32),
+                             v3 = load16_bf16(vp + 48);
+#pragma GCC unroll 8
+                for (int g = 0; g < G; ++g) {
+                  const __m512 w = _mm512_set1_ps(sk[g * len + pos]);
+                  acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);
+                  acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);
+                  acc[g][2] = _mm512_fmadd_ps(w, v2, acc[g][2]);
+                  acc[g][3] = _mm512_fmadd_ps(w, v3, acc[g][3]);
+                }
+              });
+#pragma GCC unroll 8
+              for (int g = 0; g < G; ++g)
+                for (int j = 0; j < 4; ++j) _mm512_storeu_ps(ok + g * dim + d + 16 * j, acc[g][j]);
+            }
+          }
+          continue;
+        }
+      }
+#endif
       if constexpr (G > 0) {
         for (int64_t kvh = h0; kvh < h1; ++kvh) {
           const float* sk = sc + (kvh - h0) * G * len;
@@ -319,13 +426,14 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
 
 }  // namespace
 
-// q: [B, H, D] float32; caches: [NB, BS, KVH, D]; tables: [B, W] int64; lens: [B] int64;
+// q: [B, H, D] float32 or bfloat16 (out: float32); caches: [NB, BS, KVH, D]; tables: [B, W] int64; lens: [B] int64;
 // k_scales / v_scales: [NB, BS, KVH] float32 for an int8 cache, empty tensors otherwise;
 // window: attend to the last `window` positions only (0: all).
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor tables, torch::Tensor lens, double scale,
                                      torch::Tensor k_scales, torch::Tensor v_scales, int64_t window) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(), "q: [B, H, D] float32");
+  TORCH_CHECK(q.dim() == 3 && (q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16),
+              "q: [B, H, D] float32 or bfloat16");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: 4-d contiguous");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches differ in dtype");
   TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.is_contiguous(), "tables: int64");
@@ -333,6 +441,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == dim && heads % kv_heads == 0, "head shapes do not match");
+  const bool q_bf16 = q.scalar_type() == torch::kBFloat16;
+  auto q16_t = q_bf16 ? q.contiguous() : q;
+  const auto* q16 = q_bf16 ? reinterpret_cast<const uint16_t*>(q16_t.data_ptr<at::BFloat16>()) : nullptr;
+  q = q.to(torch::kFloat32).contiguous();
   auto out = torch::empty_like(q);
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
@@ -346,15 +458,15 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   do {                                                                      \
     if (!vec) { decode_kernel<T>(__VA_ARGS__); break; }                     \
     switch (grouped) {                                                      \
-      case 1: decode_kernel_avx2<T, 1>(__VA_ARGS__); break;                 \
-      case 2: decode_kernel_avx2<T, 2>(__VA_ARGS__); break;                 \
-      case 3: decode_kernel_avx2<T, 3>(__VA_ARGS__); break;                 \
-      case 4: decode_kernel_avx2<T, 4>(__VA_ARGS__); break;                 \
-      case 5: decode_kernel_avx2<T, 5>(__VA_ARGS__); break;                 \
-      case 6: decode_kernel_avx2<T, 6>(__VA_ARGS__); break;                 \
-      case 7: decode_kernel_avx2<T, 7>(__VA_ARGS__); break;                 \
-      case 8: decode_kernel_avx2<T, 8>(__VA_ARGS__); break;                 \
-      default: decode_kernel_avx2<T, 0>(__VA_ARGS__); break;                \
+      case 1: decode_kernel_avx2<T, 1>(__VA_ARGS__, q16); break;                 \
+      case 2: decode_kernel_avx2<T, 2>(__VA_ARGS__, q16); break;                 \
+      case 3: decode_kernel_avx2<T, 3>(__VA_ARGS__, q16); break;                 \
+      case 4: decode_kernel_avx2<T, 4>(__VA_ARGS__, q16); break;                 \
+      case 5: decode_kernel_avx2<T, 5>(__VA_ARGS__, q16); break;                 \
+      case 6: decode_kernel_avx2<T, 6>(__VA_ARGS__, q16); break;                 \
+      case 7: decode_kernel_avx2<T, 7>(__VA_ARGS__, q16); break;                 \
+      case 8: decode_kernel_avx2<T, 8>(__VA_ARGS__, q16); break;                 \
+      default: decode_kernel_avx2<T, 0>(__VA_ARGS__, q16); break;                \
     }                                                                       \
   } while (0)
 #else
