@@ -32,6 +32,23 @@ void rms_norm_kernel(T* x, const T* delta, const T* w, T* out, int64_t rows, int
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* xr = x + r * dim;
+      T* o = out + r * dim;
+#ifdef __AVX2__
+      if (dim % 8 == 0) {  // the same steps 8 lanes at a time (the sum of squares in 8 partial sums)
+        using tuili::load8;
+        if (delta)
+          for (int64_t i = 0; i < dim; i += 8) tuili::store8(xr + i, _mm256_add_ps(load8(xr + i), load8(delta + r * dim + i)));
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < dim; i += 8) {
+          const __m256 v = load8(xr + i);
+          acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+        }
+        const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(tuili::hsum(acc) / static_cast<float>(dim) + eps));
+        for (int64_t i = 0; i < dim; i += 8)
+          tuili::store8(o + i, _mm256_mul_ps(load8(w + i), tuili::round8(_mm256_mul_ps(load8(xr + i), inv), xr)));
+        continue;
+      }
+#endif
       if (delta) {
         const T* dr = delta + r * dim;
         for (int64_t i = 0; i < dim; ++i) xr[i] = static_cast<T>(to_f(xr[i]) + to_f(dr[i]));
@@ -42,7 +59,6 @@ void rms_norm_kernel(T* x, const T* delta, const T* w, T* out, int64_t rows, int
         ss += v * v;
       }
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
-      T* o = out + r * dim;
       for (int64_t i = 0; i < dim; ++i) o[i] = static_cast<T>(to_f(w[i]) * R<T>(to_f(xr[i]) * inv));
     }
   });

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -197,11 +198,18 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
   std::vector<float> part_o(chunks > 1 ? batch * chunks * heads * dim : 0);
   std::vector<float> part_m(chunks > 1 ? batch * chunks * heads : 0), part_l(part_m.size());
   const int64_t splits_used = (kv_heads + per_split - 1) / per_split;
-  at::parallel_for(0, seq_tasks * chunks, 1, [&](int64_t begin, int64_t end) {
+  // Tasks are handed out one at a time, longest sequences first: contexts differ in length,
+  // and a fixed split of the batch left one thread waiting for the other.
+  std::vector<int64_t> order(batch);
+  for (int64_t b = 0; b < batch; ++b) order[b] = b;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lens[a] > lens[b]; });
+  const int64_t tasks = seq_tasks * chunks;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t c = task % chunks;
-      const int64_t b = task / chunks / splits_used;
+      const int64_t b = order[task / chunks / splits_used];
       const int64_t h0 = (task / chunks % splits_used) * per_split;
       const int64_t h1 = std::min(kv_heads, h0 + per_split);
       const int64_t nq = (h1 - h0) * group;  // query heads of this task, from h0 * group
