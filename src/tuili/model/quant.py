@@ -293,7 +293,8 @@ def keep_dense_bf16() -> bool:
     """bf16 weights in both forms: packed for decode (up to PACKED_MAX_ROWS rows) and plain
     for torch's matmul above (prefill), on a CPU with native bf16 but no AMX tiles. Costs a
     second copy of the bf16 weights. With AMX the packed product is the faster one at every
-    row count (docs/BENCHMARKS.md, "bf16 on AMX"), so the packed form alone serves."""
+    row count (docs/BENCHMARKS.md, "The full peers run with AMX products"), so the packed
+    form alone serves."""
     from ..config import cpu_has_fast_bf16
 
     return _forced_packing() == "auto" and cpu_has_fast_bf16() and not cpu_kernels().gemm_amx_available()

@@ -725,7 +725,7 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, to
     const float* b = bf.numel() ? bf.data_ptr<float>() : nullptr;
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
     // AMX from a single row up: measured faster than the vdpbf16ps tiles at every row count
-    // (docs/BENCHMARKS.md, "bf16 on AMX").
+    // (docs/BENCHMARKS.md, "The full peers run with AMX products", step 2).
     const bool amx = kAmxBuilt && gemm_amx_available();
     const int64_t m_pad = amx ? (M + 15) / 16 * 16 - M : 0;
     auto xb = x.to(torch::kBFloat16);
