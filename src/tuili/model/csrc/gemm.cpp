@@ -41,6 +41,18 @@ constexpr int kMaxRows = 6;  // 6 x 2 accumulators + 2 weight vectors + 1 broadc
 // widened panel is reused by more tiles): 10-15% more GFLOP/s at 64-512 rows.
 constexpr int64_t kRowBlockBytes = 256 * 1024;
 
+// out[m][n0 .. n0 + width) = sums (rows x 16 float32, row stride 16) + bias, for `rows` rows:
+// the write-out of a tile's sums in the products without per-column scales.
+template <typename Out>
+inline void store_rows(const float* sums, int64_t rows, int64_t n0, int64_t width, int64_t N, const float* bias,
+                       Out* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    Out* o = out + r * N + n0;
+    const float* a = sums + r * kPanel;
+    for (int64_t j = 0; j < width; ++j) o[j] = static_cast<Out>(a[j] + (bias ? bias[n0 + j] : 0.f));
+  }
+}
+
 inline void load16(const uint16_t* p, __m256& a, __m256& b) {
   a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
   b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))), 16));
@@ -431,10 +443,7 @@ void gemm_q4a8(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
           const float* xsm = xsum.data() + m * groups;
           if (rows == 1) tile_q4a8<1>(q, s, xsm, K, panel, sc, mn, gs, acc);
           else tile_q4a8<2>(q, s, xsm, K, panel, sc, mn, gs, acc);
-          for (int r = 0; r < rows; ++r) {
-            Out* o = out + (m + r) * N + n0;
-            for (int64_t j = 0; j < width; ++j) o[j] = static_cast<Out>(acc[r * kPanel + j] + (bias ? bias[n0 + j] : 0.f));
-          }
+          store_rows(acc, rows, n0, width, N, bias, out + m * N);
         }
       }
     });
@@ -520,11 +529,7 @@ void gemm_bf16x2(const uint16_t* x, int64_t M, int64_t K2, const uint16_t* packe
             case 3: tile_bf16x2<3>(xr, K2, panel, K2, acc); break;
             default: tile_bf16x2<4>(xr, K2, panel, K2, acc); break;
           }
-          for (int r = 0; r < rows; ++r) {
-            Out* o = out + (m + r) * N + n0;
-            const float* a = acc + r * kPanel;
-            for (int64_t j = 0; j < width; ++j) o[j] = static_cast<Out>(a[j] + (bias ? bias[n0 + j] : 0.f));
-          }
+          store_rows(acc, rows, n0, width, N, bias, out + m * N);
         }
       }
     });
@@ -559,17 +564,6 @@ bool amx_permitted() {
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
   }();
   return ok;
-}
-
-// out[m][n0 .. n0 + width) = sums (16 x 16 float32, row stride 16) + bias, for `rows` rows.
-template <typename Out>
-inline void store_rows(const float* sums, int64_t rows, int64_t n0, int64_t width, int64_t N, const float* bias,
-                       Out* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    Out* o = out + r * N + n0;
-    const float* a = sums + r * kPanel;
-    for (int64_t j = 0; j < width; ++j) o[j] = static_cast<Out>(a[j] + (bias ? bias[n0 + j] : 0.f));
-  }
 }
 
 // x bf16 [M16][K2] (M16 a multiple of 16, rows past M zero), packed as for gemm_bf16x2.
