@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+DEFAULT_MODEL = "smollm2-135m-instruct"  # served when no model is named
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
