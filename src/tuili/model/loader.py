@@ -53,14 +53,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tuili.config import ModelConfig, cache_dir
+from tuili.config import DEFAULT_MODEL, ModelConfig, cache_dir
 
 if TYPE_CHECKING:
     import gguf
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # Known name -> (pip package that ships the GGUF file, file name inside the package).
 KNOWN_MODELS: dict[str, tuple[str, str]] = {
