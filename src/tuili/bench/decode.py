@@ -19,6 +19,7 @@ import torch
 
 from ..engine.engine import Engine
 from ..sampling import SamplingParams
+from .alone import run_alone
 from .results import append_jsonl
 from .workload import random_prompts
 
@@ -33,21 +34,13 @@ def parse_configs(text: str) -> list[tuple[str, str]]:
     return configs
 
 
-def decode_once(engine: Engine, prompt: list[int], output_len: int, tag: str) -> float:
-    """Decode tokens per second of one request run alone."""
+def decode_once(engine: Engine, prompt: list[int], output_len: int) -> float:
+    """Decode tokens per second of one request run alone (from the first token's step to the last)."""
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-    engine.add_request(tag, prompt, params)
-    first = last = None
-    count = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            now = time.perf_counter()
-            n = len(out.outputs[0].token_ids)
-            if n and first is None:
-                first, count = now, n
-            last, produced = now, n
-    if first is None or produced <= count:
+    marks = run_alone(engine, prompt, params).marks
+    if len(marks) < 2 or marks[-1][1] <= marks[0][1]:
         raise RuntimeError("decode benchmark produced too few tokens")
+    (first, count), (last, produced) = marks[0], marks[-1]
     return (produced - count) / (last - first)
 
 
@@ -58,11 +51,11 @@ def run_from_args(args, options: dict[str, Any]) -> int:
         engines.append(Engine(args.model, **{**options, "quantization": quant, "kv_cache_dtype": kv}))
     prompt = random_prompts(engines[0].tokenizer, 1, args.input_len, args.input_len, seed=0)[0]
     for e in engines:  # warm-up: first calls allocate and pick kernels
-        decode_once(e, prompt[:16], 4, "warm")
+        decode_once(e, prompt[:16], 4)
     speeds: list[list[float]] = [[] for _ in configs]
     for r in range(args.runs):
         for i, e in enumerate(engines):
-            speeds[i].append(decode_once(e, prompt, args.output_len, f"run{r}"))
+            speeds[i].append(decode_once(e, prompt, args.output_len))
         print(f"run {r + 1}/{args.runs}: " + ", ".join(f"{q}/{kv} {s[-1]:.1f}" for (q, kv), s in zip(configs, speeds)),
               flush=True)
     base = statistics.median(speeds[0])

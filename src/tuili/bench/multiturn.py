@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .alone import run_alone
 from .results import append_jsonl
-from .workload import corpus_text
+from .workload import corpus_ids, corpus_window
 
 
 @dataclass
@@ -64,28 +65,17 @@ class RunResult:
 def make_workload(tokenizer, conversations: int, turns: int, system_len: int, user_len: int, reply_len: int,
                   seed: int) -> Workload:
     rng = random.Random(seed)
-    ids = tokenizer(corpus_text(), add_special_tokens=False).input_ids
-
-    def window(n: int) -> list[int]:
-        start = rng.randrange(len(ids))
-        return [ids[(start + i) % len(ids)] for i in range(n)]
-
-    system = window(system_len)
-    users = [[window(user_len) for _ in range(turns + 1)] for _ in range(conversations)]  # +1: the restart turn
+    ids = corpus_ids(tokenizer)
+    system = corpus_window(ids, rng, system_len)
+    users = [[corpus_window(ids, rng, user_len) for _ in range(turns + 1)]  # +1: the restart turn
+             for _ in range(conversations)]
     return Workload(system, users, reply_len)
 
 
 def first_request(engine, prompt: list[int], params) -> tuple[float, list[int]]:
     """Run one request alone; returns (TTFT in seconds, generated token ids)."""
-    rid = f"mt-{time.monotonic_ns()}"
-    engine.add_request(rid, prompt, params)
-    final = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final = out
-    assert final is not None and final.first_token_time is not None
-    return final.first_token_time - final.arrival_time, final.outputs[0].token_ids
+    run = run_alone(engine, prompt, params)
+    return run.ttft, run.token_ids
 
 
 def run_config(model: str, config: str, options: dict[str, Any], work: Workload, turns: int, params) -> RunResult:

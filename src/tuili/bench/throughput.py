@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..config import resolve_device, resolve_dtype
 from .results import append_jsonl
-from .workload import parse_range, random_prompts
+from .workload import load_tokenizer, parse_range, random_prompts
 
 
 def run_tuili(model: str, prompts: list[list[int]], output_len: int, options: dict[str, Any]) -> dict[str, Any]:
@@ -65,12 +65,8 @@ def run_transformers(model: str, prompts: list[list[int]], output_len: int, dtyp
 
 
 def run_from_args(args, options: dict[str, Any]) -> int:
-    from transformers import AutoTokenizer
-
-    from ..model.loader import resolve_model_path
-
     lo, hi = parse_range(args.input_len)
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(args.model)))
+    tokenizer = load_tokenizer(args.model)
     prompts = random_prompts(tokenizer, args.num_prompts, lo, hi, args.seed)
     prompt_tokens = sum(len(p) for p in prompts)
     if args.backend == "tuili":
