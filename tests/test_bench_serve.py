@@ -1,7 +1,8 @@
 """`tuili bench serve` against a fake OpenAI-compatible streaming server on a real socket.
 
-The fake server streams K one-token chunks, sleeping DELAY before each, so a request
-takes about K * DELAY seconds and concurrency shows up as throughput. The requested
+The fake server streams K one-token chunks, sleeping DELAY before each. Speed is not
+asserted here (that is for benchmarks): the tests check counts, the JSON written, the
+statistics on synthetic results, and lower bounds that the server's sleeps guarantee. The requested
 model name picks its behaviour: "fake" streams normally, "no-usage" omits the usage
 chunk, "fail-500" / "fail-400" answer with that status, "stream-error" sends an error
 object inside the stream.
@@ -25,8 +26,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 import tuili.bench.workload as workload
 from tuili.bench import serve_bench
-from tuili.bench.serve_bench import (RequestResult, add_arguments, arrival_times, duration_of, parse_goodput,
-                                     run_benchmark, run_from_args, summarize)
+from tuili.bench.client import RequestResult, arrival_times, run_benchmark
+from tuili.bench.serve_bench import add_arguments, run_from_args
+from tuili.bench.stats import duration_of, parse_goodput, summarize
 
 K = 6
 DELAY = 0.02
@@ -146,8 +148,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def test_concurrency_throughput_latencies_and_goodput(server):
-    runs = {}
+def test_counts_latencies_and_goodput(server):
     for c in (1, 4):
         results = bench(server.url, concurrency=c)
         assert len(results) == 8
@@ -174,9 +175,6 @@ def test_concurrency_throughput_latencies_and_goodput(server):
         hard = summarize(results, duration, {"ttft": DELAY * 1000 / 4})
         assert hard["good_requests"] == 0 and hard["goodput"] == 0
         assert summarize(results, duration, {"e2e": 10_000, "tpot": DELAY * 1000 / 4})["good_requests"] == 0
-        runs[c] = s
-    assert runs[4]["request_throughput"] > 2 * runs[1]["request_throughput"]
-    assert runs[4]["duration_s"] < runs[1]["duration_s"] / 2
 
 
 def test_goodput_counts_only_requests_meeting_the_slo():
