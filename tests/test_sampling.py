@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from tuili.sampling import SampleRequest, Sampler, SamplingParams
+from tuili.engine.sampler import SampleRequest, Sampler
+from tuili.sampling import SamplingParams
 
 
 def row(params, prompt=(1, 2), output=(), seed=None, eos=(0,)):

@@ -1,24 +1,15 @@
-"""Sampling parameters (validated on construction) and the batched sampler.
+"""Sampling parameters: plain data, validated on construction, no torch.
 
-Decisions:
-- Processing order: penalties -> min_tokens masking -> temperature -> min_p -> top_k/top_p -> draw.
-- `temperature == 0` means greedy (argmax of the penalised logits).
-- Returned logprobs are those of the model's raw distribution (log_softmax of the logits
-  before penalties and temperature), as OpenAI and vLLM report them.
-- A request with a `seed` owns a torch.Generator; its draws depend only on that generator
-  and its own logits row, so the same seed gives the same text whatever else is batched.
-  A draw inverts the row's cumulative distribution at one uniform U: the first token whose
-  cumulative probability exceeds U times the row's total. One random number per row keeps
-  sampling cheap next to the model step (a draw per vocabulary entry cost more than the
-  step's attention at batch 32).
+The server builds these from request bodies and the CLI from flags; the torch sampler that
+consumes them lives in `tuili.engine.sampler`, so `import tuili` and the HTTP layer's
+request models never pull in torch.
+
+- `temperature == 0` means greedy.
 - `n > 1` completions of a seeded request use seed, seed+1, ... so they differ.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence as Seq
-
-import torch
+from dataclasses import dataclass
 
 
 @dataclass
@@ -90,146 +81,3 @@ class SamplingParams:
 
     def child_seed(self, index: int) -> int | None:
         return None if self.seed is None else self.seed + index
-
-
-@dataclass
-class SampleRequest:
-    """One row of the batch to sample: its parameters, history and random state."""
-
-    params: SamplingParams
-    prompt_token_ids: Seq[int]
-    output_token_ids: Seq[int]
-    generator: torch.Generator | None = None
-    eos_token_ids: Seq[int] = field(default_factory=tuple)
-
-
-@dataclass
-class SampleResult:
-    token_ids: list[int]
-    # Per row: (logprob of the chosen token, [(token id, logprob) of the top k]) or None.
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
-
-
-class Sampler:
-    def __init__(self, device: torch.device, seed: int | None = None):
-        self.device = device
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))
-
-    @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> SampleResult:
-        """logits: [N, V] float32, one row per request in `rows`."""
-        raw = logits
-        if any(self._edits(r) for r in rows):  # penalties and masks edit a copy; logprobs use `raw`
-            logits = logits.clone()
-            self._apply_penalties(logits, rows)
-            self._mask_early_stop(logits, rows)
-        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-        token_list = [0] * len(rows)
-        if greedy:
-            picked = logits if len(greedy) == len(rows) else logits[torch.tensor(greedy, device=logits.device)]
-            # max(dim).indices: the first maximal index, as argmax, at half its cost on a CPU
-            for i, t in zip(greedy, picked.max(dim=-1).indices.tolist()):
-                token_list[i] = t
-        if sampled:
-            part = logits if len(sampled) == len(rows) else logits[torch.tensor(sampled, device=logits.device)]
-            sub = [rows[i] for i in sampled]
-            for i, t in zip(sampled, self._draw(self._probs(part, sub), sub).tolist()):
-                token_list[i] = t
-        return SampleResult(token_list, self._logprobs(raw, rows, token_list))
-
-    @staticmethod
-    def _edits(r: SampleRequest) -> bool:
-        p = r.params
-        return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
-                or len(r.output_token_ids) < p.min_tokens)
-
-    def _apply_penalties(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> None:
-        for i, r in enumerate(rows):
-            p = r.params
-            if p.repetition_penalty != 1.0:
-                seen = torch.tensor(list(r.prompt_token_ids) + list(r.output_token_ids),
-                                    dtype=torch.long, device=logits.device).unique()
-                vals = logits[i, seen]
-                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if (p.presence_penalty or p.frequency_penalty) and len(r.output_token_ids):
-                out = torch.tensor(list(r.output_token_ids), dtype=torch.long, device=logits.device)
-                counts = torch.bincount(out, minlength=logits.shape[1])[: logits.shape[1]].to(logits.dtype)
-                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-
-    def _mask_early_stop(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> None:
-        for i, r in enumerate(rows):
-            if len(r.output_token_ids) < r.params.min_tokens:
-                banned = list(r.params.stop_token_ids)
-                if not r.params.ignore_eos:
-                    banned += list(r.eos_token_ids)
-                if banned:
-                    logits[i, banned] = float("-inf")
-
-    def _probs(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
-        """Unnormalised probabilities after temperature, min_p, top_k and top_p (the draw
-        divides by each row's total)."""
-        temps = [r.params.temperature for r in rows]
-        if any(t != 1.0 for t in temps):
-            logits = logits / torch.tensor(temps, device=logits.device)[:, None]
-        probs = torch.softmax(logits, dim=-1)
-        min_p = [r.params.min_p for r in rows]
-        if any(m > 0 for m in min_p):
-            floor = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=probs.device)[:, None]
-            probs = probs.masked_fill(probs < floor, 0.0)
-        top_k = [r.params.top_k for r in rows]
-        top_p = [r.params.top_p for r in rows]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-            probs = self._top_k_top_p(probs, top_k, top_p)
-        return probs
-
-    @staticmethod
-    def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        vocab = probs.shape[-1]
-        k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=probs.device)
-        ranks = torch.arange(vocab, device=probs.device)[None, :]
-        drop = ranks >= k[:, None]
-        p = torch.tensor(top_p, device=probs.device, dtype=probs.dtype)
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        # Keep the smallest prefix whose mass reaches top_p (mass before a token < top_p).
-        before = sorted_p.cumsum(dim=-1) - sorted_p
-        total = sorted_p.sum(dim=-1, keepdim=True)
-        drop |= before >= p[:, None] * total
-        drop[:, 0] = False
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-
-    def _draw(self, probs: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
-        """Inverse CDF: the first token whose cumulative probability exceeds U * total, U uniform
-        in [0, 1). Seeded rows draw their U from their own generator; the others share one draw
-        from the sampler's generator. Tokens of probability 0 are never picked (the cumulative
-        sum does not rise there, and the search wants a value strictly above the target)."""
-        u = torch.empty(len(rows), 1, dtype=probs.dtype, device=probs.device)
-        own = [i for i, r in enumerate(rows) if r.generator is not None]
-        if len(own) < len(rows):
-            u.uniform_(generator=self.generator)
-        for i in own:
-            u[i].uniform_(generator=rows[i].generator)
-        cdf = probs.cumsum(dim=-1)
-        picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-        return picked.squeeze(1).clamp_(max=probs.shape[-1] - 1)
-
-    @staticmethod
-    def _logprobs(raw: torch.Tensor, rows: Seq[SampleRequest], tokens: list[int]):
-        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        result: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
-        if not wanted:
-            return result
-        idx = torch.tensor(wanted, device=raw.device)
-        lp = torch.log_softmax(raw[idx], dim=-1)
-        k = max(rows[i].params.logprobs for i in wanted)
-        top_v, top_i = lp.topk(max(k, 1), dim=-1) if k else (None, None)
-        chosen = lp[torch.arange(len(wanted), device=raw.device),
-                    torch.tensor([tokens[i] for i in wanted], device=raw.device)].tolist()
-        for j, i in enumerate(wanted):
-            n = rows[i].params.logprobs
-            top = list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist())) if n else []
-            result[i] = (chosen[j], top)
-        return result

@@ -36,11 +36,3 @@ def find_stop(text: str, delta_len: int, stops: list[str]) -> tuple[int, str] | 
         if i != -1 and (best is None or i < best[0]):
             best = (i, stop)
     return best
-
-
-def visible_text(seq: Sequence, stops: list[str]) -> str:
-    """Text safe to show before the sequence ends: holds back a possible partial stop string."""
-    if seq.is_finished or not stops:
-        return seq.text
-    hold = max(len(s) for s in stops) - 1
-    return seq.text[: len(seq.text) - hold] if hold else seq.text

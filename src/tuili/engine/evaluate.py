@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from ..model.layers import AttentionMetadata, PrefillSpan
 from .engine import Engine
 from .kv_cache import cdiv
 
@@ -45,20 +44,12 @@ class EvalResult:
 
 def _window_logits(engine: Engine, ids: list[int], chunk: int):
     """Yields (start, logits [n, V] float32) for each prefill chunk of one window."""
-    bs = engine.config.block_size
-    nblocks = cdiv(len(ids), bs)
+    nblocks = cdiv(len(ids), engine.config.block_size)
     if nblocks > engine.blocks.num_blocks:
         raise ValueError(f"window: {len(ids)} tokens do not fit the KV pool of {engine.blocks.num_blocks} blocks")
-    device = engine.device
-    table = torch.arange(nblocks, dtype=torch.long, device=device)
+    table = list(range(nblocks))  # the idle pool's blocks 0..n-1, in order
     for start in range(0, len(ids), chunk):
-        n = min(chunk, len(ids) - start)
-        pos = torch.arange(start, start + n, dtype=torch.long, device=device)
-        meta = AttentionMetadata(slot_mapping=pos.clone())  # blocks 0..n-1 in order: slot == position
-        meta.prefills.append(PrefillSpan(0, n, start + n, table[: cdiv(start + n, bs)]))
-        ids_t = torch.tensor(ids[start:start + n], dtype=torch.long, device=device)
-        hidden = engine.model(ids_t, pos, engine.runner.kv_caches, meta)
-        yield start, engine.model.compute_logits(hidden)
+        yield start, engine.runner.chunk_logits(ids[start:start + chunk], start, table)
 
 
 @torch.inference_mode()

@@ -6,11 +6,11 @@ from typing import Any, Sequence as Seq
 
 from tqdm import tqdm
 
-from ..config import EngineConfig
+from ..config import DEFAULT_MODEL, EngineConfig
 from ..sampling import SamplingParams
-from .engine import Engine, RequestOutput
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from .engine import Engine
+from .outputs import RequestOutput
+from .tokenizer import chat_prompt_ids
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
@@ -42,12 +42,11 @@ class LLM:
             prompts = [prompts]  # a single prompt
         prompts = list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
-        ids = []
-        for prompt, p in zip(prompts, params):
-            rid = f"offline-{next(self._ids)}"
-            self.engine.add_request(rid, prompt, p)
-            ids.append(rid)
-        return self._run(ids, use_tqdm)
+        requests = [(f"offline-{next(self._ids)}", prompt, p) for prompt, p in zip(prompts, params)]
+        bar = tqdm(total=len(requests), desc="generating", disable=not use_tqdm)
+        outs = self.engine.generate(requests, on_finish=lambda _: bar.update(1))
+        bar.close()
+        return outs
 
     def chat(self, messages: Messages | Seq[Messages],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -57,22 +56,7 @@ class LLM:
         return self.generate([self.chat_prompt_ids(c) for c in convs], sampling_params, use_tqdm)
 
     def chat_prompt_ids(self, messages: Messages) -> list[int]:
-        tok = self.engine.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise ValueError("messages: this model has no chat template")
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tok(text, add_special_tokens=False).input_ids
-
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="generating", disable=not use_tqdm)
-        while len(done) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-                    bar.update(1)
-        bar.close()
-        return [done[i] for i in ids]
+        return chat_prompt_ids(self.engine.tokenizer, messages)
 
 
 def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:

@@ -1,9 +1,9 @@
-"""Builds a step's tensors from the scheduled sequences, runs the model, returns logits.
+"""Builds a step's tensors from the scheduled sequences, runs the model, samples.
 
 The runner owns the KV cache tensors (per layer, K and V of shape
 `[num_blocks, block_size, num_kv_heads, head_dim]`, and for an int8 cache also a float32
 scale per token and head, `[num_blocks, block_size, num_kv_heads]`, for each) and is the only part of the engine
-that touches tensors besides the sampler. In the flat batch, single-token queries
+that touches tensors (the sampler is its own). In the flat batch, single-token queries
 (decodes) come first and share one batched attention call; prefill chunks follow.
 
 `read_blocks` / `write_blocks` move whole blocks between the pool and flat CPU byte
@@ -13,15 +13,30 @@ the concatenation of its rows in all of them, in a fixed order.
 """
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 
 from ..model.layers import AttentionMetadata, PrefillSpan
-from ..model.llama import LlamaModel
 from .kv_cache import cdiv
+from .sampler import SampleRequest, Sampler
 from .scheduler import ScheduledSeq
+from .sequence import Sequence
 
 
-def kv_bytes_per_block(model: LlamaModel, block_size: int, kv_dtype: torch.dtype) -> int:
+class CausalLM(Protocol):
+    """What the runner needs of a model family (LlamaModel, Gemma3Model)."""
+
+    cfg: Any
+    device: torch.device
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
+                 meta: AttentionMetadata) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+def kv_bytes_per_block(model: CausalLM, block_size: int, kv_dtype: torch.dtype) -> int:
     """Bytes of K and V for one block over all layers, scales included for an int8 cache."""
     cfg = model.cfg
     per_row = cfg.head_dim * torch.tensor([], dtype=kv_dtype).element_size()
@@ -31,8 +46,11 @@ def kv_bytes_per_block(model: LlamaModel, block_size: int, kv_dtype: torch.dtype
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+                 sampler: Sampler | None = None, eos_token_ids: list[int] | None = None):
         self.model = model
+        self.sampler = sampler or Sampler(model.device)
+        self.eos_token_ids = list(eos_token_ids or [])
         self.device = model.device
         self.block_size = block_size
         cfg = model.cfg
@@ -90,8 +108,18 @@ class ModelRunner:
             offset += n
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-        """Runs one step; returns logits [N, V] for the sequences that sample, in the returned order."""
+    def run(self, scheduled: list[ScheduledSeq]) -> list[tuple[Sequence, int, Any]]:
+        """Runs one step and samples: (sequence, token id, logprobs or None) for each
+        sequence that samples this step (a prefill chunk short of the prompt's end does not)."""
+        logits, sampling = self._logits(scheduled)
+        if not sampling:
+            return []
+        rows = [SampleRequest(s.seq.params, s.seq.prompt_token_ids, s.seq.output_token_ids,
+                              s.seq.generator, self.eos_token_ids) for s in sampling]
+        result = self.sampler(logits, rows)
+        return [(s.seq, t, lp) for s, t, lp in zip(sampling, result.token_ids, result.logprobs)]
+
+    def _logits(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         ordered = decodes + prefills
@@ -115,6 +143,18 @@ class ModelRunner:
         if not rows:
             return torch.empty(0, self.model.cfg.vocab_size, device=self.device), []
         return self.model.compute_logits(hidden[self._tensor(rows)]), sampling
+
+    @torch.inference_mode()
+    def chunk_logits(self, token_ids: list[int], start: int, block_table: list[int]) -> torch.Tensor:
+        """Logits at every position of one prefill chunk (positions start.., KV written to
+        `block_table`), for scoring a text (evaluate.py) through the same model call as serving."""
+        bs = self.block_size
+        end = start + len(token_ids)
+        slots = [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots))
+        meta.prefills.append(PrefillSpan(0, len(token_ids), end, self._tensor(block_table[: cdiv(end, bs)])))
+        hidden = self.model(self._tensor(token_ids), self._tensor(list(range(start, end))), self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
 
     def _flat_inputs(self, ordered: list[ScheduledSeq]) -> tuple[list[int], list[int], list[int]]:
         bs = self.block_size

@@ -2,7 +2,8 @@
 
 A request with `n` completions owns `n` sequences that share its prompt. The scheduler
 sees `num_tokens`, `num_computed_tokens` and `block_table`; the runner reads tokens;
-the engine appends sampled tokens and decides when a sequence finishes.
+the postprocessor appends sampled tokens, decides when a sequence finishes and hands out
+what is new (postprocess.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import SamplingParams
+from .outputs import TokenLogprob
 
 _seq_ids = itertools.count()
 
@@ -22,13 +24,6 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the k most likely tokens with their logprobs
 
 
 @dataclass(eq=False)
@@ -48,13 +43,16 @@ class Sequence:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     num_cached_prompt_tokens: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet handed out
     generator: torch.Generator | None = None
     first_token_time: float | None = None
-    # Incremental detokenization state.
+    # Incremental detokenization state, and how much has been handed out in deltas.
     text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
+    sent_text: int = 0
+    sent_tokens: int = 0
+    sent_finish: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

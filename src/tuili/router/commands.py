@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from . import DEFAULT_ROUTER
+from . import load_router
 from .classifier import RouterClassifier, auc, fit, share_above
 from .data import load_examples
 from .features import features_of
@@ -38,11 +38,6 @@ def _router_file_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-model", default=None, help="router file (default: the one shipped with tuili)")
     p.add_argument("--router-strong-share", type=float, default=None,
                    help="recalibrate the threshold for this share of strong calls")
-
-
-def load_router(path: str | None, strong_share: float | None = None) -> RouterClassifier:
-    clf = RouterClassifier.load(path or DEFAULT_ROUTER)
-    return clf.with_strong_share(strong_share) if strong_share is not None else clf
 
 
 def cmd_train(args: argparse.Namespace) -> int:
