@@ -1,8 +1,9 @@
 """Settings for models, the KV cache, the scheduler and the server.
 
-The device and the default dtype are chosen here and only here (`resolve_device`,
-`resolve_dtype`): every other module receives them as arguments, so the same code
-runs on `cpu` and `cuda`.
+Plain data and the parsing of user-given values (sizes, quantization names). The device,
+the dtype and the CPU kernel paths are decided in `tuili.device`; `resolve_device`,
+`resolve_dtype` and `cpu_has_fast_bf16` are re-exported here for the modules that still
+import them from this one. Nothing here imports `tuili.model`.
 """
 from __future__ import annotations
 
@@ -12,53 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from .device import cpu_has_fast_bf16, resolve_device, resolve_dtype
+
+__all__ = ["DEFAULT_MODEL", "SUPPORTED_ARCHITECTURES", "QUANT_MODES", "INT4_GROUP_SIZES", "ModelConfig",
+           "SchedulerConfig", "EngineConfig", "parse_size", "parse_quantization", "cache_dir",
+           "resolve_device", "resolve_dtype", "cpu_has_fast_bf16"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # served when no model is named
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bfloat16 matmul (AVX512-BF16 or AMX).
-
-    Without it, oneDNN emulates bfloat16 and a matmul runs several times slower
-    than in float32 (measured 7x on an AVX2-only EPYC), so `auto` falls back to float32.
-    """
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap in ("AVX512_BF16", "AMX"):
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: unknown value {dtype!r}; use auto, float32, bfloat16 or float16")
-    return _DTYPES[dtype]
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -76,6 +39,26 @@ def parse_size(value: str | int) -> int:
     if not m or unit not in _UNITS:
         raise ValueError(f"size: cannot parse {value!r}; write it like 512MiB or 2GiB")
     return int(float(m.group(1)) * _UNITS[unit])
+
+
+QUANT_MODES = ("none", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def parse_quantization(value: str | None) -> tuple[str, int]:
+    """'int8', 'int4' (group 32 by default), 'int4:64' or 'int4-g128' -> (mode, group size)."""
+    if value in (None, "", "none"):
+        return "none", 0
+    text = value.lower().replace("-g", ":").replace("_g", ":")
+    mode, _, group = text.partition(":")
+    if mode == "int8" and not group:
+        return "int8", 0
+    if mode == "int4":
+        size = int(group) if group.isdigit() else (32 if not group else -1)
+        if size in INT4_GROUP_SIZES:
+            return "int4", size
+        raise ValueError(f"quantization: int4 group size must be one of {INT4_GROUP_SIZES}, got {group!r}")
+    raise ValueError(f"quantization: unknown value {value!r}; use none, int8, int4, int4:64 or int4:128")
 
 
 def cache_dir() -> Path:
@@ -243,8 +226,6 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
-        from .model.quant import parse_quantization
-
         parse_quantization(self.quantization)
         if self.kv_cache_dtype not in ("auto", "int8"):
             raise ValueError(f"kv_cache_dtype: unknown value {self.kv_cache_dtype!r}; use auto or int8")

@@ -4,7 +4,7 @@ The build needs a C++ compiler and ninja; it is tried once per process, on first
 (`make setup` triggers it ahead of time through `python -m tuili.model.kernels`), and the
 result is kept under `$TUILI_CACHE/kernels/<cpu-and-torch-key>`, so a build made with
 `-march=native` is never loaded on a different CPU or torch. If the build fails, or
-`TUILI_KERNELS=0` is set, callers fall back to the pure-PyTorch path: same results up
+`TUILI_KERNELS=0` is set (`tuili.device.kernels_enabled`), callers fall back to the pure-PyTorch path: same results up
 to float rounding, only slower.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
-import os
 import platform
 import sys
 import time
@@ -22,6 +21,7 @@ from types import ModuleType
 import torch
 
 from ..config import cache_dir
+from ..device import kernels_enabled
 
 log = logging.getLogger("tuili.kernels")
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_attention.cpp", "gemm.cpp", "fused.cpp", "decoder.cpp")]
@@ -54,7 +54,7 @@ def cpu_kernels() -> ModuleType | None:
     if _tried:
         return _ext
     _tried = True
-    if os.environ.get("TUILI_KERNELS", "1") == "0":
+    if not kernels_enabled():
         return None
     key = _build_key()
     build_dir = cache_dir() / "kernels" / key

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig, cpu_has_fast_bf16
+from ..config import ModelConfig
+from ..device import cpu_bf16_is_slow
 from .kernels import cpu_kernels
 from .quant import PACKED_TYPES, QuantWeight
 
@@ -27,18 +28,18 @@ from .quant import PACKED_TYPES, QuantWeight
 # AVX2-only EPYC, 20 matrices of 3072x576: bf16 vs float32-upcast 7 vs 52 ms at 1 row,
 # 79 vs 62 ms at 16 rows, 289 vs 103 ms at 64 rows. So above this many rows such CPUs
 # run the matmul in float32 and cast back; weights stay bf16 in memory.
+# Whether this CPU is such a one is asked at call time (`tuili.device.cpu_bf16_is_slow`,
+# probed once per process), not when this module is imported.
 BF16_UPCAST_MIN_ROWS = 8
-_CPU_BF16_IS_SLOW = not cpu_has_fast_bf16()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(weight, PACKED_TYPES):  # bf16 / int8 / int4 packed for the CPU kernel
         return weight.matmul(x, bias=bias)
     if not isinstance(weight, torch.Tensor):  # int8 / int4 weight-only (model/quant.py)
-        out = weight.matmul(x, _CPU_BF16_IS_SLOW and x.device.type == "cpu")
+        out = weight.matmul(x, cpu_bf16_is_slow(x.device))
         return out if bias is None else out + bias
-    if (_CPU_BF16_IS_SLOW and x.dtype is torch.bfloat16 and x.device.type == "cpu"
-            and x.shape[0] > BF16_UPCAST_MIN_ROWS):
+    if x.dtype is torch.bfloat16 and x.shape[0] > BF16_UPCAST_MIN_ROWS and cpu_bf16_is_slow(x.device):
         out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
         return out.to(torch.bfloat16)
     return F.linear(x, weight, bias)
@@ -182,7 +183,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     they are gathered). `window` (sliding-window layers): a query at position p sees only
     positions p - window + 1 .. p, as in transformers' sliding-window mask."""
     dtype = q.dtype
-    if _CPU_BF16_IS_SLOW and q.dtype is torch.bfloat16 and q.device.type == "cpu":
+    if q.dtype is torch.bfloat16 and cpu_bf16_is_slow(q.device):
         q = q.float()
     if not meta.prefills:  # decodes only: no output buffer to assemble
         return _decode_attention(q, k_cache, v_cache, meta, scale, kv_scales, window).to(dtype)

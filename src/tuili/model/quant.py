@@ -17,7 +17,7 @@ int8 op vs bf16 F.linear 3.7 vs 15.0 ms (x10, 1 row); int8 op vs dequantized flo
 192 vs 266 ms at 64 rows, 94 vs 49 ms at 256 rows. The int4 op has no such fallback
 (its packed layout is the op's own); its prefill runs about 2x slower than float32.
 
-Where the CPU kernels are built (`cpu_packing_available`), weights are instead repacked
+Where the CPU kernels are built and `tuili.device.weight_packing` says so, weights are instead repacked
 for `model/csrc/gemm.cpp`. Its int8 and int4 products quantize the activations too, per
 block of 32 inputs (`int8_activations`), and multiply int8 bytes exactly in int32: the
 weights are what is stored; the activations' rounding is part of the measured quality
@@ -25,40 +25,23 @@ loss (tests/test_quant.py, docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..config import INT4_GROUP_SIZES, QUANT_MODES, parse_quantization  # noqa: F401 - re-exported
+from ..device import weight_packing
 from .kernels import cpu_kernels
 
-QUANT_MODES = ("none", "int8", "int4")
 _NONE = torch.empty(0)
 # Rows up to which a bf16 weight held in both forms takes the packed product on a CPU with
 # native bf16: measured crossover with torch's matmul about 12 rows (docs/BENCHMARKS.md).
 PACKED_MAX_ROWS = 8
-INT4_GROUP_SIZES = (32, 64, 128)
 # Above this many rows a CPU without native bf16 runs int8 weights as a dequantized float32
 # matmul (the int8 op with bf16 activations falls behind float32 GEMM there).
 DEQUANT_MIN_ROWS = 128
 INT8_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
-
-
-def parse_quantization(value: str | None) -> tuple[str, int]:
-    """'int8', 'int4' (group 32 by default), 'int4:64' or 'int4-g128' -> (mode, group size)."""
-    if value in (None, "", "none"):
-        return "none", 0
-    text = value.lower().replace("-g", ":").replace("_g", ":")
-    mode, _, group = text.partition(":")
-    if mode == "int8" and not group:
-        return "int8", 0
-    if mode == "int4":
-        size = int(group) if group.isdigit() else (32 if not group else -1)
-        if size in INT4_GROUP_SIZES:
-            return "int4", size
-        raise ValueError(f"quantization: int4 group size must be one of {INT4_GROUP_SIZES}, got {group!r}")
-    raise ValueError(f"quantization: unknown value {value!r}; use none, int8, int4, int4:64 or int4:128")
 
 
 class _Features:
@@ -124,7 +107,7 @@ class Int4Weight(_Features):
 class PackedWeight(_Features):
     """A bfloat16 or int8 weight repacked once for the CPU product of `model/csrc/gemm.cpp`
     (panels of 16 output columns; bf16 widened to float32 in registers, int8 multiplied by
-    int8 activations). Where it is used: `cpu_packing_available`."""
+    int8 activations). Where it is used: `tuili.device.weight_packing`."""
 
     packed: torch.Tensor  # bf16 [ceil(N/16), K, 16] (pairs of inputs with AVX512-BF16); int8 [ceil(N/16), K32/4, 16, 4]
     scales: torch.Tensor  # [N] float32 for int8 (w = q * scale), empty for bfloat16
@@ -275,36 +258,12 @@ def quantize_model(model: torch.nn.Module, mode: str, group: int) -> None:
     _convert_linears(model, lambda w: quantize(w, mode, group), f"quantizing to {mode}")
 
 
-def cpu_packing_available(device: torch.device) -> bool:
-    """Whether weights are repacked for the CPU products of `model/csrc/gemm.cpp`: on a CPU
-    where the kernels build (AVX2), in every mode. Measured against torch's ops
-    (docs/BENCHMARKS.md, "CPU matrix products"): faster at every row count for int8 and
-    int4, for bf16 on a CPU without native bf16 and on one with AMX tiles; on a CPU with
-    AVX512-BF16 but no AMX, bf16 is faster up to about 12 rows only, so there bf16 weights
-    keep their plain form too (`keep_dense_bf16`). TUILI_PACKED=1 or 0 forces packing on (never both forms) or off."""
-    forced = _forced_packing()
-    if device.type != "cpu" or forced == "0":
-        return False
-    ext = cpu_kernels()
-    return ext is not None and ext.gemm_available()
-
-
-def keep_dense_bf16() -> bool:
-    """bf16 weights in both forms: packed for decode (up to PACKED_MAX_ROWS rows) and plain
-    for torch's matmul above (prefill), on a CPU with native bf16 but no AMX tiles. Costs a
-    second copy of the bf16 weights. With AMX the packed product is the faster one at every
-    row count (docs/BENCHMARKS.md, "The full peers run with AMX products"), so the packed
-    form alone serves."""
-    from ..config import cpu_has_fast_bf16
-
-    return _forced_packing() == "auto" and cpu_has_fast_bf16() and not cpu_kernels().gemm_amx_available()
-
-
-def _forced_packing() -> str:
-    forced = os.environ.get("TUILI_PACKED", "auto")
-    if forced not in ("auto", "0", "1"):
-        raise ValueError(f"TUILI_PACKED: expected auto, 0 or 1, got {forced!r}")
-    return forced
+def packing_plan(device: torch.device) -> tuple[bool, bool]:
+    """(pack, keep_dense_bf16) on `device`, as `tuili.device.weight_packing` decides it from
+    what the CPU kernels were built with here."""
+    ext = cpu_kernels() if device.type == "cpu" else None
+    gemm = ext is not None and ext.gemm_available()
+    return weight_packing(device, gemm, gemm and ext.gemm_amx_available())
 
 
 def pack_weight(w: torch.Tensor | QuantWeight, keep_dense: bool = False) -> torch.Tensor | QuantWeight:
@@ -323,14 +282,13 @@ def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> No
     bf16, int8 and int4 weights in the CPU kernel's packed forms (the output head too; the
     embedding lookup keeps its own table)."""
     mode, group = quantization
-    packing = cpu_packing_available(model.device)
+    packing, dense = packing_plan(model.device)
     if mode == "int4" and packing:  # straight to the packed codes
         _convert_linears(model, lambda w: quantize_int4_packed(w, group), f"quantizing to {mode}")
         return
     if mode != "none":
         quantize_model(model, mode, group)
     if packing:
-        dense = keep_dense_bf16()
         _convert_linears(model, lambda w: pack_weight(w, dense), None)
 
 

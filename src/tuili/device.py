@@ -1,0 +1,126 @@
+"""Where the model runs and which arithmetic it takes: device, dtype and the CPU kernel paths.
+
+This module is the one place that makes these choices. Everything else receives them as
+arguments or asks the functions here, so the same code runs on `cpu` and `cuda`, and a
+CPU path is picked from what this machine has (probed once, cached for the process),
+never from a constant tuned on one CPU.
+
+The environment switches it reads (the README's "Switches" lists them too):
+
+- `TUILI_KERNELS=0`: do not build or load the compiled CPU kernels (`model/kernels.py`);
+  everything runs on PyTorch's own ops. Default: use them wherever they build.
+- `TUILI_PACKED=auto|0|1`: whether weights are repacked for the kernels' matrix products
+  (`model/csrc/gemm.cpp`). `auto` (default) follows `weight_packing` below; `1` packs every
+  weight and never keeps a second, plain bf16 copy; `0` never packs.
+- `TUILI_AMX=0`: bf16 products do not use AMX tiles on a CPU that has them (the AVX512-BF16
+  tiles take every row count). The compiled kernel reads this switch itself, at each
+  product, because it picks the tile loop; `amx_allowed` is its Python reading.
+
+It imports nothing from `tuili.model`: the kernels report what they were built with
+(`gemm_available`, `gemm_amx_available`) and the policy here takes those as arguments.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+PACKING_SWITCH_VALUES = ("auto", "0", "1")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; asking for CUDA where there is none is a ValueError."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: unknown value {device!r}; use auto, cpu or cuda (cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} was asked for, but this PyTorch build sees no CUDA device")
+    return dev
+
+
+@functools.cache
+def _probe_fast_bf16() -> bool:
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX512_BF16", "AMX"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bfloat16 matmul (AVX512-BF16 or AMX); probed once.
+
+    Without it, oneDNN emulates bfloat16 and a matmul runs several times slower
+    than in float32 (measured 7x on an AVX2-only EPYC), so `auto` falls back to float32.
+    """
+    return _probe_fast_bf16()
+
+
+def cpu_bf16_is_slow(device: torch.device) -> bool:
+    """Whether bf16 arithmetic on `device` is emulated (a CPU without native bf16): callers
+    then run large matmuls and attention in float32 and cast back."""
+    return device.type == "cpu" and not cpu_has_fast_bf16()
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: unknown value {dtype!r}; use auto, float32, bfloat16 or float16")
+    return _DTYPES[dtype]
+
+
+def kernels_enabled() -> bool:
+    """TUILI_KERNELS: the compiled CPU kernels may be built and used (unless it is 0)."""
+    return os.environ.get("TUILI_KERNELS", "1") != "0"
+
+
+def packing_switch() -> str:
+    """TUILI_PACKED: auto (the default), 0 or 1; anything else is a ValueError."""
+    value = os.environ.get("TUILI_PACKED", "auto")
+    if value not in PACKING_SWITCH_VALUES:
+        raise ValueError(f"TUILI_PACKED: expected auto, 0 or 1, got {value!r}")
+    return value
+
+
+def amx_allowed() -> bool:
+    """TUILI_AMX: AMX tiles may be used where the CPU has them (unless it is 0). The C++
+    product reads the same variable (gemm.cpp, gemm_amx_available)."""
+    return os.environ.get("TUILI_AMX", "1") != "0"
+
+
+def weight_packing(device: torch.device, gemm_built: bool, amx_tiles: bool) -> tuple[bool, bool]:
+    """(pack, keep_dense_bf16): whether weights are repacked for the CPU products of
+    `model/csrc/gemm.cpp`, and whether bf16 weights keep their plain form beside the packed one.
+
+    `gemm_built`: the kernels are loaded and have the products (AVX2); `amx_tiles`: the
+    products may run on AMX tiles here. Measured against torch's ops (docs/BENCHMARKS.md,
+    "CPU matrix products"): packing is faster at every row count for int8 and int4, and for
+    bf16 on a CPU without native bf16 or with AMX tiles. On a CPU with AVX512-BF16 but no
+    AMX, the packed bf16 product is faster up to about 12 rows only, so there bf16 weights
+    are held in both forms: packed for decode, plain for torch's matmul on prefill (a
+    second copy of the bf16 weights). TUILI_PACKED=1 packs without the plain copy; 0 never packs.
+    """
+    switch = packing_switch()
+    if device.type != "cpu" or switch == "0" or not gemm_built:
+        return False, False
+    return True, switch == "auto" and cpu_has_fast_bf16() and not amx_tiles
