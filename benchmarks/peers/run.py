@@ -1,9 +1,9 @@
-"""`python -m tuili.bench.peers run`: tuili and every installed peer, one at a time, on one workload.
+"""`python -m benchmarks.peers run`: tuili and every installed peer, one at a time, on one workload.
 
 For each server in turn: start it on 127.0.0.1 (time to ready is recorded), send a few
 warm-up requests (not measured: first-request costs such as lazy compilation would
 otherwise land in the c=1 run), then for each repeat and each concurrency run the
-`tuili bench serve` client (serve_bench.run_benchmark: same requests, same measurements
+`tuili bench serve` client (tuili.bench.client.run_benchmark: same requests, same measurements
 as the command) on fresh prompt text of the same lengths, then stop it. Run k of every
 server gets the same text, so servers compare on identical requests while no server sees
 a prompt twice. Each run appends one JSON line to --out; at the end the markdown table
@@ -23,11 +23,14 @@ import time
 import uuid
 from pathlib import Path
 
-from ..serve_bench import duration_of, load_tokenizer, run_benchmark, summarize
-from ..workload import parse_range
+from tuili.bench.client import run_benchmark
+from tuili.bench.launch import free_port
+from tuili.bench.results import append_jsonl
+from tuili.bench.stats import duration_of, summarize
+from tuili.bench.workload import load_tokenizer, parse_range
+
 from . import cold_start
-from ..results import append_jsonl
-from .common import Layout, free_port, log, model_folder
+from .common import Layout, log, model_folder
 from .prompts import PromptSource
 from .report import write_report
 from .servers import ServerSpec, llama_spec, start, tuili_spec, vllm_spec

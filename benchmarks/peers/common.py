@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_PEERS_DIR = "/work/peers"
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from tuili.config import DEFAULT_MODEL
 
 
 def log(msg: str) -> None:
@@ -20,12 +18,16 @@ def log(msg: str) -> None:
 
 
 def peers_dir(option: str | None) -> Path:
-    return Path(option or os.environ.get("TUILI_PEERS_DIR") or DEFAULT_PEERS_DIR).resolve()
+    """--peers-dir, else $TUILI_PEERS_DIR; there is no default (machines differ in where space is)."""
+    chosen = option or os.environ.get("TUILI_PEERS_DIR")
+    if not chosen:
+        raise ValueError("where do the peers live? pass --peers-dir DIR or set TUILI_PEERS_DIR")
+    return Path(chosen).resolve()
 
 
 def model_folder(name: str = DEFAULT_MODEL) -> Path:
     """The converted HF folder of the default model (converted into TUILI_CACHE on first use)."""
-    from ...model.loader import resolve_model_path
+    from tuili.model.loader import resolve_model_path
 
     return Path(resolve_model_path(name))
 
@@ -70,12 +72,6 @@ class Layout:
     @property
     def install_record(self) -> Path:
         return self.root / "install.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_logged(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None,

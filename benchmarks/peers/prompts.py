@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from ..workload import corpus_text
+from tuili.bench.workload import corpus_ids, corpus_window
 
 
 def prompt_lengths(num_prompts: int, lo: int, hi: int, seed: int) -> list[int]:
@@ -17,14 +17,10 @@ def prompt_lengths(num_prompts: int, lo: int, hi: int, seed: int) -> list[int]:
     return [rng.randint(lo, hi) for _ in range(num_prompts)]
 
 
-def fresh_prompt_ids(corpus_ids: list[int], lengths: list[int], text_seed: int) -> list[list[int]]:
+def fresh_prompt_ids(ids: list[int], lengths: list[int], text_seed: int) -> list[list[int]]:
     """One window of the tokenized corpus per length, at offsets drawn from `text_seed` (wrapping)."""
     rng = random.Random(text_seed)
-    out = []
-    for n in lengths:
-        start = rng.randrange(len(corpus_ids))
-        out.append([corpus_ids[(start + i) % len(corpus_ids)] for i in range(n)])
-    return out
+    return [corpus_window(ids, rng, n) for n in lengths]
 
 
 class PromptSource:
@@ -32,7 +28,7 @@ class PromptSource:
 
     def __init__(self, tokenizer, num_prompts: int, lo: int, hi: int, length_seed: int = 0):
         self.tokenizer = tokenizer
-        self.ids = tokenizer(corpus_text(), add_special_tokens=False).input_ids
+        self.ids = corpus_ids(tokenizer)
         self.lengths = prompt_lengths(num_prompts, lo, hi, length_seed)
 
     def texts(self, run: int, num_prompts: int | None = None) -> list[str]:
