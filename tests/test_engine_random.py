@@ -1,48 +1,38 @@
-"""Greedy parity with transformers on small random-weight models built here, one per architecture.
+"""Greedy parity with transformers on small random-weight models (conftest's `tiny_model`), one per architecture.
 
 Each model is saved with `save_pretrained` and loaded back through tuili's own loader, so
 the HF-folder path is covered too. Small block size and token budget force chunked prefill
 and multi-block tables; a tiny pool forces preemption.
 """
 import pytest
-import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from tuili import LLM, SamplingParams
 
-COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+# name -> (architecture, config overrides on conftest's TINY_COMMON)
 ARCHS = {
-    "llama-gqa-untied": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=False)),
-    "llama3-rope-scaling": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True, rope_scaling={
+    "llama-gqa-untied": ("llama", {}),
+    "llama3-rope-scaling": ("llama", dict(tie_word_embeddings=True, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32})),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=None)),
-    "qwen2-bias-tied": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True)),
-    "qwen3-qk-norm": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=48, tie_word_embeddings=False)),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen3-qk-norm": ("qwen3", dict(head_dim=48)),
 }
 LENGTHS = [3, 17, 9, 40, 1, 26]
 NEW = 12
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
-def saved(request, tmp_path_factory):
-    torch.manual_seed(1234)
-    model = ARCHS[request.param]().eval()
-    # Random init is small; scale weights up so the argmax is not a near tie everywhere.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder)
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(3, COMMON["vocab_size"], (n,), generator=g).tolist() for n in LENGTHS]
-    with torch.no_grad():
-        refs = [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    return folder, prompts, refs
+def saved(request, tiny_model):
+    arch, overrides = ARCHS[request.param]
+    folder = tiny_model(arch, **overrides)
+    prompts = tiny_model.prompts(folder, LENGTHS)
+    return folder, prompts, tiny_model.greedy(folder, prompts, NEW)
+
+
+@pytest.fixture
+def llama(tiny_model):
+    return str(tiny_model("llama"))
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
@@ -73,10 +63,8 @@ def test_preemption_keeps_outputs(saved):
     assert llm.engine.blocks.num_used_blocks == 0
 
 
-def test_abort_running_request_frees_blocks(tmp_path):
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**COMMON)).save_pretrained(tmp_path)
-    llm = LLM(str(tmp_path), dtype="float32", block_size=4, num_kv_blocks=64)
+def test_abort_running_request_frees_blocks(llama):
+    llm = LLM(llama, dtype="float32", block_size=4, num_kv_blocks=64)
     engine = llm.engine
     engine.add_request("a", list(range(3, 30)), SamplingParams(max_tokens=50, ignore_eos=True))
     engine.add_request("b", list(range(40, 50)), SamplingParams(max_tokens=50, ignore_eos=True))
@@ -91,23 +79,20 @@ def test_abort_running_request_frees_blocks(tmp_path):
     assert engine.step() == []
 
 
-def test_engine_rejects_requests_that_cannot_fit(tmp_path):
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**COMMON)).save_pretrained(tmp_path)
-    llm = LLM(str(tmp_path), dtype="float32", block_size=4, num_kv_blocks=8)
+def test_engine_rejects_requests_that_cannot_fit(llama, tiny_model):
+    cfg = tiny_model.config(llama)
+    llm = LLM(llama, dtype="float32", block_size=4, num_kv_blocks=8)
     with pytest.raises(ValueError, match="max_tokens"):
-        llm.generate([[5] * 10], SamplingParams(max_tokens=COMMON["max_position_embeddings"]))
+        llm.generate([[5] * 10], SamplingParams(max_tokens=cfg["max_position_embeddings"]))
     with pytest.raises(ValueError, match="KV blocks"):
         llm.generate([[5] * 30], SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="prompt"):
-        llm.generate([[COMMON["vocab_size"]]], SamplingParams(max_tokens=1))
+        llm.generate([[cfg["vocab_size"]]], SamplingParams(max_tokens=1))
     assert llm.generate([[5] * 10], SamplingParams(max_tokens=4))[0].outputs[0].finish_reason == "length"
 
 
-def test_no_max_tokens_stops_at_the_pool_size(tmp_path):
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**COMMON)).save_pretrained(tmp_path)
-    llm = LLM(str(tmp_path), dtype="float32", block_size=4, num_kv_blocks=10)  # 40 tokens < 256 context
+def test_no_max_tokens_stops_at_the_pool_size(llama):
+    llm = LLM(llama, dtype="float32", block_size=4, num_kv_blocks=10)  # 40 tokens < 256 context
     outs = llm.generate([[5] * 10, [7] * 6], SamplingParams(max_tokens=None, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in outs] == [30, 34]
     assert all(o.outputs[0].finish_reason == "length" for o in outs)

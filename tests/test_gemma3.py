@@ -1,4 +1,4 @@
-"""Gemma 3 greedy parity with transformers on a small random-weight model built here.
+"""Gemma 3 greedy parity with transformers on a small random-weight model (conftest's `tiny_model`).
 
 Window 8 with prompts up to 45 tokens and 12 new tokens: the sliding window cuts into the
 context in prefill (whole and chunked) and in every decode step. Norm weights are
@@ -8,7 +8,6 @@ bases (global with linear scaling), and final logits are softcapped.
 """
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from tuili import LLM, SamplingParams
 from tuili.config import ModelConfig
@@ -18,34 +17,20 @@ LENGTHS = [3, 45, 9, 17, 1, 30]
 NEW = 12
 
 
-def gemma_config() -> Gemma3TextConfig:
-    return Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256,
-        sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}},
-        final_logit_softcapping=30.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Overrides on conftest's TINY_COMMON.
+GEMMA = dict(
+    vocab_size=VOCAB, num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}},
+    final_logit_softcapping=30.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    torch.manual_seed(1234)
-    model = Gemma3ForCausalLM(gemma_config()).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.5)
-            elif p.dim() == 2:
-                p.mul_(4.0)
-    folder = tmp_path_factory.mktemp("gemma3")
-    model.save_pretrained(folder)
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
-    with torch.no_grad():
-        refs = [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    return folder, prompts, refs
+def saved(tiny_model):
+    folder = tiny_model("gemma3", random_norms=True, **GEMMA)
+    prompts = tiny_model.prompts(folder, LENGTHS)
+    return folder, prompts, tiny_model.greedy(folder, prompts, NEW)
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
@@ -105,7 +90,7 @@ GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "
               "mlp.down_proj": "ffn_down"}
 
 
-def test_tiny_gemma3_gguf_converts_and_generates_like_transformers(tmp_path, monkeypatch):
+def test_tiny_gemma3_gguf_converts_and_generates_like_transformers(tiny_model, tmp_path, monkeypatch):
     """A random Gemma 3 written as llama.cpp writes it (norm weights stored as 1 + w, its own
     tensor names, no local rope base or query scale in the metadata) loads back to the same
     weights and greedy ids as the HF model with transformers' defaults for what GGUF omits."""
@@ -117,14 +102,12 @@ def test_tiny_gemma3_gguf_converts_and_generates_like_transformers(tmp_path, mon
 
     cpu_kernels()  # loaded from the shared cache before it is redirected
     monkeypatch.setenv("TUILI_CACHE", str(tmp_path / "cache"))  # the conversion goes here
-    cfg = Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=256,
-        sliding_window=8, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
-    torch.manual_seed(5)
-    model = Gemma3ForCausalLM(cfg).eval()
+    folder = tiny_model("gemma3", seed=5, random_norms=True, vocab_size=VOCAB, num_hidden_layers=6, head_dim=32,
+                        query_pre_attn_scalar=32, sliding_window=8, rms_norm_eps=1e-6, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2,
+                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    model = tiny_model.hf(folder)
     writer = gguf.GGUFWriter(str(tmp_path / "tiny-gemma.gguf"), "gemma3")
     for add, value in ((writer.add_block_count, 6), (writer.add_context_length, 256),
                        (writer.add_embedding_length, 64), (writer.add_feed_forward_length, 112),
@@ -133,23 +116,17 @@ def test_tiny_gemma3_gguf_converts_and_generates_like_transformers(tmp_path, mon
                        (writer.add_rope_freq_base, 1e6), (writer.add_sliding_window, 8)):
         add(value)
     expected = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "lm_head.weight":
-                continue
-            if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.5)
-            elif p.dim() == 2:
-                p.mul_(4.0)
-            stem = name.removesuffix(".weight")
-            if stem.startswith("model.layers."):
-                _, _, layer, module = stem.split(".", 3)
-                gname = f"blk.{layer}.{GGUF_NAMES[module]}.weight"
-            else:
-                gname = GGUF_NAMES[stem] + ".weight"
-            stored = p.numpy() + np.float32(1.0) if "norm" in name else p.numpy()
-            writer.add_tensor(gname, np.ascontiguousarray(stored, dtype=np.float32))
-            expected[name] = p.detach().clone()
+    for name, p in model.named_parameters():  # the tied lm_head is not listed
+        stem = name.removesuffix(".weight")
+        if stem.startswith("model.layers."):
+            _, _, layer, module = stem.split(".", 3)
+            gname = f"blk.{layer}.{GGUF_NAMES[module]}.weight"
+        else:
+            gname = GGUF_NAMES[stem] + ".weight"
+        w = p.detach().numpy()
+        stored = w + np.float32(1.0) if "norm" in name else w
+        writer.add_tensor(gname, np.ascontiguousarray(stored, dtype=np.float32))
+        expected[name] = p.detach().clone()
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -161,11 +138,8 @@ def test_tiny_gemma3_gguf_converts_and_generates_like_transformers(tmp_path, mon
     assert sorted(loaded.weights) == sorted(expected)
     for name, w in expected.items():
         torch.testing.assert_close(loaded.weights[name], w, rtol=0, atol=1e-6)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 20)]
-    with torch.no_grad():
-        refs = [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    prompts = tiny_model.prompts(folder, [4, 20], seed=3)
+    refs = tiny_model.greedy(folder, prompts, NEW)
     llm = LLM(str(tmp_path / "tiny-gemma.gguf"), dtype="float32", block_size=4, num_kv_blocks=64)
     assert generate_ids(llm, prompts) == refs
 

@@ -265,25 +265,10 @@ def test_fused_silu_mul(dtype):
 
 
 @pytest.fixture(scope="module")
-def small_models(tmp_path_factory):
-    """Two random-weight models saved here: Llama (GQA, untied) and Qwen2 (q/k/v bias)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
-    folders = []
-    for name, make in (("llama", lambda: LlamaForCausalLM(LlamaConfig(**common))),
-                       ("qwen2", lambda: Qwen2ForCausalLM(Qwen2Config(**common)))):
-        torch.manual_seed(5)
-        model = make().eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.mul_(4.0)
-        folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder)
-        folders.append(folder)
-    return folders
+def small_models(tiny_model):
+    """Two random-weight models (conftest's `tiny_model`): Llama (GQA, untied) and Qwen2 (q/k/v bias)."""
+    shape = dict(vocab_size=300, intermediate_size=128, seed=5)
+    return [tiny_model("llama", **shape), tiny_model("qwen2", **shape)]
 
 
 @gemm
@@ -291,13 +276,13 @@ def small_models(tmp_path_factory):
 def test_decode_stack_in_one_call_is_bit_identical_to_the_per_layer_path(small_models, monkeypatch, quant, kv):
     """`llama_decode_layers` (decoder.cpp) walks the same kernels as DecoderLayer.forward_fused;
     the tokens and their logprobs (to the last bit) must not depend on which path ran."""
-    import tuili.config
+    import tuili.device
     import tuili.model.llama as llama
     from tuili import LLM, SamplingParams
 
     # The packed products (and so the stack) are what a CPU without native bf16 gets; a CPU
     # with it uses torch's matmul. Test the kernels on either.
-    monkeypatch.setattr(tuili.config, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(tuili.device, "cpu_has_fast_bf16", lambda: False)
 
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
     prompts = [[5, 9, 17, 33, 2, 8], [41, 7], list(range(20, 47))]
