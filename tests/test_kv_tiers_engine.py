@@ -1,34 +1,22 @@
-"""KV tiers in a running engine (small random-weight Llama): blocks pushed from the device
+"""KV tiers in a running engine (small random-weight Llama from conftest's `tiny_model`): blocks pushed from the device
 pool to host memory and disk come back with identical greedy output; the disk tier
 survives a restart, shrugs off corrupt and truncated files, and keeps its size bound."""
 import logging
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from tuili import LLM, SamplingParams
 from tuili.engine.sequence import Sequence
 
-CFG = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
-           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 BLOCK = 4
 BLOCK_NBYTES = 3 * 2 * BLOCK * 2 * 16 * 4  # layers * (k, v) * tokens * kv heads * head dim * fp32
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    torch.manual_seed(1234)
-    m = LlamaForCausalLM(LlamaConfig(**CFG))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)  # so greedy choices are not near ties
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    m.save_pretrained(folder)
-    g = torch.Generator().manual_seed(3)
-    prompts = {k: torch.randint(3, CFG["vocab_size"], (33,), generator=g).tolist() for k in "ABCD"}
+def model(tiny_model):
+    folder = tiny_model("llama")  # 3 layers, 2 KV heads of 16
+    prompts = dict(zip("ABCD", tiny_model.prompts(folder, [33] * 4, seed=3)))
     ref = LLM(str(folder), dtype="float32", block_size=BLOCK, enable_prefix_caching=False)
     expected = {k: ref.generate([p], GREEDY)[0].outputs[0].token_ids for k, p in prompts.items()}
     return str(folder), prompts, expected
@@ -68,7 +56,10 @@ def test_blocks_come_back_from_host_memory(model):
 
 def test_blocks_go_down_to_disk_and_come_back(model, tmp_path):
     folder, prompts, expected = model
-    llm = tiered(folder, kv_host_memory=2 * BLOCK_NBYTES, kv_disk_dir=str(tmp_path), kv_disk_size="1MiB")
+    # A step budget of 20 tokens: a second prompt is admitted beside the first one's prefill,
+    # so several prompts at once run out of blocks and preempt (below).
+    llm = tiered(folder, kv_host_memory=2 * BLOCK_NBYTES, kv_disk_dir=str(tmp_path), kv_disk_size="1MiB",
+                 max_num_batched_tokens=20)
     assert gen(llm, prompts["A"]) == expected["A"]
     assert gen(llm, prompts["B"]) == expected["B"]
     s = llm.engine.stats()
@@ -80,8 +71,13 @@ def test_blocks_go_down_to_disk_and_come_back(model, tmp_path):
     # still on the device, the two evicted last (A's 3rd and 4th) in host memory, the rest on disk.
     assert got == {"device": 8, "host": 8, "disk": 16}
     # Several prompts at once on a pool that cannot hold them: preemption plus tier traffic.
+    before = llm.engine.stats()
     outs = llm.generate([prompts[k] for k in "ABCD"], GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == [expected[k] for k in "ABCD"]
+    after = llm.engine.stats()
+    assert after["preemptions"] > before["preemptions"]
+    assert after["prefix_hit_tokens_host"] + after["prefix_hit_tokens_disk"] > \
+        before["prefix_hit_tokens_host"] + before["prefix_hit_tokens_disk"]
     llm.close()
 
 
@@ -127,13 +123,12 @@ def test_corrupt_and_truncated_files_are_detected_and_recomputed(model, tmp_path
     again.close()
 
 
-def test_disk_tier_size_bound_holds(model, tmp_path):
+def test_disk_tier_size_bound_holds(model, tiny_model, tmp_path):
     folder, prompts, expected = model
     bound = 10 * (BLOCK_NBYTES + 64) + 50
     llm = tiered(folder, kv_disk_dir=str(tmp_path), kv_disk_size=bound)
-    g = torch.Generator().manual_seed(9)
-    for _ in range(6):
-        llm.generate([torch.randint(3, CFG["vocab_size"], (33,), generator=g).tolist()], GREEDY)
+    for prompt in tiny_model.prompts(folder, [33] * 6, seed=9):
+        llm.generate([prompt], GREEDY)
         assert llm.engine.stats()["kv_disk_bytes"] <= bound
     llm.close()
     on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.kvb"))
