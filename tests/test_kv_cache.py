@@ -10,11 +10,21 @@ def seq(tokens, rid="r"):
     return Sequence(rid, 0, list(tokens), SamplingParams(max_tokens=4))
 
 
+def admitted(bm: BlockManager, tokens, rid="r", computed: bool = False) -> Sequence:
+    """A sequence of `tokens` admitted into `bm` without prefix hits; with `computed`, its
+    tokens are marked computed and its full blocks published to the prefix cache."""
+    s = seq(tokens, rid)
+    bm.admit(s, [], s.num_tokens)
+    if computed:
+        s.num_computed_tokens = s.num_tokens
+        bm.commit(s)
+    return s
+
+
 def test_admit_allocates_blocks_to_cover_tokens():
     bm = BlockManager(num_blocks=8, block_size=4)
-    s = seq(range(10))
-    assert bm.can_admit(s, [], 10)
-    bm.admit(s, [], 10)
+    assert bm.can_admit(seq(range(10)), [], 10)
+    s = admitted(bm, range(10))
     assert len(s.block_table) == 3
     assert bm.num_free_blocks == 5
     assert all(bm.ref_counts[b] == 1 for b in s.block_table)
@@ -26,8 +36,7 @@ def test_admit_allocates_blocks_to_cover_tokens():
 
 def test_free_returns_every_block_and_detects_double_free():
     bm = BlockManager(num_blocks=4, block_size=4)
-    s = seq(range(9))
-    bm.admit(s, [], 9)
+    s = admitted(bm, range(9))
     table = list(s.block_table)
     bm.free(s)
     assert bm.num_free_blocks == 4 and s.block_table == []
@@ -39,8 +48,7 @@ def test_free_returns_every_block_and_detects_double_free():
 
 def test_grow_beyond_pool_raises():
     bm = BlockManager(num_blocks=2, block_size=4)
-    s = seq(range(4))
-    bm.admit(s, [], 4)
+    s = admitted(bm, range(4))
     assert not bm.can_admit(seq(range(20)), [], 20)
     with pytest.raises(RuntimeError):
         bm.grow(s, 16)
@@ -48,10 +56,7 @@ def test_grow_beyond_pool_raises():
 
 def test_prefix_blocks_are_shared_and_refcounted():
     bm = BlockManager(num_blocks=10, block_size=4)
-    a = seq(range(13), "a")
-    bm.admit(a, [], 13)
-    a.num_computed_tokens = 13
-    bm.commit(a)  # three full blocks published
+    a = admitted(bm, range(13), "a", computed=True)  # three full blocks published
     b = seq(list(range(12)) + [99, 98], "b")
     hits = bm.match_prefix(b)
     assert hits == a.block_table[:3]
@@ -67,35 +72,28 @@ def test_prefix_blocks_are_shared_and_refcounted():
 
 def test_prefix_match_leaves_one_token_to_compute():
     bm = BlockManager(num_blocks=10, block_size=4)
-    a = seq(range(8))
-    bm.admit(a, [], 8)
-    a.num_computed_tokens = 8
-    bm.commit(a)
+    a = admitted(bm, range(8), computed=True)
     same = seq(range(8), "b")
     assert bm.match_prefix(same) == a.block_table[:1]  # the last block is recomputed
 
 
 def test_different_salt_or_tokens_do_not_match():
     bm = BlockManager(num_blocks=10, block_size=4, salt=b"model-a")
-    a = seq(range(9))
-    bm.admit(a, [], 9)
-    a.num_computed_tokens = 9
-    bm.commit(a)
+    a = admitted(bm, range(9), computed=True)
     assert bm.match_prefix(seq([1, 0, 2, 3, 4, 5, 6, 7, 8])) == []
-    other = BlockManager(num_blocks=10, block_size=4, salt=b"model-b")
-    s = seq(range(9))
-    assert other.root_hash != bm.root_hash
-    assert s.block_hashes == [] and other.match_prefix(s) == []
+    # The same tokens hash alike under the same salt and differently under another, so a
+    # tier shared between engines (the disk) never hands one model's blocks to another.
+    same = admitted(BlockManager(num_blocks=10, block_size=4, salt=b"model-a"), range(9), computed=True)
+    other = admitted(BlockManager(num_blocks=10, block_size=4, salt=b"model-b"), range(9), computed=True)
+    assert len(a.block_hashes) == 2 and same.block_hashes == a.block_hashes
+    assert not set(other.block_hashes) & set(a.block_hashes)
 
 
 def test_freed_cached_blocks_are_reused_then_evicted_lru():
     bm = BlockManager(num_blocks=4, block_size=4)
     evicted = []
     bm.on_evict = lambda block, h: evicted.append(block)
-    a = seq(range(9))
-    bm.admit(a, [], 9)
-    a.num_computed_tokens = 9
-    bm.commit(a)
+    a = admitted(bm, range(9), computed=True)
     cached_blocks = a.block_table[:2]
     bm.free(a)
     # A later identical prompt revives the cached blocks from the free queue.
@@ -106,8 +104,7 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     bm.admit(b, hits, 9)
     bm.free(b)
     # Unhashed blocks are handed out before cached ones; then the cached ones are evicted.
-    c = seq(range(100, 116), "c")
-    bm.admit(c, [], 16)
+    c = admitted(bm, range(100, 116), "c")
     assert set(c.block_table) == set(range(4))
     assert sorted(evicted) == sorted(cached_blocks)
     assert bm.cached == {}
@@ -115,8 +112,7 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
 
 def test_disabled_prefix_caching_never_matches():
     bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
-    a = seq(range(9))
-    bm.admit(a, [], 9)
-    a.num_computed_tokens = 9
-    bm.commit(a)
+    a = admitted(bm, range(9), computed=True)
+    assert bm.cached == {} and all(h is None for h in bm.block_hash)
+    bm.free(a)
     assert bm.match_prefix(seq(range(9), "b")) == []
