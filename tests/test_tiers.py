@@ -267,6 +267,9 @@ def test_restore_fills_a_hole_between_device_blocks(tmp_path):
     bm.free(x)
     # The bookkeeping stays consistent while everything is evicted again.
     run(bm, pool, tiers, list(range(900, 931)), "y")
-    assert all(bm.cached[h] == blk for h, blk in bm.cached.items() if bm.block_hash[blk] == h)
-    assert len(bm.cached) == sum(h is not None for h in bm.block_hash)
+    # The index and the blocks agree both ways: each cached block holds its key's hash, and
+    # each hashed block is the one cached under its hash.
+    assert bm.cached and all(bm.block_hash[blk] == hh for hh, blk in bm.cached.items())
+    assert all(bm.cached.get(hh) == blk for blk, hh in enumerate(bm.block_hash) if hh is not None)
+    assert len(bm.cached) == sum(hh is not None for hh in bm.block_hash)
     disk.close()
