@@ -15,16 +15,15 @@ import json
 import math
 import statistics
 import socket
-import threading
 import time
 from types import SimpleNamespace
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 import tuili.bench.workload as workload
+from server_util import app_in_thread
 from tuili.bench import serve_bench
 from tuili.bench.client import RequestResult, arrival_times, run_benchmark
 from tuili.bench.serve_bench import add_arguments, run_from_args
@@ -87,22 +86,8 @@ def make_app(received: list[dict]) -> FastAPI:
 @pytest.fixture(scope="module")
 def server():
     received: list[dict] = []
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(make_app(received), log_level="warning", access_log=False)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 10
-    while not srv.started:
-        assert time.time() < deadline, "fake server did not start"
-        time.sleep(0.01)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", received=received)
-    srv.should_exit = True
-    thread.join(timeout=5)
-    sock.close()
+    with app_in_thread(make_app(received)) as url:
+        yield SimpleNamespace(url=url, received=received)
 
 
 class WordTokenizer:

@@ -111,7 +111,7 @@ def _serve_parser(sub) -> None:
 
 
 def _bench_parsers(sub) -> None:
-    from .bench import multiturn, perplexity, router, serve_bench
+    from .bench import multiturn, perplexity, router, serve_bench, soak
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("throughput", help="offline throughput of the engine (or transformers)")
@@ -133,6 +133,10 @@ def _bench_parsers(sub) -> None:
     p = bench.add_parser("serve", help="online benchmark of any OpenAI-compatible server")
     serve_bench.add_arguments(p)
     p.set_defaults(func=_plain("serve_bench"))
+
+    p = bench.add_parser("soak", help="reliability soak of a running server: aborts, malformed requests, leaks")
+    soak.add_arguments(p)
+    p.set_defaults(func=_plain("soak"))
 
     p = bench.add_parser("decode", help="batch-1 decode speed of several quantization settings, side by side")
     p.add_argument("--model", default=DEFAULT_MODEL)
