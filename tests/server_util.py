@@ -7,6 +7,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+
 from tuili.bench.launch import free_port, launch, tuili_serve_cmd
 
 
@@ -50,3 +52,23 @@ def app_in_thread(app):
         server.should_exit = True
         thread.join(timeout=5)
         sock.close()
+
+
+def fake_openai_app(handle, model_ids=("fake",)):
+    """A FastAPI app with GET /v1/models listing `model_ids` and the two generation routes
+    calling `await handle(request, chat)`; a test adds what else its fake server needs."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": i, "object": "model"} for i in model_ids]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    return app

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 import tuili.bench.workload as workload
-from server_util import app_in_thread
+from server_util import app_in_thread, fake_openai_app
 from tuili.bench import serve_bench
 from tuili.bench.client import RequestResult, arrival_times, run_benchmark
 from tuili.bench.serve_bench import add_arguments, run_from_args
@@ -35,12 +35,6 @@ CORPUS = " ".join(f"w{i % 97}" for i in range(3000))
 
 
 def make_app(received: list[dict]) -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": "fake", "object": "model"}, {"id": "other", "object": "model"}]}
-
     async def handle(request: Request, chat: bool):
         body = await request.json()
         received.append(body)
@@ -72,15 +66,7 @@ def make_app(received: list[dict]) -> FastAPI:
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await handle(request, chat=True)
-
-    return app
+    return fake_openai_app(handle, ("fake", "other"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from server_util import app_in_thread, running_server
+from server_util import app_in_thread, fake_openai_app, running_server
 from tuili.bench.soak import (Gauges, SoakResult, add_arguments, build_report, parse_gauges, run_from_args,
                               run_soak, verdict)
 from tuili.bench.soak_plan import MALFORMED, make_plan
@@ -28,20 +28,6 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 def make_app(state: SimpleNamespace) -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/metrics")
-    async def metrics():
-        lines = ["# TYPE tuili_kv_blocks_used gauge", f'tuili_kv_blocks_used{{model="fake"}} {state.kv}']
-        if state.rss is not None:
-            lines += ["# TYPE process_resident_memory_bytes gauge", f"process_resident_memory_bytes {state.rss}"]
-        state.rss = state.rss and state.rss + state.rss_step
-        return PlainTextResponse("\n".join(lines) + "\n")
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": "fake", "object": "model"}]}
-
     async def handle(request: Request, chat: bool):
         try:
             body = json.loads(await request.body())
@@ -74,13 +60,15 @@ def make_app(state: SimpleNamespace) -> FastAPI:
             return StreamingResponse(events(), media_type="text/event-stream")
         return {"choices": [{"index": 0, "text": " t0 t1 t2", "finish_reason": "length"}]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, chat=False)
+    app = fake_openai_app(handle)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await handle(request, chat=True)
+    @app.get("/metrics")
+    async def metrics():
+        lines = ["# TYPE tuili_kv_blocks_used gauge", f'tuili_kv_blocks_used{{model="fake"}} {state.kv}']
+        if state.rss is not None:
+            lines += ["# TYPE process_resident_memory_bytes gauge", f"process_resident_memory_bytes {state.rss}"]
+        state.rss = state.rss and state.rss + state.rss_step
+        return PlainTextResponse("\n".join(lines) + "\n")
 
     return app
 
