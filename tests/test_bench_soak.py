@@ -18,6 +18,7 @@ from server_util import app_in_thread, fake_openai_app, running_server
 from tuili.bench.soak import (Gauges, SoakResult, add_arguments, build_report, parse_gauges, run_from_args,
                               run_soak, verdict)
 from tuili.bench.soak_plan import MALFORMED, make_plan
+from tuili.config import DEFAULT_MODEL
 
 GiB = 2**30
 
@@ -187,7 +188,7 @@ def test_soak_fails_on_500s_leaks_and_memory_growth(fake, state, capsys):
 @pytest.mark.slow
 def test_soak_a_live_server():
     with running_server("--dtype", "float32", "--kv-cache-memory", "64MiB") as (base, _):
-        report = asyncio.run(run_soak(base, "smollm2-135m-instruct", 30, 4, seed=0, warmup=2, settle_s=10))
+        report = asyncio.run(run_soak(base, DEFAULT_MODEL, 30, 4, seed=0, warmup=2, settle_s=10))
     reasons = verdict(report)
     assert reasons == [], (reasons, report)
     assert report["completed"] == report["good_requests"]
