@@ -14,26 +14,59 @@ GREEDY = SamplingParams(temperature=0, max_tokens=16)
 
 
 @pytest.fixture(scope="module")
-def prompts(default_model_folder):
-    llm = LLM("smollm2-135m-instruct", dtype="float32", kv_cache_memory="64MiB", enable_prefix_caching=False)
-    ids = [llm.chat_prompt_ids([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+def uncached():
+    """An engine with prefix caching off: its outputs are the recomputed reference."""
+    return LLM("smollm2-135m-instruct", dtype="float32", kv_cache_memory="64MiB", enable_prefix_caching=False)
+
+
+@pytest.fixture(scope="module")
+def prompts(default_model_folder, uncached):
+    ids = [uncached.chat_prompt_ids([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
            for q in QUESTIONS]
-    expected = [o.outputs[0].token_ids for o in llm.generate(ids, GREEDY)]
-    assert llm.engine.blocks.prefix_hit_tokens == 0
-    return ids, expected
+    return ids, [o.outputs[0].token_ids for o in uncached.generate(ids, GREEDY)]
 
 
-def test_shared_prefix_outputs_equal_recompute(prompts):
+def computed_tokens(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by the tokens each engine step computes (prefill chunks and decodes)."""
+    engine, counted = llm.engine, []
+    step = engine.step
+
+    def counting_step():
+        deltas = step()
+        counted.append(engine.last_step_tokens)
+        return deltas
+
+    monkeypatch.setattr(engine, "step", counting_step)
+    return counted
+
+
+def test_disabled_prefix_caching_recomputes_every_prompt(prompts, uncached, monkeypatch):
+    """The same requests again on the uncached engine: every prompt token is computed again
+    (a cache would skip all but each prompt's tail), nothing counts as cached, same outputs."""
+    ids, expected = prompts
+    counted = computed_tokens(uncached, monkeypatch)
+    again = uncached.generate(ids, GREEDY)
+    assert [o.outputs[0].token_ids for o in again] == expected
+    new = sum(len(o.outputs[0].token_ids) for o in again)
+    assert sum(counted) == sum(map(len, ids)) + new - len(ids)  # each last sampled token is never fed back
+    assert all(o.num_cached_tokens == 0 for o in again)
+    assert uncached.engine.stats()["prefix_hit_tokens"] == 0 and uncached.engine.blocks.cached == {}
+
+
+def test_shared_prefix_outputs_equal_recompute(prompts, monkeypatch):
     ids, expected = prompts
     llm = LLM("smollm2-135m-instruct", dtype="float32", kv_cache_memory="64MiB", max_num_batched_tokens=256)
     first = llm.generate(ids, GREEDY)  # concurrent: later requests reuse blocks of the earlier ones
     assert [o.outputs[0].token_ids for o in first] == expected
     hits_first = llm.engine.blocks.prefix_hit_tokens
     assert hits_first > 0 and any(o.num_cached_tokens > 0 for o in first)
+    counted = computed_tokens(llm, monkeypatch)
     second = llm.generate(ids, GREEDY)  # everything but each prompt's tail is now cached
     assert [o.outputs[0].token_ids for o in second] == expected
     shared = min(len(p) for p in ids) // 16 * 16 - 16
     assert all(o.num_cached_tokens >= shared for o in second)
+    cached, new = (sum(o.num_cached_tokens for o in second), sum(len(o.outputs[0].token_ids) for o in second))
+    assert sum(counted) == sum(map(len, ids)) - cached + new - len(ids)  # the cached tokens were not computed
     assert llm.engine.blocks.num_used_blocks == 0
 
 
