@@ -1,0 +1,434 @@
+"""GPU benchmarks of tuili on random-weight Llama shapes (~135M and ~1B parameters).
+
+Parts (`--parts`, comma-separated, default all):
+- bandwidth:  device copy bandwidth measured here with torch (bytes read + written per second).
+- decode:     batch-1 decode tok/s of tuili (bf16) against the bandwidth ceiling, i.e.
+              measured bandwidth / bytes of weights read per token.
+- throughput: offline throughput, C requests submitted at once (C = 64 and 256), tuili's engine
+              against transformers' `generate` on the same GPU, same prompts, same
+              number of output tokens (EOS ignored, greedy).
+- profile:    where a decode step's time goes: wall time per step, host time of the
+              scheduler / model call / sampler, the forward's GPU time (CUDA events), and
+              the kernels' summed device time (torch.profiler); a step's wall time minus
+              its kernel time is what Python and launches cost.
+- quant:      int8 / int4 weights and the int8 KV cache through PyTorch's ops on the device:
+              op-level error against the dequantized weight at the model's widths, and
+              batch-1 decode of the 135M shape in each mode.
+
+Every record is one JSON line in `--out`. A part that fails writes a record with
+"error" and the next part runs. `--tiny --device cpu` runs everything on very small
+shapes in seconds, to prove the script end to end without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import SHAPES, make_folder, param_count  # noqa: E402
+
+from tuili.bench.decode import decode_once  # noqa: E402
+from tuili.engine.engine import Engine  # noqa: E402
+from tuili.sampling import SamplingParams  # noqa: E402
+
+PARTS = ("bandwidth", "decode", "throughput", "profile", "quant")
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.tiny = args.tiny
+        self.shapes = ["tiny", "tiny2"] if args.tiny else args.shapes.split(",")
+        self.concurrency = [4, 8] if args.tiny else [int(c) for c in args.concurrency.split(",")]
+        self.out_len = 8 if args.tiny else args.output_len
+        self.workdir = Path(args.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.bandwidth_gbs: float | None = None
+
+    # ---- plumbing ------------------------------------------------------------
+    def emit(self, record: dict[str, Any]) -> None:
+        record = {**record, "device": self.device_name(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        line = json.dumps(record)
+        print(line, flush=True)
+        with open(self.args.out, "a") as f:
+            f.write(line + "\n")
+
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def folder(self, shape: str, tokenizer: bool = False) -> Path:
+        gen = "cuda" if self.device.type == "cuda" else "cpu"
+        return make_folder(shape, self.workdir, device=gen, tokenizer=tokenizer)
+
+    def engine(self, shape: str, **options: Any) -> Engine:
+        opts = dict(device=str(self.device), dtype="bfloat16", kv_cache_memory="256MiB" if self.tiny else "8GiB")
+        opts.update(options)
+        return Engine(str(self.folder(shape)), **opts)
+
+    def prompts(self, shape: str, n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        vocab = SHAPES[shape]["vocab_size"]
+        lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+        return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]
+
+    # ---- parts ---------------------------------------------------------------
+    def bandwidth(self) -> None:
+        nbytes = (64 << 20) if self.tiny else (2 << 30)
+        src = torch.empty(nbytes, dtype=torch.uint8, device=self.device).fill_(1)
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        self.sync()
+        reps = 5 if self.tiny else 20
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3 / reps
+        else:
+            t = time.perf_counter()
+            for _ in range(reps):
+                dst.copy_(src)
+            seconds = (time.perf_counter() - t) / reps
+        self.bandwidth_gbs = 2 * nbytes / seconds / 1e9
+        self.emit({"part": "bandwidth", "copy_bytes": nbytes, "read_plus_write_GBps": round(self.bandwidth_gbs, 1)})
+        del src, dst
+
+    def decode(self) -> None:
+        if self.bandwidth_gbs is None:
+            self.bandwidth()
+        prompt_len, out_len = (16, 16) if self.tiny else (128, 256)
+        for shape in self.shapes:
+            eng = self.engine(shape, num_kv_blocks=None)
+            prompt = self.prompts(shape, 1, prompt_len, prompt_len)[0]
+            decode_once(eng, prompt[:8], 4)  # warm-up
+            runs = [decode_once(eng, prompt, out_len) for _ in range(3)]
+            tok_s = statistics.median(runs)
+            wbytes = eng.model.weight_bytes()
+            # bytes read per decoded token: every weight once (tied head = the embedding table)
+            # plus the KV cache of the mean context over the run
+            kv_read = eng.kv_bytes_per_block // eng.config.block_size * (prompt_len + out_len // 2)
+            ceiling = self.bandwidth_gbs * 1e9 / (wbytes + kv_read)
+            self.emit({"part": "decode", "shape": shape, "params": param_count(shape), "dtype": "bfloat16",
+                       "weight_bytes": wbytes, "kv_bytes_read_per_token": kv_read, "prompt_len": prompt_len, "output_len": out_len,
+                       "decode_tok_s": round(tok_s, 1), "decode_tok_s_runs": [round(r, 1) for r in runs],
+                       "ms_per_token": round(1e3 / tok_s, 3), "bandwidth_ceiling_tok_s": round(ceiling, 1),
+                       "fraction_of_ceiling": round(tok_s / ceiling, 3)})
+            del eng
+            self.free()
+
+    def throughput(self) -> None:
+        lo, hi = (8, 24) if self.tiny else (64, 192)
+        for shape in self.shapes:
+            for c in self.concurrency:
+                prompts = self.prompts(shape, c, lo, hi, seed=c)
+                tuili = self.guard(lambda: self.throughput_tuili(shape, prompts), f"throughput tuili {shape} c={c}")
+                hf = self.guard(lambda: self.throughput_hf(shape, prompts), f"throughput transformers {shape} c={c}")
+                record = {"part": "throughput", "shape": shape, "concurrency": c, "requests": c,
+                          "input_len": f"{lo}-{hi}", "output_len": self.out_len, "dtype": "bfloat16"}
+                if tuili:
+                    record.update({f"tuili_{k}": v for k, v in tuili.items()})
+                if hf:
+                    record.update({f"transformers_{k}": v for k, v in hf.items()})
+                if tuili and hf:
+                    record["ratio_tuili_over_transformers"] = round(tuili["output_tok_s"] / hf["output_tok_s"], 3)
+                self.emit(record)
+
+    def throughput_tuili(self, shape: str, prompts: list[list[int]]) -> dict[str, Any]:
+        eng = self.engine(shape, max_num_seqs=max(256, len(prompts)))
+        params = SamplingParams(temperature=0, max_tokens=self.out_len, ignore_eos=True)
+        eng.generate([(f"warm-{i}", p[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+                      for i, p in enumerate(prompts[:8])])
+        self.sync()
+        steps = 0
+        start = time.perf_counter()
+        for i, p in enumerate(prompts):
+            eng.add_request(f"r{i}", p, params)
+        produced = 0
+        while eng.has_unfinished_requests():
+            for d in eng.step():
+                produced += sum(len(o.token_ids) for o in d.outputs)
+            steps += 1
+        self.sync()
+        elapsed = time.perf_counter() - start
+        stats = eng.stats()
+        del eng
+        self.free()
+        return {"elapsed_s": round(elapsed, 3), "output_tokens": produced, "steps": steps,
+                "output_tok_s": round(produced / elapsed, 1), "preemptions": stats["preemptions"]}
+
+    def throughput_hf(self, shape: str, prompts: list[list[int]]) -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(self.folder(shape)), dtype=torch.bfloat16).to(self.device).eval()
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        with torch.inference_mode():
+            hf.generate(input_ids=ids[:8, -8:], attention_mask=mask[:8, -8:], max_new_tokens=4, min_new_tokens=4,
+                        **kwargs)
+            self.sync()
+            start = time.perf_counter()
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.out_len,
+                              min_new_tokens=self.out_len, **kwargs)
+            self.sync()
+            elapsed = time.perf_counter() - start
+        produced = (out.shape[1] - width) * len(prompts)
+        attn = getattr(hf.config, "_attn_implementation", None)
+        del hf, out
+        self.free()
+        return {"elapsed_s": round(elapsed, 3), "output_tokens": produced, "output_tok_s": round(produced / elapsed, 1),
+                "attn_implementation": attn, "batch": len(prompts)}
+
+    def profile(self) -> None:
+        batches = [1, 4] if self.tiny else [1, 64, 256]
+        shapes = self.shapes
+        for shape in shapes:
+            for b in batches:
+                self.guard(lambda: self.profile_one(shape, b), f"profile {shape} b={b}")
+
+    def profile_one(self, shape: str, batch: int) -> None:
+        steps = 5 if self.tiny else 30
+        eng = self.engine(shape, max_num_seqs=max(256, batch))
+        prompts = self.prompts(shape, batch, 32, 32, seed=batch)
+        params = SamplingParams(temperature=0, max_tokens=4 * steps + 16, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            eng.add_request(f"p{i}", p, params)
+        while eng.scheduler.waiting or any(s.num_output_tokens == 0 for s in eng.scheduler.running):
+            eng.step()  # prefill everything first: the timed steps are decode-only
+        timers = Timers()
+        timers.wrap(eng.scheduler, "schedule")
+        timers.wrap(eng.runner, "_logits", "model_and_inputs")
+        timers.wrap(eng.runner, "sampler", "sampler")
+        fwd = ForwardTimer(eng.model, self.device)
+        walls = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            eng.step()
+            walls.append(time.perf_counter() - t)
+        fwd.remove()
+        host = {k: round(1e3 * v / steps, 3) for k, v in timers.total.items()}  # before the profiled steps
+        kernel_ms, table = self.kernel_time(eng, steps)
+        wall_ms = 1e3 * statistics.median(walls)
+        record = {"part": "profile", "shape": shape, "batch": batch, "steps": steps,
+                  "step_wall_ms": round(wall_ms, 3),
+                  "host_ms": host,
+                  "forward_host_ms": round(fwd.host_ms(), 3), "forward_gpu_ms": fwd.gpu_ms(),
+                  "kernel_ms_per_step": None if kernel_ms is None else round(kernel_ms, 3)}
+        if kernel_ms is not None:
+            record["python_and_launch_overhead_ms"] = round(wall_ms - kernel_ms, 3)
+            record["gpu_busy_fraction"] = round(kernel_ms / wall_ms, 3)
+        self.emit(record)
+        with open(Path(self.args.out).with_suffix(".profiles.txt"), "a") as f:
+            f.write(f"==== {shape} batch {batch}: top ops by device (or CPU) time over {steps} decode steps\n{table}\n")
+        del eng
+        self.free()
+
+    def kernel_time(self, eng: Engine, steps: int) -> tuple[float | None, str]:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                eng.step()
+            self.sync()
+        avg = prof.key_averages()
+        if self.device.type != "cuda":
+            return None, avg.table(sort_by="self_cpu_time_total", row_limit=15)
+        total_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in avg)
+        return total_us / 1e3 / steps, avg.table(sort_by="self_device_time_total", row_limit=20)
+
+    def quant(self) -> None:
+        self.quant_ops()
+        shape = self.shapes[0]
+        prompt_len, out_len = (16, 16) if self.tiny else (128, 128)
+        for quant, kv in (("none", "auto"), ("int8", "auto"), ("int4", "auto"), ("int4:64", "auto"),
+                          ("none", "int8"), ("int8", "int8")):
+            def one() -> None:
+                eng = self.engine(shape, quantization=quant, kv_cache_dtype=kv)
+                prompts = self.prompts(shape, 4, prompt_len, prompt_len, seed=5)
+                outs = eng.generate([(f"q{i}", p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+                                     for i, p in enumerate(prompts)])
+                ok = all(len(o.outputs[0].token_ids) == 16 for o in outs)
+                decode_once(eng, prompts[0][:8], 4)
+                tok_s = decode_once(eng, prompts[0], out_len)
+                self.emit({"part": "quant_engine", "shape": shape, "quantization": quant, "kv_cache_dtype": kv,
+                           "weight_bytes": eng.model.weight_bytes(), "batch_generate_ok": ok,
+                           "decode_tok_s": round(tok_s, 1),
+                           "first_ids": outs[0].outputs[0].token_ids[:8]})
+            self.guard(one, f"quant engine {shape} {quant}/{kv}")
+            self.free()
+
+    def quant_ops(self) -> None:
+        """Each CUDA op tuili's quant.py calls, at the widths of the benchmark shapes."""
+        from tuili.model import quant as q
+
+        widths = sorted({SHAPES[s]["hidden_size"] for s in self.shapes} | {SHAPES[s]["intermediate_size"] for s in self.shapes})
+        g = torch.Generator(device=self.device).manual_seed(0)
+        for k in widths:
+            n = 256
+            w = torch.randn(n, k, generator=g, device=self.device) * 0.02
+            w = w.to(torch.bfloat16)
+            for rows in (1, 7, 64):
+                x = torch.randn(rows, k, generator=g, device=self.device).to(torch.bfloat16)
+                cases: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
+
+                def int8() -> tuple[torch.Tensor, torch.Tensor]:
+                    qw = q.quantize_int8(w)
+                    return qw.matmul(x, False).float(), x.float() @ qw.dequantize(torch.float32).T
+                cases["int8"] = int8
+                for group in (32, 64, 128):
+                    if k % group:
+                        continue
+
+                    def int4(group: int = group) -> tuple[torch.Tensor, torch.Tensor]:
+                        qw = q.quantize_int4(w, group)
+                        codes, scale, lo = q.int4_codes(w, group)
+                        s_b = scale.to(torch.bfloat16).float()
+                        z_b = (lo + 8 * scale).to(torch.bfloat16).float()
+                        deq = q.dequantize_int4_codes(codes - 8, s_b, z_b, group)
+                        return qw.matmul(x, False).float(), x.float() @ deq.T
+                    cases[f"int4_g{group}"] = int4
+                for name, fn in cases.items():
+                    try:
+                        got, want = fn()
+                        err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
+                        self.emit({"part": "quant_op", "op": name, "k": k, "n": n, "rows": rows,
+                                   "max_rel_err": round(err, 5), "ok": err < 2e-2})
+                    except Exception as e:  # noqa: BLE001 - record and go on
+                        self.emit({"part": "quant_op", "op": name, "k": k, "n": n, "rows": rows, "ok": False,
+                                   "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+        kv = torch.randn(64, 3, 64, generator=g, device=self.device).to(torch.bfloat16)
+        from tuili.model.layers import quantize_kv
+        codes, scales = quantize_kv(kv)
+        err = ((codes.float() * scales[..., None] - kv.float()).abs().max() / kv.float().abs().max()).item()
+        self.emit({"part": "quant_op", "op": "int8_kv", "max_rel_err": round(err, 5), "ok": err < 1e-2})
+
+    # ---- helpers -------------------------------------------------------------
+    def guard(self, fn: Callable[[], Any], what: str) -> Any:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - one failure must not stop the other figures
+            traceback.print_exc()
+            self.emit({"part": "error", "what": what, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+            self.free()
+            return None
+
+    def free(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class Timers:
+    """Host time spent in chosen methods (perf_counter around the call, no device sync)."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+
+    def wrap(self, obj: Any, attr: str, name: str | None = None) -> None:
+        fn = getattr(obj, attr)
+        key = name or attr
+        self.total[key] = 0.0
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.total[key] += time.perf_counter() - t
+        setattr(obj, attr, timed)
+
+
+class ForwardTimer:
+    """The model call's host time and GPU span (CUDA events at its start and end)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host: list[float] = []
+        self.events: list[tuple[Any, Any]] = []
+        self._t = 0.0
+        self.handles = [model.register_forward_pre_hook(self.pre), model.register_forward_hook(self.post)]
+
+    def pre(self, *_: Any) -> None:
+        self._t = time.perf_counter()
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.events.append((ev, None))
+
+    def post(self, *_: Any) -> None:
+        self.host.append(time.perf_counter() - self._t)
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.events[-1] = (self.events[-1][0], ev)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def host_ms(self) -> float:
+        return 1e3 * statistics.median(self.host) if self.host else 0.0
+
+    def gpu_ms(self) -> float | None:
+        if not self.events:
+            return None
+        torch.cuda.synchronize()
+        return round(statistics.median(a.elapsed_time(b) for a, b in self.events), 3)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="very small shapes and counts (CPU smoke run)")
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--shapes", default="135m,1b")
+    ap.add_argument("--concurrency", default="64,256")
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--workdir", default="/tmp/tuili-gpu-models")
+    ap.add_argument("--out", default="bench.jsonl")
+    args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench.py: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    run = Run(args)
+    run.emit({"part": "env", "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+              "transformers": __import__("transformers").__version__, "argv": sys.argv[1:]})
+    status = 0
+    for part in args.parts.split(","):
+        if part not in PARTS:
+            print(f"bench.py: unknown part {part!r}; parts: {', '.join(PARTS)}", file=sys.stderr)
+            return 2
+        t = time.perf_counter()
+        if run.guard(getattr(run, part), part) is None and part not in ("bandwidth", "decode", "throughput",
+                                                                         "profile", "quant"):
+            status = 1
+        print(f"[bench] {part} took {time.perf_counter() - t:.1f} s", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
