@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .layers import AttentionMetadata, Rotary, linear, load_projections, paged_attention, write_kv
-from .quant import QuantWeight, model_weight_bytes, prepare_linears
+from .layers import AttentionLayer, AttentionMetadata, Rotary, linear, weight_taker
+from .quant import model_weight_bytes, prepare_linears
 
 
 class GemmaRMSNorm(torch.nn.Module):
@@ -40,38 +40,17 @@ class GemmaRMSNorm(torch.nn.Module):
         return (h * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class Gemma3Layer(torch.nn.Module):
+class Gemma3Layer(AttentionLayer):
     def __init__(self, cfg: ModelConfig, sliding: bool, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-        self.window = cfg.sliding_window if sliding else None
         norm = lambda dim: GemmaRMSNorm(dim, cfg.rms_norm_eps, dtype, device)  # noqa: E731
+        super().__init__(cfg, (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5,
+                         window=cfg.sliding_window if sliding else None, qk_norm=norm)
         self.input_norm, self.post_attn_norm = norm(cfg.hidden_size), norm(cfg.hidden_size)
         self.pre_ff_norm, self.post_ff_norm = norm(cfg.hidden_size), norm(cfg.hidden_size)
-        self.q_norm, self.k_norm = norm(cfg.head_dim), norm(cfg.head_dim)
-        # Filled by Gemma3Model.load_weights.
-        self.qkv_weight: torch.Tensor | QuantWeight
-        self.qkv_bias: torch.Tensor | None = None
-        self.o_weight: torch.Tensor | QuantWeight
-        self.gate_up_weight: torch.Tensor | QuantWeight
-        self.down_weight: torch.Tensor | QuantWeight
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
                 kv: tuple[torch.Tensor, ...], meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = linear(self.input_norm(x), self.qkv_weight, self.qkv_bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(q, k, positions)
-        kv_scales = (kv[2], kv[3]) if len(kv) == 4 else None  # an int8 cache carries its scales
-        write_kv(kv[0], kv[1], k, v, meta.slot_mapping, kv_scales)
-        attn = paged_attention(q, kv[0], kv[1], meta, self.scale, kv_scales, self.window)
-        x = x + self.post_attn_norm(linear(attn.reshape(t, self.q_size), self.o_weight))
+        x = x + self.post_attn_norm(self.attention(self.input_norm(x), positions, rotary, kv, meta))
         gate, up = linear(self.pre_ff_norm(x), self.gate_up_weight).chunk(2, dim=-1)
         h = linear(F.gelu(gate, approximate="tanh") * up, self.down_weight)
         return x + self.post_ff_norm(h)
@@ -101,22 +80,17 @@ class Gemma3Model(torch.nn.Module):
     @torch.inference_mode()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take HF-named tensors, fuse q/k/v and gate/up, cast to the model dtype and device."""
-        def take(name: str) -> torch.Tensor:
-            if name not in weights:
-                raise ValueError(f"weights are missing tensor {name!r}")
-            return weights[name].to(device=self.device, dtype=self.dtype).contiguous()
-
+        take = weight_taker(weights, self.dtype, self.device)
         self.embed = take("model.embed_tokens.weight")
         untied = "lm_head.weight" in weights and not self.cfg.tie_word_embeddings
         self.lm_head = take("lm_head.weight") if untied else self.embed
         self.norm.weight.copy_(take("model.norm.weight"))
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            load_projections(layer, take, p, self.cfg.attention_bias)
+            layer.load_projections(take, p, self.cfg.attention_bias)
             for norm, name in ((layer.input_norm, "input_layernorm"), (layer.post_attn_norm, "post_attention_layernorm"),
                                (layer.pre_ff_norm, "pre_feedforward_layernorm"),
-                               (layer.post_ff_norm, "post_feedforward_layernorm"),
-                               (layer.q_norm, "self_attn.q_norm"), (layer.k_norm, "self_attn.k_norm")):
+                               (layer.post_ff_norm, "post_feedforward_layernorm")):
                 norm.weight.copy_(take(p + name + ".weight"))
         prepare_linears(self, self.quantization)
 

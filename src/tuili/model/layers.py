@@ -1,4 +1,5 @@
-"""Building blocks of the Llama family: RMSNorm, rotary embeddings, attention over the paged cache.
+"""Building blocks every model here shares: linear layers over any weight form, RMSNorm,
+rotary embeddings, and the attention block over the paged cache (`AttentionLayer`).
 
 The numerics follow Hugging Face transformers step by step (RMSNorm in float32 then cast,
 rotate-half rotary, softmax in float32) so greedy decoding matches it token for token.
@@ -45,20 +46,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, bias: torch.Tens
     return F.linear(x, weight, bias)
 
 
-def load_projections(layer: torch.nn.Module, take: Callable[[str], torch.Tensor], prefix: str,
-                     attention_bias: bool) -> None:
-    """Set a decoder layer's projections from HF-named tensors under `prefix`, fused:
-    q/k/v into `qkv_weight` (and `qkv_bias`), gate/up into `gate_up_weight`."""
-    a = prefix + "self_attn."
-    layer.qkv_weight = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
-                                  take(a + "v_proj.weight")]).contiguous()
-    if attention_bias:
-        layer.qkv_bias = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
-                                    take(a + "v_proj.bias")]).contiguous()
-    layer.o_weight = take(a + "o_proj.weight")
-    layer.gate_up_weight = torch.cat([take(prefix + "mlp.gate_proj.weight"),
-                                      take(prefix + "mlp.up_proj.weight")]).contiguous()
-    layer.down_weight = take(prefix + "mlp.down_proj.weight")
+def weight_taker(weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device) -> Callable[[str], torch.Tensor]:
+    """`take(name)`: the HF-named tensor, cast to the model's dtype and device; a missing one
+    is a ValueError naming it."""
+    def take(name: str) -> torch.Tensor:
+        if name not in weights:
+            raise ValueError(f"weights are missing tensor {name!r}")
+        return weights[name].to(device=device, dtype=dtype).contiguous()
+
+    return take
 
 
 class RMSNorm(torch.nn.Module):
@@ -124,6 +121,64 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class AttentionLayer(torch.nn.Module):
+    """The attention half of a decoder layer, shared by every model family here: fused q/k/v
+    projection, optional per-head q/k norm, rotary, the KV cache write, paged attention and
+    the output projection. A model's layer class derives from it and adds its own norms and
+    MLP; the four projection weights (filled by `load_projections`) live on the layer so
+    that quantization and packing (`quant.prepare_linears`) treat every family alike."""
+
+    def __init__(self, cfg: ModelConfig, scale: float, window: int | None = None,
+                 qk_norm: Callable[[int], torch.nn.Module] | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = scale
+        self.window = window  # sliding-window layers: how many past positions a query sees
+        self.q_norm = qk_norm(cfg.head_dim) if qk_norm else None
+        self.k_norm = qk_norm(cfg.head_dim) if qk_norm else None
+        self.qkv_weight: torch.Tensor | QuantWeight
+        self.qkv_bias: torch.Tensor | None = None
+        self.o_weight: torch.Tensor | QuantWeight
+        self.gate_up_weight: torch.Tensor | QuantWeight
+        self.down_weight: torch.Tensor | QuantWeight
+
+    def load_projections(self, take: Callable[[str], torch.Tensor], prefix: str, attention_bias: bool) -> None:
+        """Set the projections from HF-named tensors under `prefix`, fused: q/k/v into
+        `qkv_weight` (and `qkv_bias`), gate/up into `gate_up_weight`."""
+        a = prefix + "self_attn."
+        self.qkv_weight = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
+                                     take(a + "v_proj.weight")]).contiguous()
+        if attention_bias:
+            self.qkv_bias = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
+                                       take(a + "v_proj.bias")]).contiguous()
+        self.o_weight = take(a + "o_proj.weight")
+        self.gate_up_weight = torch.cat([take(prefix + "mlp.gate_proj.weight"),
+                                         take(prefix + "mlp.up_proj.weight")]).contiguous()
+        self.down_weight = take(prefix + "mlp.down_proj.weight")
+        if self.q_norm is not None:
+            self.q_norm.weight.copy_(take(a + "q_norm.weight"))
+            self.k_norm.weight.copy_(take(a + "k_norm.weight"))
+
+    def attention(self, h: torch.Tensor, positions: torch.Tensor, rotary: "Rotary",
+                  kv: tuple[torch.Tensor, ...], meta: "AttentionMetadata") -> torch.Tensor:
+        """o_proj(attention(h)) for the step's normed hidden states h [T, hidden]; writes the
+        step's K/V into the layer's cache `kv` first."""
+        t = h.shape[0]
+        q, k, v = linear(h, self.qkv_weight, self.qkv_bias).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, k, positions)
+        kv_scales = cache_scales(kv)
+        write_kv(kv[0], kv[1], k, v, meta.slot_mapping, kv_scales)
+        attn = paged_attention(q, kv[0], kv[1], meta, self.scale, kv_scales, self.window)
+        return linear(attn.reshape(t, self.q_size), self.o_weight)
+
+
 @dataclass
 class PrefillSpan:
     """One sequence's chunk in the step: its queries are tokens [q_start, q_start+q_len) of the
@@ -148,6 +203,11 @@ class AttentionMetadata:
 
 
 KVScales = tuple[torch.Tensor, torch.Tensor]  # int8 cache: float32 [num_blocks, block_size, KVH] for K and V
+
+
+def cache_scales(kv: tuple[torch.Tensor, ...]) -> KVScales | None:
+    """A layer's cache is (K, V), or (K, V, K scales, V scales) when it holds int8."""
+    return (kv[2], kv[3]) if len(kv) == 4 else None
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

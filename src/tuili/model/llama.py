@@ -16,49 +16,22 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .kernels import cpu_kernels
-from .layers import (AttentionMetadata, RMSNorm, Rotary, linear, load_projections, paged_attention,
-                     write_kv)
-from .quant import PACKED_MAX_ROWS, PackedInt4Weight, PackedWeight, QuantWeight, model_weight_bytes, prepare_linears
+from .layers import (AttentionLayer, AttentionMetadata, RMSNorm, Rotary, cache_scales, linear, paged_attention,
+                     weight_taker)
+from .quant import PACKED_MAX_ROWS, PackedInt4Weight, PackedWeight, model_weight_bytes, prepare_linears
 
 
-class DecoderLayer(torch.nn.Module):
+class DecoderLayer(AttentionLayer):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
-        self.head_dim = cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.scale = cfg.head_dim ** -0.5
+        norm = (lambda dim: RMSNorm(dim, cfg.rms_norm_eps, dtype, device)) if cfg.qk_norm else None
+        super().__init__(cfg, cfg.head_dim ** -0.5, qk_norm=norm)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
-        # Filled by LlamaModel.load_weights.
-        self.qkv_weight: torch.Tensor | QuantWeight
-        self.qkv_bias: torch.Tensor | None = None
-        self.o_weight: torch.Tensor | QuantWeight
-        self.gate_up_weight: torch.Tensor | QuantWeight
-        self.down_weight: torch.Tensor | QuantWeight
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
                 kv: tuple[torch.Tensor, ...], meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        h = self.input_norm(x)
-        qkv = linear(h, self.qkv_weight, self.qkv_bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, positions)
-        kv_scales = (kv[2], kv[3]) if len(kv) == 4 else None  # an int8 cache carries its scales
-        write_kv(kv[0], kv[1], k, v, meta.slot_mapping, kv_scales)
-        attn = paged_attention(q, kv[0], kv[1], meta, self.scale, kv_scales)
-        x = x + linear(attn.reshape(t, self.q_size), self.o_weight)
-        h = self.post_attn_norm(x)
-        gate, up = linear(h, self.gate_up_weight).chunk(2, dim=-1)
+        x = x + self.attention(self.input_norm(x), positions, rotary, kv, meta)
+        gate, up = linear(self.post_attn_norm(x), self.gate_up_weight).chunk(2, dim=-1)
         return x + linear(F.silu(gate) * up, self.down_weight)
 
     def forward_fused(self, ext, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
@@ -68,7 +41,7 @@ class DecoderLayer(torch.nn.Module):
         t = x.shape[0]
         qkv = linear(ext.rms_norm(x, self.input_norm.weight, self.input_norm.eps, _EMPTY), self.qkv_weight,
                      self.qkv_bias)
-        kv_scales = (kv[2], kv[3]) if len(kv) == 4 else None
+        kv_scales = cache_scales(kv)
         q = ext.rope_write_kv(qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, kv[0], kv[1],
                               meta.slot_mapping, *(kv_scales or (_EMPTY, _EMPTY)))
         attn = paged_attention(q, kv[0], kv[1], meta, self.scale, kv_scales)
@@ -100,24 +73,16 @@ class LlamaModel(torch.nn.Module):
     @torch.inference_mode()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take HF-named tensors, fuse what can be fused, cast to the model dtype and device."""
-        def take(name: str) -> torch.Tensor:
-            if name not in weights:
-                raise ValueError(f"weights are missing tensor {name!r}")
-            return weights[name].to(device=self.device, dtype=self.dtype).contiguous()
-
+        take = weight_taker(weights, self.dtype, self.device)
         self.embed = take("model.embed_tokens.weight")
         has_head = "lm_head.weight" in weights
         self.lm_head = take("lm_head.weight") if has_head and not self.cfg.tie_word_embeddings else self.embed
         self.norm.weight.copy_(take("model.norm.weight"))
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            a = p + "self_attn."
-            load_projections(layer, take, p, self.cfg.attention_bias)
+            layer.load_projections(take, p, self.cfg.attention_bias)
             layer.input_norm.weight.copy_(take(p + "input_layernorm.weight"))
             layer.post_attn_norm.weight.copy_(take(p + "post_attention_layernorm.weight"))
-            if layer.q_norm is not None:
-                layer.q_norm.weight.copy_(take(a + "q_norm.weight"))
-                layer.k_norm.weight.copy_(take(a + "k_norm.weight"))
         prepare_linears(self, self.quantization)
         self._stack = None
 
