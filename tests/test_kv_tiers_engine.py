@@ -1,6 +1,7 @@
 """KV tiers in a running engine (small random-weight Llama from conftest's `tiny_model`): blocks pushed from the device
 pool to host memory and disk come back with identical greedy output; the disk tier
-survives a restart, shrugs off corrupt and truncated files, and keeps its size bound."""
+survives a restart, is never shared with another dtype, quantization or block size, shrugs
+off corrupt and truncated files, and keeps its size bound."""
 import logging
 
 import pytest
@@ -24,7 +25,7 @@ def model(tiny_model):
 
 def tiered(folder, **options) -> LLM:
     # 12 blocks of 4 tokens: one 33-token prompt plus its 8 new tokens takes 11 of them.
-    return LLM(folder, dtype="float32", block_size=BLOCK, num_kv_blocks=12, **options)
+    return LLM(folder, **{"dtype": "float32", "block_size": BLOCK, "num_kv_blocks": 12, **options})
 
 
 def gen(llm: LLM, prompt: list[int]) -> list[int]:
@@ -97,6 +98,29 @@ def test_restart_finds_the_disk_tier_and_other_settings_ignore_it(model, tmp_pat
     assert gen(other, prompts["A"]) == expected["A"]
     assert hits(other)["disk"] == 0
     other.close()
+
+
+@pytest.mark.parametrize("setting", [{"dtype": "bfloat16"}, {"quantization": "int8"}, {"kv_cache_dtype": "int8"}],
+                         ids=["dtype", "quantization", "kv-dtype"])
+def test_disk_tier_of_another_dtype_or_quantization_is_never_used(model, tmp_path, setting):
+    """A restart that changes only the dtype, the weights' quantization or the KV dtype gets
+    a directory of its own and no disk hits; the first setting's blocks stay there for it.
+    (int8 weights leave the KV layout as it was: only the fingerprint tells them apart.)"""
+    folder, prompts, expected = model
+    first = tiered(folder, kv_disk_dir=str(tmp_path))
+    assert gen(first, prompts["A"]) == expected["A"]
+    first.close()
+    (first_dir,) = tmp_path.glob("tuili-kv-*")
+    other = tiered(folder, kv_disk_dir=str(tmp_path), **setting)
+    assert other.engine.stats()["kv_disk_blocks"] == 0
+    gen(other, prompts["A"])
+    assert hits(other) == {"device": 0, "host": 0, "disk": 0}
+    other.close()
+    assert len(set(tmp_path.glob("tuili-kv-*")) - {first_dir}) == 1
+    again = tiered(folder, kv_disk_dir=str(tmp_path))
+    assert gen(again, prompts["A"]) == expected["A"]
+    assert hits(again) == {"device": 0, "host": 0, "disk": 32}
+    again.close()
 
 
 def test_corrupt_and_truncated_files_are_detected_and_recomputed(model, tmp_path, caplog):
