@@ -1,9 +1,11 @@
-"""One HTTP call's engine requests: submission, merging, streaming, disconnects, metrics, the log line.
+"""One HTTP call's life: submission, deltas, streaming, disconnects, metrics, the log line.
 
-Each prompt of a call is one engine request with `n` sequences; their outputs are merged,
-and choice `index` is prompt_index * n + completion_index, as OpenAI numbers them. A
-client that goes away aborts its requests at once: streams through the cancelled
-generator, non-streamed calls through a disconnect watcher.
+Each prompt of a call is one engine request with `n` completions; choice `index` is
+prompt_index * n + completion_index, as OpenAI numbers them. The engine's deltas arrive
+on the call's one queue (`RequestStream`) and are summed per prompt for the usage and the
+non-streamed body. A client that goes away aborts the call at once: a stream when its
+body generator is closed, a non-streamed call when its disconnect watcher, waiting on the
+ASGI `receive()`, sees `http.disconnect` (no polling).
 """
 from __future__ import annotations
 
@@ -16,14 +18,13 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..engine.async_engine import EngineDeadError, QueueFullError
-from ..engine.engine import RequestOutput
+from ..engine import (EngineDeadError, EngineError, EngineShutdownError, InvalidRequestError, QueueFullError,
+                      RequestDelta, RequestOutput)
 from ..sampling import SamplingParams
 from . import responses as R
 from .errors import APIError, bad_request
 from .metrics import Metrics
 from .models import ServedModel
-from .protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("tuili.serve")
 
@@ -34,99 +35,84 @@ def prompt_text(prompt: str | list[int], served: ServedModel) -> str:
     return served.tokenizer.decode(prompt) if served.tokenizer is not None else ""
 
 
-class Call:
-    """One HTTP request's engine requests: submission, merging, disconnects, metrics, the log line."""
+def api_error(e: BaseException) -> APIError:
+    """An engine-side failure in the HTTP layer's terms."""
+    if isinstance(e, (InvalidRequestError, ValueError)):
+        return bad_request(e)
+    if isinstance(e, QueueFullError):
+        return APIError(429, str(e), "rate_limit_error", code="queue_full")
+    if isinstance(e, EngineShutdownError):
+        return APIError(503, str(e), "server_error", code="shutting_down")
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), "server_error", code="engine_unavailable")
+    if isinstance(e, EngineError):
+        return APIError(500, str(e), "server_error", code="engine_error")
+    raise e
 
-    def __init__(self, request: Request, served: ServedModel, metrics: Metrics, rid: str,
+
+class Call:
+    def __init__(self, request: Request, served: ServedModel, metrics: Metrics, kind: str,
                  prompt_ids: list[list[int]], params: SamplingParams):
-        self.request, self.served, self.metrics, self.rid = request, served, metrics, rid
+        self.request, self.served, self.metrics = request, served, metrics
+        self.rid = f"{kind}-{request.state.request_id}"
         self.prompt_ids, self.params = prompt_ids, params
         self.created = R.now()
         self.start = time.perf_counter()
         self.first_token: float | None = None
-        self.latest: dict[int, RequestOutput] = {}
+        self.outputs = [RequestOutput.empty(self.rid, None, ids, params.n, params.logprobs is not None)
+                        for ids in prompt_ids]
+        self.done = False
         try:
-            self.iterators = [served.engine.add(self.sub_id(k), ids, params) for k, ids in enumerate(prompt_ids)]
-        except QueueFullError as e:
-            for k in range(len(prompt_ids)):
-                served.engine.abort(self.sub_id(k))
-            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
-        except EngineDeadError as e:
-            raise APIError(503, str(e), "server_error", code="engine_unavailable") from None
+            self.stream = served.engine.generate(prompt_ids, params)
+        except (QueueFullError, EngineError) as e:
+            raise api_error(e) from None
 
-    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, cumulative output) as they come, from all prompts of the call."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(k: int, it) -> None:
-            try:
-                async for out in it:
-                    await queue.put((k, out))
-            except Exception as e:  # noqa: BLE001 - forwarded to the consumer
-                await queue.put((k, e))
-            finally:
-                await queue.put((k, None))
-
-        tasks = [asyncio.create_task(pump(k, it)) for k, it in enumerate(self.iterators)]
-        live = len(tasks)
-        try:
-            while live:
-                k, item = await queue.get()
-                if item is None:
-                    live -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    if self.first_token is None and any(c.token_ids for c in item.outputs):
-                        self.first_token = time.perf_counter()
-                    self.latest[k] = item
-                    yield k, item
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            # A pump cancelled before it started never ran its iterator's cleanup: abort
-            # every engine request of this call that has not finished (a no-op for the rest).
-            for k in range(len(self.iterators)):
-                if k not in self.latest or not self.latest[k].finished:
-                    self.served.engine.abort(self.sub_id(k))
-
-    def sub_id(self, k: int) -> str:
-        return f"{self.rid}-{k}"
+    async def deltas(self) -> AsyncIterator[tuple[int, RequestDelta]]:
+        """(prompt index, delta) as they come; the call's outputs grow as they pass."""
+        async for k, delta in self.stream:
+            if self.first_token is None and any(c.token_ids for c in delta.outputs):
+                self.first_token = time.perf_counter()
+            self.outputs[k].add(delta)
+            yield k, delta
 
     async def collect(self) -> list[RequestOutput]:
-        """Run to completion; abort if the client disconnects first."""
+        """Run to completion; abort at once if the client disconnects first."""
         async def drain() -> None:
-            async for _ in self.outputs():
+            async for _ in self.deltas():
                 pass
 
         task = asyncio.create_task(drain())
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if not done and await self.request.is_disconnected():
-                task.cancel()
-                self.finish(aborted=True)
-                raise APIError(499, "client disconnected", code="client_closed_request")
+        watcher = asyncio.create_task(_disconnected(self.request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not task.done():
+            task.cancel()
+            self.stream.abort()
+            self.finish(aborted=True)
+            raise APIError(499, "client disconnected", code="client_closed_request")
         try:
             task.result()
-        except ValueError as e:
-            raise bad_request(e) from None
-        except RuntimeError as e:
-            raise APIError(500, str(e), "server_error", code="engine_error") from None
+        except (EngineError, ValueError) as e:
+            self.finish(aborted=True)
+            raise api_error(e) from None
         self.finish()
-        return [self.latest[k] for k in range(len(self.prompt_ids))]
+        return self.outputs
 
-    def stream(self, events) -> StreamingResponse:
+    def streaming_response(self, events) -> StreamingResponse:
         async def body():
             try:
                 async for event in events():
                     yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-            except (ValueError, RuntimeError) as e:
-                err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(err)}\n\n"
-            except asyncio.CancelledError:
+            except (EngineError, ValueError) as e:
+                err = api_error(e)
+                yield f"data: {json.dumps(err.body())}\n\n"
                 self.finish(aborted=True)
-                raise
+            finally:
+                if not self.stream.finished:
+                    self.stream.abort()
+                    self.finish(aborted=True)
             yield "data: [DONE]\n\n"
             self.finish()
 
@@ -134,58 +120,66 @@ class Call:
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
     def finish(self, aborted: bool = False) -> None:
-        outs = [self.latest[k] for k in sorted(self.latest)]
+        """Metrics and the log line, once per call."""
+        if self.done:
+            return
+        self.done = True
         prompt = sum(len(p) for p in self.prompt_ids)
-        completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        completion = sum(len(c.token_ids) for o in self.outputs for c in o.outputs)
         total = time.perf_counter() - self.start
         ttft = None if self.first_token is None else self.first_token - self.start
-        reasons = ["abort"] if aborted else [c.finish_reason or "unknown" for o in outs for c in o.outputs]
+        reasons = ["abort"] if aborted else [c.finish_reason or "unknown" for o in self.outputs for c in o.outputs]
         self.metrics.observe_request(self.served.name, prompt, completion, ttft, total, reasons)
-        log.info("request_id=%s model=%s route=%s prompt_tokens=%d completion_tokens=%d ttft=%s total=%.3fs "
-                 "finish=%s", self.rid, self.served.name, getattr(self.request.state, "route", "explicit"), prompt,
-                 completion, "-" if ttft is None else f"{ttft:.3f}s", total, ",".join(sorted(set(reasons))))
+        state = self.request.state
+        log.info("request_id=%s client_request_id=%s model=%s route=%s prompt_tokens=%d completion_tokens=%d "
+                 "ttft=%s total=%.3fs finish=%s", self.rid, getattr(state, "client_request_id", None) or "-",
+                 self.served.name, getattr(state, "route", "explicit"), prompt, completion,
+                 "-" if ttft is None else f"{ttft:.3f}s", total, ",".join(sorted(set(reasons))))
 
 
-async def completion_events(call: Call, req: CompletionRequest, prompts: list) -> AsyncIterator[dict]:
-    state = R.StreamState()
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: receive() now waits for that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def completion_events(call: Call, echo: bool, include_usage: bool, prompts: list) -> AsyncIterator[dict]:
     tok = R.TokenText(call.served.tokenizer)
     model = call.served.name
     n = call.params.n
-    if req.echo:
+    offsets: dict[int, int] = {}
+    if echo:
         for k, p in enumerate(prompts):
             for j in range(n):
-                yield R.completion_chunk(call.rid, call.created, model, k * n + j, prompt_text(p, call.served),
-                                         None, None)
-    async for k, out in call.outputs():
-        for c in out.outputs:
+                text = prompt_text(p, call.served)
+                offsets[k * n + j] = len(text)
+                yield R.completion_chunk(call.rid, call.created, model, k * n + j, text, None, None)
+    async for k, delta in call.deltas():
+        for c in delta.outputs:
             index = k * n + c.index
-            st = state.choice(index)
-            offset = st.text_len
-            delta, entries, finished = R.new_pieces(c, st)
-            if delta or entries or finished:
-                lp = R.completion_logprobs(entries, tok, offset) if c.logprobs is not None else None
-                yield R.completion_chunk(call.rid, call.created, model, index, delta, lp,
-                                         R.finish_reason(c) if finished else None)
-    if req.include_usage:
-        yield R.usage_chunk(call.rid, call.created, model, "text_completion",
-                            R.usage(*R.totals([call.latest[k] for k in sorted(call.latest)])))
+            offset = offsets.get(index, 0)
+            offsets[index] = offset + len(c.text)
+            lp = R.completion_logprobs(c.logprobs, tok, offset) if c.logprobs is not None else None
+            reason = R.finish_reason(c.finish_reason) if c.finish_reason is not None else None
+            if c.text or lp or reason:
+                yield R.completion_chunk(call.rid, call.created, model, index, c.text, lp, reason)
+    if include_usage:
+        yield R.usage_chunk(call.rid, call.created, model, "text_completion", R.usage(*R.totals(call.outputs)))
 
 
-async def chat_events(call: Call, req: ChatCompletionRequest) -> AsyncIterator[dict]:
-    state = R.StreamState()
+async def chat_events(call: Call, include_usage: bool) -> AsyncIterator[dict]:
     tok = R.TokenText(call.served.tokenizer)
     model = call.served.name
     for j in range(call.params.n):
         yield R.chat_chunk(call.rid, call.created, model, j, {"role": "assistant", "content": ""}, None, None)
-    async for _, out in call.outputs():
-        for c in out.outputs:
-            st = state.choice(c.index)
-            delta, entries, finished = R.new_pieces(c, st)
-            lp = R.chat_logprobs(entries, tok) if c.logprobs is not None and entries else None
-            if delta or entries:
-                yield R.chat_chunk(call.rid, call.created, model, c.index, {"content": delta}, lp, None)
-            if finished:
-                yield R.chat_chunk(call.rid, call.created, model, c.index, {}, None, R.finish_reason(c))
-    if req.include_usage:
-        yield R.usage_chunk(call.rid, call.created, model, "chat.completion.chunk",
-                            R.usage(*R.totals([call.latest[k] for k in sorted(call.latest)])))
+    async for _, delta in call.deltas():
+        for c in delta.outputs:
+            lp = R.chat_logprobs(c.logprobs, tok) if c.logprobs else None
+            if c.text or lp:
+                yield R.chat_chunk(call.rid, call.created, model, c.index, {"content": c.text}, lp, None)
+            if c.finish_reason is not None:
+                yield R.chat_chunk(call.rid, call.created, model, c.index, {}, None, R.finish_reason(c.finish_reason))
+    if include_usage:
+        yield R.usage_chunk(call.rid, call.created, model, "chat.completion.chunk", R.usage(*R.totals(call.outputs)))

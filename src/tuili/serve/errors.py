@@ -20,6 +20,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error",
                    param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -45,10 +48,12 @@ def validation_error(e: ValidationError | RequestValidationError) -> APIError:
 
 
 async def parse_body(request: Request, model_cls: type[BaseModel]) -> Any:
+    """The body as `model_cls`; models are strict, so `"max_tokens": "12"` or
+    `"temperature": false` is a 400 naming the field, not a silent coercion."""
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -56,3 +61,5 @@ async def parse_body(request: Request, model_cls: type[BaseModel]) -> Any:
         return model_cls.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None

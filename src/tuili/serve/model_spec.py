@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import EngineConfig
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 
 
@@ -29,8 +31,6 @@ class ModelSpec:
 
 
 def engine_option_names() -> list[str]:
-    from ..config import EngineConfig
-
     return [f.name for f in dataclasses.fields(EngineConfig)]
 
 

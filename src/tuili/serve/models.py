@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..engine.async_engine import AsyncEngine
+from ..engine import AsyncEngine
 
 
 class ModelNotFoundError(LookupError):
@@ -23,7 +23,7 @@ class ServedModel:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.max_model_len
 
 
 class ModelRegistry:

@@ -1,6 +1,9 @@
 """OpenAI request models (pydantic) and their translation into SamplingParams.
 
 Decisions:
+- Strict types: a number or boolean field given a string (or a boolean given to a number)
+  is a 400 naming the field, as OpenAI answers, not a silent coercion; NaN and infinities
+  are refused.
 - Unknown fields are ignored, as OpenAI-compatible servers commonly do, so clients that
   send newer fields keep working; fields we know but cannot honour (tools, logit_bias,
   suffix, best_of > n, json response formats) get a 400 that names them.
@@ -19,18 +22,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..sampling import SamplingParams
 
 
+_STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
 class StreamOptions(BaseModel):
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=128)  # OpenAI's bound; each completion is a sequence
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -97,13 +104,13 @@ class CompletionRequest(_Base):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -117,7 +124,7 @@ class ChatMessage(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     type: str = "text"
 
 

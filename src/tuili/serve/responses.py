@@ -1,17 +1,14 @@
 """Response bodies and stream chunks in OpenAI's shapes, built from engine outputs.
 
-A streamed choice remembers how much text and how many tokens it has already sent, so
-each chunk carries only the new part; text that might be the start of a stop string is
-held back by the engine until it is known not to be one.
+The engine hands out deltas (only what is new; text that might be the start of a stop
+string held back until it is known not to be one), so a stream chunk is one delta.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.engine import CompletionOutput, RequestOutput
-from ..engine.sequence import TokenLogprob
+from ..engine import RequestOutput, TokenLogprob
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
@@ -57,36 +54,6 @@ def chat_logprobs(entries: list[TokenLogprob], tok: TokenText) -> dict[str, Any]
                         for e in entries]}
 
 
-@dataclass
-class ChoiceState:
-    """What a streamed choice has sent so far."""
-
-    text_len: int = 0
-    tokens: int = 0
-    done: bool = False
-
-
-@dataclass
-class StreamState:
-    """Per-response streaming state: one ChoiceState per choice index."""
-
-    choices: dict[int, ChoiceState] = field(default_factory=dict)
-
-    def choice(self, index: int) -> ChoiceState:
-        return self.choices.setdefault(index, ChoiceState())
-
-
-def new_pieces(c: CompletionOutput, state: ChoiceState) -> tuple[str, list[TokenLogprob], bool]:
-    """The text and logprob entries not yet sent, and whether the choice just finished."""
-    delta = c.text[state.text_len:]
-    entries = c.logprobs[state.tokens:] if c.logprobs is not None else []
-    state.text_len = max(state.text_len, len(c.text))
-    state.tokens = len(c.token_ids)
-    finished = c.finish_reason is not None and not state.done
-    state.done = state.done or finished
-    return delta, entries, finished
-
-
 def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
                      logprobs: dict[str, Any] | None, finish_reason: str | None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
@@ -103,8 +70,8 @@ def usage_chunk(rid: str, created: int, model: str, obj: str, use: dict[str, Any
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
 
 
-def finish_reason(c: CompletionOutput) -> str:
-    return "stop" if c.finish_reason in ("stop", "abort") else (c.finish_reason or "length")
+def finish_reason(reason: str | None) -> str:
+    return "stop" if reason in ("stop", "abort") else (reason or "length")
 
 
 def now() -> int:

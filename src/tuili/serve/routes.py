@@ -1,0 +1,158 @@
+"""The OpenAI-shaped routes: models, completions, chat completions, health and metrics.
+
+A generation route parses its body (protocol.py), picks the served model (its name, or the
+router's choice for the router's name), tokenizes and checks the prompts through that
+model's `AsyncEngine`, then hands the call to calls.py, which streams or collects it.
+Responses to generation requests carry `X-Tuili-Routed-To` (the model that answered, also
+in the body's `model` field).
+"""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ..engine import InvalidRequestError
+from . import responses as R
+from .calls import Call, chat_events, completion_events, prompt_text
+from .errors import APIError, bad_request, error_response, parse_body
+from .models import ModelNotFoundError, ModelRegistry, ServedModel
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .router import Decision
+
+api = APIRouter()
+
+
+@api.get("/health")
+async def health(request: Request):
+    state = request.app.state
+    if getattr(state, "draining", False):
+        return error_response(503, "the server is shutting down", "server_error", code="shutting_down")
+    dead = [m.name for m in state.models.all() if not m.engine.is_alive]
+    if dead:
+        return error_response(503, f"engine loop not running for {', '.join(dead)}", "server_error",
+                              code="engine_unavailable")
+    return {"status": "ok"}
+
+
+@api.get("/metrics")
+async def metrics_route(request: Request):
+    state = request.app.state
+    return Response(state.metrics.render(state.models), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def model_card(m: ServedModel) -> dict:
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "tuili",
+            "max_model_len": m.max_model_len}
+
+
+def router_card(models: ModelRegistry, router) -> dict:
+    fast, strong = models.get(router.fast), models.get(router.strong)
+    return {"id": router.name, "object": "model", "created": min(fast.created, strong.created),
+            "owned_by": "tuili", "max_model_len": min(fast.max_model_len, strong.max_model_len),
+            "routes_to": {"fast": fast.name, "strong": strong.name}}
+
+
+@api.get("/v1/models")
+async def list_models(request: Request):
+    state = request.app.state
+    cards = [model_card(m) for m in state.models.all()]
+    if state.router is not None:
+        cards.append(router_card(state.models, state.router))
+    return {"object": "list", "data": cards}
+
+
+@api.get("/v1/models/{name:path}")
+async def get_model(request: Request, name: str):
+    state = request.app.state
+    if state.router is not None and name == state.router.name:
+        return router_card(state.models, state.router)
+    return model_card(served_model(state.models, name))
+
+
+@api.post("/v1/completions")
+async def completions(request: Request):
+    req: CompletionRequest = await parse_body(request, CompletionRequest)
+    prompts = checked(req.prompts)
+    served = pick(request, req.model, prompt=_router_prompt(request, req.model, prompts), max_tokens=req.max_tokens)
+    params = checked(req.to_sampling_params)
+    ids = checked(lambda: [served.engine.prepare(p, params) for p in prompts])
+    call = Call(request, served, request.app.state.metrics, "cmpl", ids, params)
+    if req.stream:
+        return call.streaming_response(lambda: completion_events(call, req.echo, req.include_usage, prompts))
+    outs = await call.collect()
+    tok = R.TokenText(served.tokenizer)
+    choices = []
+    for k, out in enumerate(outs):
+        prefix = prompt_text(prompts[k], served) if req.echo else ""
+        for c in out.outputs:
+            lp = R.completion_logprobs(c.logprobs, tok, len(prefix)) if c.logprobs is not None else None
+            choices.append({"index": k * params.n + c.index, "text": prefix + c.text, "logprobs": lp,
+                            "finish_reason": R.finish_reason(c.finish_reason)})
+    return {"id": call.rid, "object": "text_completion", "created": call.created, "model": served.name,
+            "choices": choices, "usage": R.usage(*R.totals(outs))}
+
+
+@api.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    messages = [m.as_template_dict() for m in req.messages]
+    served = pick(request, req.model, messages=messages, max_tokens=max_tokens)
+    params = checked(req.to_sampling_params)
+    ids = checked(lambda: [served.engine.prepare(served.engine.chat_ids(messages, req.add_generation_prompt),
+                                                 params)])
+    call = Call(request, served, request.app.state.metrics, "chatcmpl", ids, params)
+    if req.stream:
+        return call.streaming_response(lambda: chat_events(call, req.include_usage))
+    outs = await call.collect()
+    tok = R.TokenText(served.tokenizer)
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": R.chat_logprobs(c.logprobs, tok) if c.logprobs is not None else None,
+                "finish_reason": R.finish_reason(c.finish_reason)} for c in outs[0].outputs]
+    return {"id": call.rid, "object": "chat.completion", "created": call.created, "model": served.name,
+            "choices": choices, "usage": R.usage(*R.totals(outs))}
+
+
+def pick(request: Request, name: str, prompt: str | None = None, messages: list | None = None,
+         max_tokens: int | None = None) -> ServedModel:
+    """The engine for a request: its named model, or the router's choice for the router's name."""
+    state = request.app.state
+    if state.draining:
+        raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+    router, models = state.router, state.models
+    if router is not None and name == router.name:
+        decision = router.route(name, prompt, messages, max_tokens)
+    else:
+        served = served_model(models, name)
+        decision = Decision(served.name, "explicit")
+        if router is not None:
+            router.route(name)  # counts the explicit decision
+        else:
+            state.metrics.observe_route(decision)
+    request.state.routed_to = decision.model
+    request.state.route = decision.reason if decision.score is None else f"{decision.reason}:{decision.score:.3f}"
+    return models.get(decision.model)
+
+
+def _router_prompt(request: Request, name: str, prompts: list) -> str | None:
+    router = request.app.state.router
+    if router is None or name != router.name:
+        return None
+    if not all(isinstance(p, str) for p in prompts):
+        raise APIError(400, f"prompt: token-id prompts need a named model; the models behind "
+                            f"{router.name!r} have different tokenizers", param="prompt")
+    return "\n".join(prompts)
+
+
+def served_model(models: ModelRegistry, name: str) -> ServedModel:
+    try:
+        return models.get(name)
+    except ModelNotFoundError as e:
+        raise APIError(404, str(e), param="model", code="model_not_found") from None
+
+
+def checked(fn):
+    try:
+        return fn()
+    except (InvalidRequestError, ValueError) as e:
+        raise bad_request(e) from None
