@@ -62,20 +62,22 @@ setup() {
   # --system-site-packages would see the base interpreter's packages, not torch. So the
   # new venv also adds the image's site-packages (with their .pth files) after its own.
   rm -rf "$VENV"
-  "$PYBASE" -m venv --system-site-packages "$VENV"
-  local sites site
+  local sites site pip
   sites=$("$PYBASE" -c 'import site; print(repr(site.getsitepackages()))')
+  # A venv with its own pip; else one without pip, driven by the image's pip (--python).
+  if "$PYBASE" -m venv --system-site-packages "$VENV"; then pip=("$PY" -m pip)
+  else rm -rf "$VENV"; "$PYBASE" -m venv --system-site-packages --without-pip "$VENV"; pip=("$PYBASE" -m pip --python "$PY"); fi
   site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "import site; list(map(site.addsitedir, $sites))" > "$site/zz-image-site-packages.pth"
   "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), "transformers", transformers.__version__)'
   # Only what is missing or too old comes from the wheels; pip keeps the image's copy otherwise.
-  "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-cache-dir --disable-pip-version-check \
+  "${pip[@]}" install -q --no-index --find-links "$WHEELS" --no-cache-dir --disable-pip-version-check \
     fastapi uvicorn pydantic gguf openai pytest-timeout "setuptools>=77"
-  if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --disable-pip-version-check -e "$ROOT"; then
+  if ! "${pip[@]}" install -q --no-index --no-deps --no-build-isolation --no-cache-dir --disable-pip-version-check -e "$ROOT"; then
     echo "editable install failed: putting src/ on the path instead"
     echo "$ROOT/src" > "$site/tuili-src.pth"
   fi
-  "$PY" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|safetensors|fastapi|starlette|uvicorn|pydantic|pydantic.core|gguf|openai|httpx2?|anyio|numpy|pytest|pytest-timeout|setuptools|tuili) ' || true
+  "${pip[@]}" list --disable-pip-version-check 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|safetensors|fastapi|starlette|uvicorn|pydantic|pydantic.core|gguf|openai|httpx2?|anyio|numpy|pytest|pytest-timeout|setuptools|tuili) ' || true
   "$PY" - <<EOF
 import tuili, fastapi, uvicorn, pydantic, gguf, openai
 from tuili.config import resolve_device

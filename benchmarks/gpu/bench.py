@@ -281,43 +281,47 @@ class Run:
 
     def quant_ops(self) -> None:
         """Each CUDA op tuili's quant.py calls, at the widths of the benchmark shapes."""
-        from tuili.model import quant as q
+        try:  # the plain (non-CPU-kernel) quantized weights; quant.py re-exports them
+            from tuili.model import quant_ops as q
+        except ImportError:
+            from tuili.model import quant as q
 
         widths = sorted({SHAPES[s]["hidden_size"] for s in self.shapes} | {SHAPES[s]["intermediate_size"] for s in self.shapes})
         g = torch.Generator(device=self.device).manual_seed(0)
+        n = 256 if self.tiny else 2048
+        row_counts = (1, 7, 64) if self.tiny else (1, 16, 256, 2048)
         for k in widths:
-            n = 256
-            w = torch.randn(n, k, generator=g, device=self.device) * 0.02
-            w = w.to(torch.bfloat16)
-            for rows in (1, 7, 64):
-                x = torch.randn(rows, k, generator=g, device=self.device).to(torch.bfloat16)
-                cases: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
+            w = (torch.randn(n, k, generator=g, device=self.device) * 0.02).to(torch.bfloat16)
 
-                def int8() -> tuple[torch.Tensor, torch.Tensor]:
-                    qw = q.quantize_int8(w)
-                    return qw.matmul(x, False).float(), x.float() @ qw.dequantize(torch.float32).T
-                cases["int8"] = int8
-                for group in (32, 64, 128):
-                    if k % group:
-                        continue
-
-                    def int4(group: int = group) -> tuple[torch.Tensor, torch.Tensor]:
+            def int8() -> tuple[Any, torch.Tensor]:
+                qw = q.quantize_int8(w)
+                return qw, qw.dequantize(torch.float32)
+            modes: dict[str, Callable[[], tuple[Any, torch.Tensor]]] = {"int8": int8}
+            for group in (32, 64, 128):
+                if k % group == 0:
+                    def int4(group: int = group) -> tuple[Any, torch.Tensor]:
                         qw = q.quantize_int4(w, group)
-                        codes, scale, lo = q.int4_codes(w, group)
-                        s_b = scale.to(torch.bfloat16).float()
-                        z_b = (lo + 8 * scale).to(torch.bfloat16).float()
-                        deq = q.dequantize_int4_codes(codes - 8, s_b, z_b, group)
-                        return qw.matmul(x, False).float(), x.float() @ deq.T
-                    cases[f"int4_g{group}"] = int4
-                for name, fn in cases.items():
+                        codes, scale, lo = q.int4_codes(w, group)  # the op: (q - 8) * scale + zero, both bf16
+                        s_b, z_b = scale.to(torch.bfloat16).float(), (lo + 8 * scale).to(torch.bfloat16).float()
+                        return qw, q.dequantize_int4_codes(codes - 8, s_b, z_b, group)
+                    modes[f"int4_g{group}"] = int4
+            for name, make in modes.items():
+                base = {"part": "quant_op", "op": name, "k": k, "n": n}
+                try:
+                    qw, deq = make()
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    self.emit({**base, "stage": "quantize", "ok": False, "error": self.short(e)})
+                    continue
+                for rows in row_counts:
+                    x = torch.randn(rows, k, generator=g, device=self.device).to(torch.bfloat16)
                     try:
-                        got, want = fn()
+                        got, want = qw.matmul(x, False).float(), x.float() @ deq.T
                         err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
-                        self.emit({"part": "quant_op", "op": name, "k": k, "n": n, "rows": rows,
-                                   "max_rel_err": round(err, 5), "ok": err < 2e-2})
-                    except Exception as e:  # noqa: BLE001 - record and go on
-                        self.emit({"part": "quant_op", "op": name, "k": k, "n": n, "rows": rows, "ok": False,
-                                   "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+                        self.emit({**base, "rows": rows, "max_rel_err": round(err, 5), "ok": err < 2e-2,
+                                   "op_ms": self.time_ms(lambda: qw.matmul(x, False)),
+                                   "bf16_linear_ms": self.time_ms(lambda: torch.nn.functional.linear(x, w))})
+                    except Exception as e:  # noqa: BLE001
+                        self.emit({**base, "rows": rows, "stage": "matmul", "ok": False, "error": self.short(e)})
         kv = torch.randn(64, 3, 64, generator=g, device=self.device).to(torch.bfloat16)
         from tuili.model.layers import quantize_kv
         codes, scales = quantize_kv(kv)
@@ -325,6 +329,19 @@ class Run:
         self.emit({"part": "quant_op", "op": "int8_kv", "max_rel_err": round(err, 5), "ok": err < 1e-2})
 
     # ---- helpers -------------------------------------------------------------
+    @staticmethod
+    def short(e: Exception) -> str:
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+
+    def time_ms(self, fn: Callable[[], Any], reps: int = 5) -> float:
+        fn()
+        self.sync()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        self.sync()
+        return round(1e3 * (time.perf_counter() - t) / reps, 4)
+
     def guard(self, fn: Callable[[], Any], what: str) -> Any:
         try:
             return fn()
