@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 import torch
 
 from .disk_tier import DiskTier
+from .kv_cache import TIERS
 
 log = logging.getLogger("tuili.kv.tiers")
 
@@ -200,6 +201,7 @@ class KVTiers:
         self.disk = None
 
 
+# The block copies between tiers that Engine.stats() counts (kv_blocks_moved_<a>_to_<b>).
 MOVES = (("device", "host"), ("host", "disk"), ("device", "disk"), ("host", "device"), ("disk", "device"))
 
 
@@ -209,7 +211,7 @@ def tier_snapshot(tiers: KVTiers | None) -> dict[str, int]:
     host = tiers.host if tiers is not None else None
     disk = tiers.disk if tiers is not None else None
     out = {f"kv_blocks_moved_{a}_to_{b}": s.moved[a, b] for a, b in MOVES}
-    out.update({f"kv_evictions_{t}": s.evictions[t] for t in ("device", "host")})
+    out.update({f"kv_evictions_{t}": s.evictions[t] for t in TIERS[:2]})
     out["kv_evictions_disk"] = disk.stats.evictions if disk else 0
     out["kv_host_blocks"] = len(host) if host else 0
     out["kv_host_bytes"] = host.bytes_used if host else 0

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
+from ..engine import TIER_MOVES, TIERS
 from .models import ModelRegistry
 
 if TYPE_CHECKING:
@@ -83,8 +84,8 @@ class Metrics:
 class KVTierMetrics:
     """Gauges of the KV tiers (device, host, disk), copied from Engine.stats() keys."""
 
-    TIERS = ("device", "host", "disk")
-    MOVES = (("device", "host"), ("host", "disk"), ("device", "disk"), ("host", "device"), ("disk", "device"))
+    TIERS = TIERS
+    MOVES = TIER_MOVES
 
     def __init__(self, r: CollectorRegistry) -> None:
         self.hits = Gauge("tuili_prefix_cache_hit_tokens_by_tier", "Prompt tokens served from each KV tier",
@@ -104,7 +105,7 @@ class KVTierMetrics:
             self.evictions.labels(model, t).set(s.get(f"kv_evictions_{t}", 0))
         for a, b in self.MOVES:
             self.moved.labels(model, a, b).set(s.get(f"kv_blocks_moved_{a}_to_{b}", 0))
-        for t in ("host", "disk"):
+        for t in TIERS[1:]:
             self.blocks.labels(model, t).set(s.get(f"kv_{t}_blocks", 0))
             self.bytes.labels(model, t).set(s.get(f"kv_{t}_bytes", 0))
         self.disk_errors.labels(model).set(s.get("kv_disk_errors", 0))
