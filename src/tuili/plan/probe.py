@@ -1,0 +1,80 @@
+"""`python -m tuili.plan.probe`: time engine steps on this machine, for `tuili plan --calibrate`.
+
+Run only as its own process (calibrate.py starts it): it is the one file of the planner
+that loads a model, and it does so through the public offline API (`tuili.LLM`), never by
+importing the engine into the planner. For each weight format it measures
+
+- decode steps: B requests with random prompts of `context` tokens generate `short` and
+  then `long` tokens (EOS ignored); (time(long) - time(short)) / (long - short) is the time
+  of one decode step of batch B at a context of about `context + (short + long) / 2`;
+- prefill steps: one request of P prompt tokens and one output token (P within the
+  step budget, so one step), minus nothing: its time is one prefill step of P tokens.
+
+Prompts are random token ids drawn fresh for every run, so the prefix cache never hits.
+Each point is the median of `--repeats` runs. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+
+def _prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[int]]:
+    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--quantization", default="none")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--decode", default="1:64,8:64,16:64,16:400", help="BATCH:CONTEXT points")
+    p.add_argument("--prefill", default="64,256,512", help="prompt lengths of single prefill steps")
+    p.add_argument("--short", type=int, default=4)
+    p.add_argument("--long", type=int, default=28)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import torch
+    from tuili import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization)
+    load_s = time.perf_counter() - t0
+    vocab = llm.get_tokenizer().vocab_size if hasattr(llm.get_tokenizer(), "vocab_size") else 32000
+    rng = random.Random(args.seed)
+
+    def timed(prompts: list[list[int]], out: int) -> float:
+        params = SamplingParams(max_tokens=out, ignore_eos=True, temperature=0.0)
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        return time.perf_counter() - start
+
+    timed(_prompts(rng, 2, 32, vocab), 4)  # warm-up: allocations, kernel choice
+    points = []
+    for item in args.decode.split(","):
+        batch, context = (int(x) for x in item.split(":"))
+        runs = []
+        for _ in range(args.repeats):
+            prompts = _prompts(rng, batch, context, vocab)
+            short = timed(prompts, args.short)
+            prompts = _prompts(rng, batch, context, vocab)
+            long = timed(prompts, args.long)
+            runs.append((long - short) / (args.long - args.short))
+        points.append({"kind": "decode", "batch": batch, "context": context + (args.short + args.long) / 2,
+                       "step_s": statistics.median(runs), "runs": runs})
+    for item in args.prefill.split(","):
+        tokens = int(item)
+        runs = [timed(_prompts(rng, 1, tokens, vocab), 1) for _ in range(args.repeats)]
+        points.append({"kind": "prefill", "tokens": tokens, "step_s": statistics.median(runs), "runs": runs})
+    print(json.dumps({"model": args.model, "quantization": args.quantization, "dtype": args.dtype,
+                      "threads": torch.get_num_threads(), "load_s": load_s, "points": points}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
