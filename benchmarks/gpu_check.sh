@@ -143,7 +143,7 @@ if want server; then
   step server 75 "$PY" benchmarks/gpu/server_check.py --device "$DEVICE" $TINY --workdir "$MODELS" --out "$RESULTS"
 fi
 BENCH=("$PY" benchmarks/gpu/bench.py --device "$DEVICE" $TINY --workdir "$MODELS" --out "$RESULTS")
-if want bench_decode; then step bench_decode 90 "${BENCH[@]}" --parts bandwidth,decode,quant; fi
+if want bench_decode; then step bench_decode 110 "${BENCH[@]}" --parts bandwidth,decode,quant; fi
 if want bench_throughput; then step bench_throughput 120 "${BENCH[@]}" --parts throughput; fi
 if want bench_profile; then step bench_profile 70 "${BENCH[@]}" --parts profile; fi
 [ -f "$OUT/results.profiles.txt" ] && mv "$OUT/results.profiles.txt" "$OUT/profiles.txt"

@@ -137,83 +137,96 @@ class Run:
             self.free()
 
     def throughput(self) -> None:
+        """One tuili engine and one transformers model per shape, each run at every C."""
         lo, hi = (8, 24) if self.tiny else (64, 192)
         for shape in self.shapes:
+            workloads = {c: self.prompts(shape, c, lo, hi, seed=c) for c in self.concurrency}
+            tuili = self.guard(lambda: self.throughput_tuili(shape, workloads), f"throughput tuili {shape}") or {}
+            hf = self.guard(lambda: self.throughput_hf(shape, workloads), f"throughput transformers {shape}") or {}
             for c in self.concurrency:
-                prompts = self.prompts(shape, c, lo, hi, seed=c)
-                tuili = self.guard(lambda: self.throughput_tuili(shape, prompts), f"throughput tuili {shape} c={c}")
-                hf = self.guard(lambda: self.throughput_hf(shape, prompts), f"throughput transformers {shape} c={c}")
                 record = {"part": "throughput", "shape": shape, "concurrency": c, "requests": c,
                           "input_len": f"{lo}-{hi}", "output_len": self.out_len, "dtype": "bfloat16"}
-                if tuili:
-                    record.update({f"tuili_{k}": v for k, v in tuili.items()})
-                if hf:
-                    record.update({f"transformers_{k}": v for k, v in hf.items()})
-                if tuili and hf:
-                    record["ratio_tuili_over_transformers"] = round(tuili["output_tok_s"] / hf["output_tok_s"], 3)
+                record.update({f"tuili_{k}": v for k, v in tuili.get(c, {}).items()})
+                record.update({f"transformers_{k}": v for k, v in hf.get(c, {}).items()})
+                if c in tuili and c in hf:
+                    record["ratio_tuili_over_transformers"] = round(tuili[c]["output_tok_s"] / hf[c]["output_tok_s"], 3)
                 self.emit(record)
 
-    def throughput_tuili(self, shape: str, prompts: list[list[int]]) -> dict[str, Any]:
-        eng = self.engine(shape, max_num_seqs=max(256, len(prompts)))
+    def throughput_tuili(self, shape: str, workloads: dict[int, list[list[int]]]) -> dict[int, dict[str, Any]]:
+        eng = self.engine(shape, max_num_seqs=max(256, *workloads))
         params = SamplingParams(temperature=0, max_tokens=self.out_len, ignore_eos=True)
+        first = next(iter(workloads.values()))
         eng.generate([(f"warm-{i}", p[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-                      for i, p in enumerate(prompts[:8])])
-        self.sync()
-        steps = 0
-        start = time.perf_counter()
-        for i, p in enumerate(prompts):
-            eng.add_request(f"r{i}", p, params)
-        produced = 0
-        while eng.has_unfinished_requests():
-            for d in eng.step():
-                produced += sum(len(o.token_ids) for o in d.outputs)
-            steps += 1
-        self.sync()
-        elapsed = time.perf_counter() - start
-        stats = eng.stats()
+                      for i, p in enumerate(first[:8])])
+        results = {}
+        for c, prompts in workloads.items():
+            self.sync()
+            steps = produced = 0
+            start = time.perf_counter()
+            for i, p in enumerate(prompts):
+                eng.add_request(f"c{c}-r{i}", p, params)
+            while eng.has_unfinished_requests():
+                for d in eng.step():
+                    produced += sum(len(o.token_ids) for o in d.outputs)
+                steps += 1
+            self.sync()
+            elapsed = time.perf_counter() - start
+            results[c] = {"elapsed_s": round(elapsed, 3), "output_tokens": produced, "steps": steps,
+                          "output_tok_s": round(produced / elapsed, 1), "preemptions": eng.stats()["preemptions"]}
         del eng
         self.free()
-        return {"elapsed_s": round(elapsed, 3), "output_tokens": produced, "steps": steps,
-                "output_tok_s": round(produced / elapsed, 1), "preemptions": stats["preemptions"]}
+        return results
 
-    def throughput_hf(self, shape: str, prompts: list[list[int]]) -> dict[str, Any]:
+    def throughput_hf(self, shape: str, workloads: dict[int, list[list[int]]]) -> dict[int, dict[str, Any]]:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(str(self.folder(shape)), dtype=torch.bfloat16).to(self.device).eval()
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-        with torch.inference_mode():
-            hf.generate(input_ids=ids[:8, -8:], attention_mask=mask[:8, -8:], max_new_tokens=4, min_new_tokens=4,
-                        **kwargs)
-            self.sync()
-            start = time.perf_counter()
-            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.out_len,
-                              min_new_tokens=self.out_len, **kwargs)
-            self.sync()
-            elapsed = time.perf_counter() - start
-        produced = (out.shape[1] - width) * len(prompts)
         attn = getattr(hf.config, "_attn_implementation", None)
-        del hf, out
+        results = {}
+        with torch.inference_mode():
+            warm = torch.full((8, 8), 5, device=self.device)
+            hf.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, min_new_tokens=4,
+                        **kwargs)
+            for c, prompts in workloads.items():
+                width = max(len(p) for p in prompts)
+                ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+                self.sync()
+                start = time.perf_counter()
+                out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.out_len,
+                                  min_new_tokens=self.out_len, **kwargs)
+                self.sync()
+                elapsed = time.perf_counter() - start
+                produced = (out.shape[1] - width) * len(prompts)
+                results[c] = {"elapsed_s": round(elapsed, 3), "output_tokens": produced,
+                              "output_tok_s": round(produced / elapsed, 1), "attn_implementation": attn,
+                              "batch": len(prompts)}
+                del out
+        del hf
         self.free()
-        return {"elapsed_s": round(elapsed, 3), "output_tokens": produced, "output_tok_s": round(produced / elapsed, 1),
-                "attn_implementation": attn, "batch": len(prompts)}
+        return results
 
     def profile(self) -> None:
+        """One engine per shape; at each batch size, decode-only steps are timed, then profiled."""
         batches = [1, 4] if self.tiny else [1, 64, 256]
-        shapes = self.shapes
-        for shape in shapes:
+        for shape in self.shapes:
+            eng = self.guard(lambda: self.engine(shape, max_num_seqs=max(256, *batches)), f"profile {shape} engine")
+            if eng is None:
+                continue
             for b in batches:
-                self.guard(lambda: self.profile_one(shape, b), f"profile {shape} b={b}")
+                self.guard(lambda: self.profile_one(eng, shape, b), f"profile {shape} b={b}")
+                for rid in list(eng.requests):
+                    eng.abort_request(rid)
+            del eng
+            self.free()
 
-    def profile_one(self, shape: str, batch: int) -> None:
+    def profile_one(self, eng: Engine, shape: str, batch: int) -> None:
         steps = 5 if self.tiny else 30
-        eng = self.engine(shape, max_num_seqs=max(256, batch))
         prompts = self.prompts(shape, batch, 32, 32, seed=batch)
         params = SamplingParams(temperature=0, max_tokens=4 * steps + 16, ignore_eos=True)
         for i, p in enumerate(prompts):
-            eng.add_request(f"p{i}", p, params)
+            eng.add_request(f"b{batch}-p{i}", p, params)
         while eng.scheduler.waiting or any(s.num_output_tokens == 0 for s in eng.scheduler.running):
             eng.step()  # prefill everything first: the timed steps are decode-only
         timers = Timers()
@@ -227,7 +240,8 @@ class Run:
             eng.step()
             walls.append(time.perf_counter() - t)
         fwd.remove()
-        host = {k: round(1e3 * v / steps, 3) for k, v in timers.total.items()}  # before the profiled steps
+        timers.restore()
+        host = {k: round(1e3 * v / steps, 3) for k, v in timers.total.items()}
         kernel_ms, table = self.kernel_time(eng, steps)
         wall_ms = 1e3 * statistics.median(walls)
         record = {"part": "profile", "shape": shape, "batch": batch, "steps": steps,
@@ -241,8 +255,6 @@ class Run:
         self.emit(record)
         with open(Path(self.args.out).with_suffix(".profiles.txt"), "a") as f:
             f.write(f"==== {shape} batch {batch}: top ops by device (or CPU) time over {steps} decode steps\n{table}\n")
-        del eng
-        self.free()
 
     def kernel_time(self, eng: Engine, steps: int) -> tuple[float | None, str]:
         from torch.profiler import ProfilerActivity, profile
@@ -255,7 +267,11 @@ class Run:
         avg = prof.key_averages()
         if self.device.type != "cuda":
             return None, avg.table(sort_by="self_cpu_time_total", row_limit=15)
-        total_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in avg)
+        from torch.autograd import DeviceType
+
+        # only the device-side events (kernels, copies, memsets): a CPU op's own device time
+        # repeats its kernels' time
+        total_us = sum(e.self_device_time_total for e in avg if getattr(e, "device_type", None) == DeviceType.CUDA)
         return total_us / 1e3 / steps, avg.table(sort_by="self_device_time_total", row_limit=20)
 
     def quant(self) -> None:
@@ -364,9 +380,19 @@ class Timers:
 
     def __init__(self) -> None:
         self.total: dict[str, float] = {}
+        self.saved: list[tuple[Any, str, Any]] = []
+
+    def restore(self) -> None:
+        for obj, attr, own in reversed(self.saved):
+            if own is None:
+                delattr(obj, attr)  # the class's method shows through again
+            else:
+                setattr(obj, attr, own)
+        self.saved.clear()
 
     def wrap(self, obj: Any, attr: str, name: str | None = None) -> None:
         fn = getattr(obj, attr)
+        self.saved.append((obj, attr, vars(obj).get(attr)))
         key = name or attr
         self.total[key] = 0.0
 

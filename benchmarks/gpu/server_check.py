@@ -23,7 +23,48 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1] / "tests"))
 from models import make_folder  # noqa: E402
-from server_util import running_server  # noqa: E402
+
+try:  # the tests' helper, so the server starts as in tests/test_server_e2e.py
+    from server_util import running_server  # noqa: E402
+except ImportError:  # tests/ moved on: the same few lines here
+    import os
+    import signal
+    import socket
+    import subprocess
+    import tempfile
+    from contextlib import contextmanager
+
+    @contextmanager
+    def running_server(*extra: str, timeout: float = 240.0):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = tempfile.NamedTemporaryFile("w+", prefix="tuili-serve-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "tuili.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read()[-4000:]}")
+                try:
+                    if httpx.get(base + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not become healthy in time")
+                time.sleep(0.5)
+            yield base, log.name
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 CHAT = [{"role": "user", "content": "Write three sentences about the sea."}]
 
