@@ -35,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import SHAPES, make_folder, param_count  # noqa: E402
+import quant_check  # noqa: E402
+from timers import ForwardTimer, Timers  # noqa: E402
 
 from tuili.bench.decode import decode_once  # noqa: E402
 from tuili.engine.engine import Engine  # noqa: E402
@@ -243,9 +245,9 @@ class Run:
         timers.restore()
         host = {k: round(1e3 * v / steps, 3) for k, v in timers.total.items()}
         kernel_ms, table = self.kernel_time(eng, steps)
-        wall_ms = 1e3 * statistics.median(walls)
+        wall_ms = 1e3 * statistics.mean(walls)  # means throughout: the host and kernel times are means too
         record = {"part": "profile", "shape": shape, "batch": batch, "steps": steps,
-                  "step_wall_ms": round(wall_ms, 3),
+                  "step_wall_ms": round(wall_ms, 3), "step_wall_ms_median": round(1e3 * statistics.median(walls), 3),
                   "host_ms": host,
                   "forward_host_ms": round(fwd.host_ms(), 3), "forward_gpu_ms": fwd.gpu_ms(),
                   "kernel_ms_per_step": None if kernel_ms is None else round(kernel_ms, 3)}
@@ -275,74 +277,7 @@ class Run:
         return total_us / 1e3 / steps, avg.table(sort_by="self_device_time_total", row_limit=20)
 
     def quant(self) -> None:
-        self.quant_ops()
-        shape = self.shapes[0]
-        prompt_len, out_len = (16, 16) if self.tiny else (128, 128)
-        for quant, kv in (("none", "auto"), ("int8", "auto"), ("int4", "auto"), ("int4:64", "auto"),
-                          ("none", "int8"), ("int8", "int8")):
-            def one() -> None:
-                eng = self.engine(shape, quantization=quant, kv_cache_dtype=kv)
-                prompts = self.prompts(shape, 4, prompt_len, prompt_len, seed=5)
-                outs = eng.generate([(f"q{i}", p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-                                     for i, p in enumerate(prompts)])
-                ok = all(len(o.outputs[0].token_ids) == 16 for o in outs)
-                decode_once(eng, prompts[0][:8], 4)
-                tok_s = decode_once(eng, prompts[0], out_len)
-                self.emit({"part": "quant_engine", "shape": shape, "quantization": quant, "kv_cache_dtype": kv,
-                           "weight_bytes": eng.model.weight_bytes(), "batch_generate_ok": ok,
-                           "decode_tok_s": round(tok_s, 1),
-                           "first_ids": outs[0].outputs[0].token_ids[:8]})
-            self.guard(one, f"quant engine {shape} {quant}/{kv}")
-            self.free()
-
-    def quant_ops(self) -> None:
-        """Each CUDA op tuili's quant.py calls, at the widths of the benchmark shapes."""
-        try:  # the plain (non-CPU-kernel) quantized weights; quant.py re-exports them
-            from tuili.model import quant_ops as q
-        except ImportError:
-            from tuili.model import quant as q
-
-        widths = sorted({SHAPES[s]["hidden_size"] for s in self.shapes} | {SHAPES[s]["intermediate_size"] for s in self.shapes})
-        g = torch.Generator(device=self.device).manual_seed(0)
-        n = 256 if self.tiny else 2048
-        row_counts = (1, 7, 64) if self.tiny else (1, 16, 256, 2048)
-        for k in widths:
-            w = (torch.randn(n, k, generator=g, device=self.device) * 0.02).to(torch.bfloat16)
-
-            def int8() -> tuple[Any, torch.Tensor]:
-                qw = q.quantize_int8(w)
-                return qw, qw.dequantize(torch.float32)
-            modes: dict[str, Callable[[], tuple[Any, torch.Tensor]]] = {"int8": int8}
-            for group in (32, 64, 128):
-                if k % group == 0:
-                    def int4(group: int = group) -> tuple[Any, torch.Tensor]:
-                        qw = q.quantize_int4(w, group)
-                        codes, scale, lo = q.int4_codes(w, group)  # the op: (q - 8) * scale + zero, both bf16
-                        s_b, z_b = scale.to(torch.bfloat16).float(), (lo + 8 * scale).to(torch.bfloat16).float()
-                        return qw, q.dequantize_int4_codes(codes - 8, s_b, z_b, group)
-                    modes[f"int4_g{group}"] = int4
-            for name, make in modes.items():
-                base = {"part": "quant_op", "op": name, "k": k, "n": n}
-                try:
-                    qw, deq = make()
-                except Exception as e:  # noqa: BLE001 - record and go on
-                    self.emit({**base, "stage": "quantize", "ok": False, "error": self.short(e)})
-                    continue
-                for rows in row_counts:
-                    x = torch.randn(rows, k, generator=g, device=self.device).to(torch.bfloat16)
-                    try:
-                        got, want = qw.matmul(x, False).float(), x.float() @ deq.T
-                        err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
-                        self.emit({**base, "rows": rows, "max_rel_err": round(err, 5), "ok": err < 2e-2,
-                                   "op_ms": self.time_ms(lambda: qw.matmul(x, False)),
-                                   "bf16_linear_ms": self.time_ms(lambda: torch.nn.functional.linear(x, w))})
-                    except Exception as e:  # noqa: BLE001
-                        self.emit({**base, "rows": rows, "stage": "matmul", "ok": False, "error": self.short(e)})
-        kv = torch.randn(64, 3, 64, generator=g, device=self.device).to(torch.bfloat16)
-        from tuili.model.layers import quantize_kv
-        codes, scales = quantize_kv(kv)
-        err = ((codes.float() * scales[..., None] - kv.float()).abs().max() / kv.float().abs().max()).item()
-        self.emit({"part": "quant_op", "op": "int8_kv", "max_rel_err": round(err, 5), "ok": err < 1e-2})
+        quant_check.run(self)
 
     # ---- helpers -------------------------------------------------------------
     @staticmethod
@@ -374,73 +309,6 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-
-class Timers:
-    """Host time spent in chosen methods (perf_counter around the call, no device sync)."""
-
-    def __init__(self) -> None:
-        self.total: dict[str, float] = {}
-        self.saved: list[tuple[Any, str, Any]] = []
-
-    def restore(self) -> None:
-        for obj, attr, own in reversed(self.saved):
-            if own is None:
-                delattr(obj, attr)  # the class's method shows through again
-            else:
-                setattr(obj, attr, own)
-        self.saved.clear()
-
-    def wrap(self, obj: Any, attr: str, name: str | None = None) -> None:
-        fn = getattr(obj, attr)
-        self.saved.append((obj, attr, vars(obj).get(attr)))
-        key = name or attr
-        self.total[key] = 0.0
-
-        def timed(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.total[key] += time.perf_counter() - t
-        setattr(obj, attr, timed)
-
-
-class ForwardTimer:
-    """The model call's host time and GPU span (CUDA events at its start and end)."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.host: list[float] = []
-        self.events: list[tuple[Any, Any]] = []
-        self._t = 0.0
-        self.handles = [model.register_forward_pre_hook(self.pre), model.register_forward_hook(self.post)]
-
-    def pre(self, *_: Any) -> None:
-        self._t = time.perf_counter()
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.events.append((ev, None))
-
-    def post(self, *_: Any) -> None:
-        self.host.append(time.perf_counter() - self._t)
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.events[-1] = (self.events[-1][0], ev)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def host_ms(self) -> float:
-        return 1e3 * statistics.median(self.host) if self.host else 0.0
-
-    def gpu_ms(self) -> float | None:
-        if not self.events:
-            return None
-        torch.cuda.synchronize()
-        return round(statistics.median(a.elapsed_time(b) for a, b in self.events), 3)
 
 
 def main() -> int:
