@@ -13,6 +13,19 @@
 // int8 and int4 weights multiply int8 activations instead (gemm_a8, gemm_q4a8 below): the
 // activations are quantized per block of 32 inputs on the fly, and the products are
 // integer byte products summed exactly in int32.
+//
+// Every product walks row blocks, panels and tiles through one loop (for_each_tile) and
+// writes its sums out through one function (store_rows); what differs is only the
+// micro-kernel of a tile. The AMX product keeps a loop of its own: its unit is two panels
+// x 32 rows held in tile registers configured once per thread.
+//
+// Why this file stays whole (over 600 lines): its parts share one anonymous namespace of
+// compile-time constants, the tile loop and the write-out, all inlined into each product,
+// and they are picked at compile time by the CPU's instruction sets (AVX2, AVX512-BF16,
+// AMX) in one dispatch (packed_linear). Split into files, each would need those shared
+// templates in a header and its own #if guards repeated, for no file shorter to read on
+// its own: each section below (float32 widening, int8, int4, bf16 pairs, AMX) is one
+// block that reads top to bottom.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -41,15 +54,69 @@ constexpr int kMaxRows = 6;  // 6 x 2 accumulators + 2 weight vectors + 1 broadc
 // widened panel is reused by more tiles): 10-15% more GFLOP/s at 64-512 rows.
 constexpr int64_t kRowBlockBytes = 256 * 1024;
 
-// out[m][n0 .. n0 + width) = sums (rows x 16 float32, row stride 16) + bias, for `rows` rows:
-// the write-out of a tile's sums in the products without per-column scales.
+// out[m][n0 .. n0 + width) = sums (rows x 16 float32, row stride 16) * scales + bias, for
+// `rows` rows: the write-out of a tile's sums in every product. Per-column scales (int8
+// weights) and bias are optional (null).
 template <typename Out>
-inline void store_rows(const float* sums, int64_t rows, int64_t n0, int64_t width, int64_t N, const float* bias,
-                       Out* out) {
+inline void store_rows(const float* sums, int64_t rows, int64_t n0, int64_t width, int64_t N, const float* scales,
+                       const float* bias, Out* out) {
   for (int64_t r = 0; r < rows; ++r) {
     Out* o = out + r * N + n0;
     const float* a = sums + r * kPanel;
-    for (int64_t j = 0; j < width; ++j) o[j] = static_cast<Out>(a[j] + (bias ? bias[n0 + j] : 0.f));
+    for (int64_t j = 0; j < width; ++j) {
+      float v = a[j];
+      if (scales) v *= scales[n0 + j];
+      if (bias) v += bias[n0 + j];
+      o[j] = static_cast<Out>(v);
+    }
+  }
+}
+
+// f(std::integral_constant<int, rows>) for rows in 1 .. Max: a tile's row count as the
+// template argument its micro-kernel is compiled for.
+template <int Max, int MR = 1, typename F>
+inline void with_rows(int rows, F&& f) {
+  if constexpr (MR == Max) {
+    f(std::integral_constant<int, MR>{});
+  } else {
+    if (rows == MR) f(std::integral_constant<int, MR>{});
+    else with_rows<Max, MR + 1>(rows, f);
+  }
+}
+
+// No work before a panel's tiles (see for_each_tile).
+struct NoPanelStep {
+  void operator()(int64_t, int64_t, std::vector<float>&) const {}
+};
+
+// The loop every product here runs but AMX's: rows are taken in blocks small enough that
+// their activations (`row_bytes` each) stay in L2 while the block walks every panel (for
+// decode that is a single block); the panels of a block are split among threads; each panel
+// is covered by tiles of up to TileRows rows. Per (block, panel), `panel_step(p, block_rows,
+// scratch)` runs first (scratch: a buffer of the thread's own); per tile,
+// `tile(p, m, rows, scratch, acc)` leaves the tile's sums in acc [rows][16], which are then
+// written out with `scales` and `bias` (store_rows).
+template <int TileRows, typename Out, typename Tile, typename PanelStep = NoPanelStep>
+void for_each_tile(int64_t M, int64_t N, int64_t row_bytes, const float* scales, const float* bias, Out* out,
+                   Tile tile, PanelStep panel_step = {}) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t row_block = std::max<int64_t>(TileRows, (kRowBlockBytes / row_bytes) / TileRows * TileRows);
+  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
+    const int64_t m1 = std::min(M, m0 + row_block);
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      alignas(64) float acc[TileRows * kPanel];
+      std::vector<float> scratch;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * kPanel;
+        const int64_t width = std::min(kPanel, N - n0);
+        panel_step(p, m1 - m0, scratch);
+        for (int64_t m = m0; m < m1; m += TileRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(TileRows, m1 - m));
+          tile(p, m, rows, scratch, acc);
+          store_rows(acc, rows, n0, width, N, scales, bias, out + m * N);
+        }
+      }
+    });
   }
 }
 
@@ -118,64 +185,32 @@ inline void tile(const float* x, int64_t ldx, const T* panel, int64_t K, float* 
 }
 #undef TUILI_ROWS
 
-template <typename T>
-void run_tile(int rows, const float* x, int64_t ldx, const T* panel, int64_t K, float* acc) {
-  switch (rows) {
-    case 1: tile<1>(x, ldx, panel, K, acc); break;
-    case 2: tile<2>(x, ldx, panel, K, acc); break;
-    case 3: tile<3>(x, ldx, panel, K, acc); break;
-    case 4: tile<4>(x, ldx, panel, K, acc); break;
-    case 5: tile<5>(x, ldx, panel, K, acc); break;
-    default: tile<6>(x, ldx, panel, K, acc); break;
-  }
-}
-
 template <typename T, typename Out>
 void gemm(const float* x, int64_t M, int64_t K, const T* packed, int64_t N, const float* scales,
           const float* bias, Out* out) {
-  const int64_t panels = (N + kPanel - 1) / kPanel;
-  // Rows are taken in blocks small enough that their activations stay in L2 while the
-  // block walks every panel; for decode that is a single block.
-  const int64_t row_block = std::max<int64_t>(kMaxRows, (kRowBlockBytes / (K * 4)) / kMaxRows * kMaxRows);
-  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
-    const int64_t m1 = std::min(M, m0 + row_block);
-    // A block of many tiles widens each panel to float32 once, into a per-thread buffer,
-    // instead of once per tile: the widening takes vector slots the FMAs need (prefill).
-    // With few tiles the extra pass over the panel costs more than it saves (8 rows: -25%).
-    const bool widen = !std::is_same_v<T, float> && m1 - m0 >= 4 * kMaxRows;
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      alignas(32) float acc[kMaxRows * kPanel];
-      std::vector<float> wide(widen ? K * kPanel : 0);
-      for (int64_t p = p0; p < p1; ++p) {
-        const T* panel = packed + p * K * kPanel;
-        const int64_t n0 = p * kPanel;
-        const int64_t width = std::min(kPanel, N - n0);
-        if (widen) {
-          for (int64_t k = 0; k < K; ++k) {
-            __m256 a, b;
-            load16(panel + k * kPanel, a, b);
-            _mm256_storeu_ps(wide.data() + k * kPanel, a);
-            _mm256_storeu_ps(wide.data() + k * kPanel + 8, b);
-          }
-        }
-        for (int64_t m = m0; m < m1; m += kMaxRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, m1 - m));
-          if (widen) run_tile<float>(rows, x + m * K, K, wide.data(), K, acc);
-          else run_tile<T>(rows, x + m * K, K, panel, K, acc);
-          for (int r = 0; r < rows; ++r) {
-            Out* o = out + (m + r) * N + n0;
-            const float* a = acc + r * kPanel;
-            for (int64_t j = 0; j < width; ++j) {
-              float v = a[j];
-              if (scales) v *= scales[n0 + j];
-              if (bias) v += bias[n0 + j];
-              o[j] = static_cast<Out>(v);
-            }
-          }
-        }
-      }
+  // A block of many tiles widens each panel to float32 once, into the thread's scratch
+  // buffer, instead of once per tile: the widening takes vector slots the FMAs need
+  // (prefill). With few tiles the extra pass over the panel costs more than it saves
+  // (8 rows: -25%). Widened or not, the tile sums the same float32 values in the same order.
+  auto widen = [&](int64_t p, int64_t block_rows, std::vector<float>& wide) {
+    wide.clear();
+    if (std::is_same_v<T, float> || block_rows < 4 * kMaxRows) return;
+    wide.resize(K * kPanel);
+    const T* panel = packed + p * K * kPanel;
+    for (int64_t k = 0; k < K; ++k) {
+      __m256 a, b;
+      load16(panel + k * kPanel, a, b);
+      _mm256_storeu_ps(wide.data() + k * kPanel, a);
+      _mm256_storeu_ps(wide.data() + k * kPanel + 8, b);
+    }
+  };
+  auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>& wide, float* acc) {
+    with_rows<kMaxRows>(rows, [&](auto mr) {
+      if (!wide.empty()) tile<decltype(mr)::value>(x + m * K, K, wide.data(), K, acc);
+      else tile<decltype(mr)::value>(x + m * K, K, packed + p * K * kPanel, K, acc);
     });
-  }
+  };
+  for_each_tile<kMaxRows>(M, N, K * 4, scales, bias, out, run, widen);
 }
 
 // ---- int8 weights x int8 activations -------------------------------------------------
@@ -198,6 +233,7 @@ constexpr int64_t kQBlock = 32;
 constexpr int64_t kA8Ahead = 1024;
 constexpr int64_t kQ4A8Ahead = 1024;
 constexpr int kA8Rows = 2;  // measured: 4-row tiles were slower at every row count (4 rows: 19 ms, 2 x 2: 12 ms)
+constexpr int kQ4A8Rows = 2;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -241,9 +277,10 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs) 
 }
 
 // acc[MR][16] = sum over blocks of xs[r][b] * (xq[r, block b] . panel[block b]) in float32.
-#define TUILI_A8_ROWS(X) X(0) X(1) X(2) X(3)
+#define TUILI_A8_ROWS(X) X(0) X(1)
 template <int MR>
 inline void tile_a8(const int8_t* xq, const float* xs, int64_t K32, const int8_t* panel, float* acc) {
+  static_assert(MR <= kA8Rows, "TUILI_A8_ROWS names kA8Rows rows");
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t nb = K32 / kQBlock;
 #define TUILI_DECL(r) __m256 f##r##0 = _mm256_setzero_ps(), f##r##1 = _mm256_setzero_ps();
@@ -295,42 +332,15 @@ template <typename Out>
 void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t N, const float* scales,
              const float* bias, Out* out) {
   const int64_t K32 = round_up(K, kQBlock), nb = K32 / kQBlock;
-  const int64_t panels = (N + kPanel - 1) / kPanel;
   std::vector<int8_t> xq(M * K32);
   std::vector<float> xs(M * nb);
   quantize_rows(x, M, K, xq.data(), xs.data());
-  const int64_t row_block = std::max<int64_t>(kA8Rows, (kRowBlockBytes / K32) / kA8Rows * kA8Rows);
-  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
-    const int64_t m1 = std::min(M, m0 + row_block);
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      alignas(32) float acc[kA8Rows * kPanel];
-      for (int64_t p = p0; p < p1; ++p) {
-        const int8_t* panel = packed + p * K32 * kPanel;
-        const int64_t n0 = p * kPanel;
-        const int64_t width = std::min(kPanel, N - n0);
-        for (int64_t m = m0; m < m1; m += kA8Rows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kA8Rows, m1 - m));
-          const int8_t* q = xq.data() + m * K32;
-          const float* s = xs.data() + m * nb;
-          switch (rows) {
-            case 1: tile_a8<1>(q, s, K32, panel, acc); break;
-            case 2: tile_a8<2>(q, s, K32, panel, acc); break;
-            case 3: tile_a8<3>(q, s, K32, panel, acc); break;
-            default: tile_a8<4>(q, s, K32, panel, acc); break;
-          }
-          for (int r = 0; r < rows; ++r) {
-            Out* o = out + (m + r) * N + n0;
-            const float* a = acc + r * kPanel;
-            for (int64_t j = 0; j < width; ++j) {
-              float v = a[j] * scales[n0 + j];
-              if (bias) v += bias[n0 + j];
-              o[j] = static_cast<Out>(v);
-            }
-          }
-        }
-      }
+  auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
+    with_rows<kA8Rows>(rows, [&](auto mr) {
+      tile_a8<decltype(mr)::value>(xq.data() + m * K32, xs.data() + m * nb, K32, packed + p * K32 * kPanel, acc);
     });
-  }
+  };
+  for_each_tile<kA8Rows>(M, N, K32, scales, bias, out, run);
 }
 
 
@@ -348,6 +358,7 @@ void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t
 template <int MR>
 inline void tile_q4a8(const int8_t* xq, const float* xs, const float* xsum, int64_t K, const uint8_t* panel,
                       const float* sc, const float* mn, int64_t gs, float* acc) {
+  static_assert(MR <= kQ4A8Rows, "TUILI_Q4A8_ROWS names kQ4A8Rows rows");
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
   const int64_t groups = K / gs, nb = K / kQBlock, per_group = gs / kQBlock;
 #define TUILI_DECL(r) __m256 c##r##0 = _mm256_setzero_ps(), c##r##1 = _mm256_setzero_ps();
@@ -413,8 +424,6 @@ inline void tile_q4a8(const int8_t* xq, const float* xs, const float* xsum, int6
 template <typename Out>
 void gemm_q4a8(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* scales, const float* mins,
                int64_t gs, int64_t N, const float* bias, Out* out) {
-  constexpr int kRows = 2;
-  const int64_t panels = (N + kPanel - 1) / kPanel;
   const int64_t groups = K / gs, nb = K / kQBlock, per_group = gs / kQBlock;
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M * nb), xsum(M * groups);
@@ -425,29 +434,14 @@ void gemm_q4a8(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
       for (int64_t k = b * kQBlock; k < (b + 1) * kQBlock; ++k) s += xq[m * K + k];
       xsum[m * groups + b / per_group] += static_cast<float>(s) * xs[m * nb + b];
     }
-  const int64_t row_block = std::max<int64_t>(kRows, (kRowBlockBytes / K) / kRows * kRows);
-  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
-    const int64_t m1 = std::min(M, m0 + row_block);
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      alignas(32) float acc[kRows * kPanel];
-      for (int64_t p = p0; p < p1; ++p) {
-        const uint8_t* panel = codes + p * K * (kPanel / 2);
-        const float* sc = scales + p * groups * kPanel;
-        const float* mn = mins + p * groups * kPanel;
-        const int64_t n0 = p * kPanel;
-        const int64_t width = std::min(kPanel, N - n0);
-        for (int64_t m = m0; m < m1; m += kRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
-          const int8_t* q = xq.data() + m * K;
-          const float* s = xs.data() + m * nb;
-          const float* xsm = xsum.data() + m * groups;
-          if (rows == 1) tile_q4a8<1>(q, s, xsm, K, panel, sc, mn, gs, acc);
-          else tile_q4a8<2>(q, s, xsm, K, panel, sc, mn, gs, acc);
-          store_rows(acc, rows, n0, width, N, bias, out + m * N);
-        }
-      }
+  auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
+    with_rows<kQ4A8Rows>(rows, [&](auto mr) {
+      tile_q4a8<decltype(mr)::value>(xq.data() + m * K, xs.data() + m * nb, xsum.data() + m * groups, K,
+                          codes + p * K * (kPanel / 2), scales + p * groups * kPanel, mins + p * groups * kPanel, gs,
+                          acc);
     });
-  }
+  };
+  for_each_tile<kQ4A8Rows>(M, N, K, nullptr, bias, out, run);
 }
 
 
@@ -510,30 +504,12 @@ inline void tile_bf16x2(const uint16_t* x, int64_t ldx, const uint16_t* panel, i
 template <typename Out>
 void gemm_bf16x2(const uint16_t* x, int64_t M, int64_t K2, const uint16_t* packed, int64_t N, const float* bias,
                  Out* out) {
-  const int64_t panels = (N + kPanel - 1) / kPanel;
-  const int64_t row_block = std::max<int64_t>(kBf16Rows, (kRowBlockBytes / (K2 * 2)) / kBf16Rows * kBf16Rows);
-  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
-    const int64_t m1 = std::min(M, m0 + row_block);
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      alignas(64) float acc[kBf16Rows * kPanel];
-      for (int64_t p = p0; p < p1; ++p) {
-        const uint16_t* panel = packed + p * K2 * kPanel;
-        const int64_t n0 = p * kPanel;
-        const int64_t width = std::min(kPanel, N - n0);
-        for (int64_t m = m0; m < m1; m += kBf16Rows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kBf16Rows, m1 - m));
-          const uint16_t* xr = x + m * K2;
-          switch (rows) {
-            case 1: tile_bf16x2<1>(xr, K2, panel, K2, acc); break;
-            case 2: tile_bf16x2<2>(xr, K2, panel, K2, acc); break;
-            case 3: tile_bf16x2<3>(xr, K2, panel, K2, acc); break;
-            default: tile_bf16x2<4>(xr, K2, panel, K2, acc); break;
-          }
-          store_rows(acc, rows, n0, width, N, bias, out + m * N);
-        }
-      }
+  auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
+    with_rows<kBf16Rows>(rows, [&](auto mr) {
+      tile_bf16x2<decltype(mr)::value>(x + m * K2, K2, packed + p * K2 * kPanel, K2, acc);
     });
-  }
+  };
+  for_each_tile<kBf16Rows>(M, N, K2 * 2, nullptr, bias, out, run);
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -618,7 +594,7 @@ void gemm_amx(const uint16_t* x, int64_t M, int64_t M16, int64_t K2, const uint1
           if (rows <= 0) continue;
           for (int c = 0; c < (two ? 2 : 1); ++c) {
             const int64_t n0 = (p + c) * kPanel;
-            store_rows(sums[2 * h + c], rows, n0, std::min(kPanel, N - n0), N, bias, out + r0 * N);
+            store_rows(sums[2 * h + c], rows, n0, std::min(kPanel, N - n0), N, nullptr, bias, out + r0 * N);
           }
         }
       }
@@ -649,7 +625,9 @@ bool gemm_available() {
 
 // Whether bf16 products from pair-packed weights can run on AMX tiles (built for them, and
 // the kernel lets this process use them).
-// TUILI_AMX=0 turns them off (the vdpbf16ps tiles then take every row count).
+// TUILI_AMX=0 turns them off (the vdpbf16ps tiles then take every row count). The switch is
+// documented and read on the Python side in src/tuili/device.py (amx_allowed); it is read
+// here again, at each product, so that it acts on every caller of the extension.
 bool gemm_amx_available() {
 #if defined(__AVX2__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
   const char* env = std::getenv("TUILI_AMX");
