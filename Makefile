@@ -21,7 +21,18 @@ setup: $(VENV)/.ready
 serve: $(VENV)/.ready
 	$(VENV)/bin/tuili serve --host 127.0.0.1 --port 8000
 
-test: $(VENV)/.ready
+# The browser test (tests/test_web_e2e.py) drives Debian's chromium; installed once, as root.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" != 0 ]; then \
+	  echo "make: the browser test needs Debian's chromium at $(CHROMIUM); as root: apt-get install chromium" >&2; \
+	  exit 1; fi
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	  || { echo "make: could not install Debian's chromium (apt-get failed above); the browser test needs it" >&2; exit 1; }
+	@test -x $(CHROMIUM) || { echo "make: chromium installed but $(CHROMIUM) is missing" >&2; exit 1; }
+
+test: $(VENV)/.ready $(CHROMIUM)
 	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.ready

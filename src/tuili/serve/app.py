@@ -21,6 +21,7 @@ from .models import ModelRegistry
 from .openapi import document
 from .router import Router
 from .routes import api
+from .web import web
 
 
 def create_app(models: ModelRegistry, api_key: str | None = None, on_ready=None, router: Router | None = None,
@@ -43,6 +44,7 @@ def create_app(models: ModelRegistry, api_key: str | None = None, on_ready=None,
     app.state.router = router
     app.state.draining = False
     app.include_router(api)
+    app.include_router(web)  # the chat page, the dashboard and /v1/stats
     app.add_middleware(EdgeMiddleware, metrics=metrics, api_key=api_key, max_request_bytes=max_request_bytes)
     app.openapi = lambda: document(app)
     _error_handlers(app)
