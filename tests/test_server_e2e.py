@@ -239,7 +239,7 @@ def test_api_key_and_queue_limit(default_model_folder):
         assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
         assert httpx.get(base + "/health").status_code == 200  # health needs no key
         auth = {"Authorization": "Bearer sekret"}
-        assert httpx.post(base + "/v1/completions", json=body, headers=auth).status_code == 200
+        assert httpx.post(base + "/v1/completions", json=body, headers=auth, timeout=120).status_code == 200
 
         async def burst():
             long = {"model": MODEL, "prompt": "Hello", "max_tokens": 64, "ignore_eos": True}
@@ -250,4 +250,4 @@ def test_api_key_and_queue_limit(default_model_folder):
         assert 429 in codes and 200 in codes, codes
         limited = [r for r in asyncio.run(burst()) if r.status_code == 429]
         assert limited and json.loads(limited[0].text)["error"]["code"] == "queue_full"
-        assert httpx.post(base + "/v1/completions", json=body, headers=auth).status_code == 200
+        assert httpx.post(base + "/v1/completions", json=body, headers=auth, timeout=120).status_code == 200

@@ -143,6 +143,9 @@ async def stream_tokens(client: httpx.AsyncClient, base: str, max_tokens: int, s
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     tokens, error, done = 0, None, False
     async with client.stream("POST", base + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            started.set()
+            raise AssertionError(f"stream refused: {r.status_code} {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
@@ -165,7 +168,7 @@ def test_sigterm_lets_streams_in_flight_finish_refuses_new_requests_and_exits(de
             async with httpx.AsyncClient(timeout=120) as c:
                 events = [asyncio.Event() for _ in range(4)]
                 streams = [asyncio.create_task(stream_tokens(c, base, 16, e)) for e in events]
-                await asyncio.gather(*(e.wait() for e in events))
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=120)
                 proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.5)
                 try:
@@ -190,8 +193,8 @@ def test_the_shutdown_timeout_ends_long_streams_with_an_error_event_and_exits(de
         async def go():
             async with httpx.AsyncClient(timeout=120) as c:
                 events = [asyncio.Event() for _ in range(4)]
-                streams = [asyncio.create_task(stream_tokens(c, base, 4000, e)) for e in events]
-                await asyncio.gather(*(e.wait() for e in events))
+                streams = [asyncio.create_task(stream_tokens(c, base, 2000, e)) for e in events]
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=120)
                 proc.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
                 results = await asyncio.gather(*streams)

@@ -39,6 +39,7 @@ def document(app: FastAPI) -> dict[str, Any]:
     doc = get_openapi(title=app.title, version="1", routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas["Error"] = _ERROR_SCHEMA
+    names = [m.name for m in app.state.models.all()] + ([app.state.router.name] if app.state.router else [])
     for path, ops in doc.get("paths", {}).items():
         for op in ops.values():
             responses = op.setdefault("responses", {})
@@ -49,11 +50,16 @@ def document(app: FastAPI) -> dict[str, Any]:
             model = _BODIES.get(path)
             if model is not None:
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schema["properties"]["model"] = {"type": "string", "enum": names, "title": "Model"}
                 schemas.update(schema.pop("$defs", {}))
                 schemas[model.__name__] = schema
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
                 ok = responses.setdefault("200", {"description": "Successful Response"})
                 ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+    metrics = doc.get("paths", {}).get("/metrics", {}).get("get")
+    if metrics is not None:
+        metrics["responses"]["200"] = {"description": "Prometheus text exposition",
+                                       "content": {"text/plain": {"schema": {"type": "string"}}}}
     app.openapi_schema = doc
     return doc
