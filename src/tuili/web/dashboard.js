@@ -144,7 +144,7 @@
     }
 
     const flight = s.in_flight;
-    $("flight-note").textContent = flight.per_request ? "" : "Counts per model: " + flight.note + ".";
+    $("flight-note").textContent = flight.per_request ? "" : "No rows per request (id, tokens so far, age): " + flight.note + ".";
     $("flight-table").tBodies[0].replaceChildren(...flight.by_model.map((f) =>
       row([f.model, String(f.calls), String(f.running), String(f.waiting)])));
     const win = s.window_s === null ? "since start" : "window " + Math.round(s.window_s) + " s";
