@@ -196,12 +196,16 @@ def test_prediction_matches_a_fresh_measurement():
     prefill 64 and 512 tokens), then predict what was not fitted: an offline run of 8 prompts
     of 100-300 tokens x 24 output tokens at once through the scheduler replay, against
     the same run measured in this process. The bound is wide (this machine is shared and
-    noisy) but a wrong step model or scheduler replay misses it by far more."""
+    noisy) but a wrong step model or scheduler replay misses it by far more. Both sides run
+    one thread: on a machine shared by several test runs, two threads that wait for each
+    other at every kernel's barrier make step times erratic."""
+    import torch
+
     from tuili.plan.calibrate import run_probe
 
     model = "smollm2-135m-instruct"
     probe = run_probe(model, "none", ["--decode", "1:64,16:64", "--prefill", "64,512", "--repeats", "1",
-                                      "--short", "4", "--long", "16"], timeout=300)
+                                      "--short", "4", "--long", "16"], timeout=300, env={"OMP_NUM_THREADS": "1"})
     shape = load_shape(model)
     hw = hwmod.get("local")
     hw.efficiency = {**hw.efficiency, "by_quantization": {"none": fit(shape, hw, "none", probe["points"])}}
@@ -209,15 +213,20 @@ def test_prediction_matches_a_fresh_measurement():
 
     from tuili import LLM, SamplingParams
 
-    llm = LLM(model, dtype="bfloat16")
     import random
     rng = random.Random(7)
     lengths = draw_lengths(8, (100, 300), (24, 24), seed=7)
     prompts = [[rng.randrange(100, 49000) for _ in range(p)] for p, _ in lengths]
-    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=2, ignore_eos=True))
-    start = time.perf_counter()
-    llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.0))
-    measured = time.perf_counter() - start
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(model, dtype="bfloat16")
+        llm.generate([prompts[0][:16]], SamplingParams(max_tokens=2, ignore_eos=True))
+        start = time.perf_counter()
+        llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.0))
+        measured = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
 
     predicted = simulate(StepModel(shape, hw), lengths, concurrency=8).duration
     assert predicted == pytest.approx(measured, rel=0.35), (predicted, measured, probe["points"])

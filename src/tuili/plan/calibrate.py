@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -27,9 +28,11 @@ START = {"step_overhead_s": 0.003, "seq_overhead_s": 0.0002, "chunk_overhead_s":
          "kv_bw": 0.4, "matmul": 0.5}
 
 
-def run_probe(model: str, quantization: str, extra: list[str] | None = None, timeout: float = 900) -> dict[str, Any]:
+def run_probe(model: str, quantization: str, extra: list[str] | None = None, timeout: float = 900,
+              env: dict[str, str] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "tuili.plan.probe", "--model", model, "--quantization", quantization, *(extra or [])]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                         env=None if env is None else {**os.environ, **env})
     if out.returncode != 0:
         raise RuntimeError(f"probe failed ({' '.join(cmd)}): {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -87,7 +90,36 @@ def nelder_mead(f: Callable[[list[float]], float], x0: list[float], step: float 
     return simplex[min(range(n + 1), key=values.__getitem__)]
 
 
-def calibrate(model: str, quantizations: list[str], verbose: bool = True, probe_args: list[str] | None = None) -> dict:
+def serve_probe(model: str, quantization: str, shape, hw: hwmod.Hardware, prompt: int = 200,
+                output: int = 32, requests: int = 3) -> dict[str, float]:
+    """What serving adds to the engine's steps: `tuili serve` (subprocess) driven by
+    `tuili bench serve` at concurrency 1 with a few short requests. The TPOT beyond the
+    modelled batch-1 decode step is the server's per-step cost (event loop, detokenizing,
+    streaming, and the client on the same cores); the TTFT beyond the modelled prefill is
+    the per-request cost (HTTP, tokenizing)."""
+    from ..bench.launch import free_port, launch, tuili_serve_cmd
+
+    port = free_port()
+    out = hwmod.cache_file().with_name(f"serve-probe-{quantization}.jsonl")
+    server = launch(tuili_serve_cmd(port, model, "--dtype", "bfloat16", "--quantization", quantization), port,
+                    out.with_suffix(".log"))
+    try:
+        cmd = [sys.executable, "-m", "tuili.cli", "bench", "serve", "--base-url", server.base_url, "--tokenizer",
+               model, "--num-prompts", str(requests), "--max-concurrency", "1", "--input-len", f"{prompt}-{prompt}",
+               "--output-len", str(output), "--seed", "99", "--output", str(out), "--plot", str(out.with_suffix(".png"))]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    finally:
+        server.stop()
+    got = json.loads(out.read_text().strip().splitlines()[-1])
+    model_ = StepModel(shape, hw, quantization)
+    tpot = sum(model_.decode_step(1, prompt + 1 + i) for i in range(output - 1)) / (output - 1)
+    step = max(0.0, got["tpot_ms"]["p50"] / 1000 - tpot)
+    req = max(0.0, got["ttft_ms"]["p50"] / 1000 - model_.prefill_time(prompt) - step)
+    return {"serve_step_overhead_s": step, "request_overhead_s": req}
+
+
+def calibrate(model: str, quantizations: list[str], verbose: bool = True, probe_args: list[str] | None = None,
+              served: bool = True) -> dict:
     """Measure the machine (if not cached) and the engine's steps; store and return the fit."""
     hwmod.local_figures(measure=True, refresh=True)
     shape = load_shape(model)
@@ -100,6 +132,11 @@ def calibrate(model: str, quantizations: list[str], verbose: bool = True, probe_
         hw = hwmod.get("local")
         factors = fit(shape, hw, q, probe["points"])
         hw.efficiency = {**hw.efficiency, "by_quantization": {q: factors}}
+        if served:
+            if verbose:
+                print(f"  serving overhead: tuili serve + tuili bench serve, concurrency 1 ...", file=sys.stderr, flush=True)
+            factors.update(serve_probe(model, q, shape, hw))
+            hw.efficiency = {**hw.efficiency, "by_quantization": {q: factors}}
         sm = StepModel(shape, hw, q)
         rows = [(p, predict_point(sm, p)) for p in probe["points"]]
         calib["by_quantization"][q] = {k: round(v, 6) for k, v in factors.items()}
@@ -112,6 +149,23 @@ def calibrate(model: str, quantizations: list[str], verbose: bool = True, probe_
     calib["model"] = model
     calib["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     calib["load_average"] = hwmod._load_average()
+    data = hwmod.read_local() or {}
+    data["calibration"] = calib
+    hwmod.write_local(data)
+    return calib
+
+
+def calibrate_serving(model: str, quantizations: list[str], verbose: bool = True) -> dict:
+    """Only the serving overheads, on top of the engine factors already stored."""
+    data = hwmod.read_local() or {}
+    calib = data.get("calibration") or {}
+    shape = load_shape(model)
+    for q in quantizations:
+        hw = hwmod.get("local")
+        extra = serve_probe(model, q, shape, hw)
+        calib.setdefault("by_quantization", {}).setdefault(q, {}).update({k: round(v, 6) for k, v in extra.items()})
+        if verbose:
+            print(f"{q}: " + ", ".join(f"{k}={v:.4g}" for k, v in extra.items()), file=sys.stderr)
     data = hwmod.read_local() or {}
     data["calibration"] = calib
     hwmod.write_local(data)

@@ -20,7 +20,7 @@ from typing import Any
 
 CATALOG = Path(__file__).parent / "catalog.json"
 EFFICIENCY_KEYS = ("weight_bw", "kv_bw", "matmul", "step_overhead_s", "seq_overhead_s", "chunk_overhead_s",
-                   "request_overhead_s", "allreduce_latency_s")
+                   "request_overhead_s", "allreduce_latency_s", "serve_step_overhead_s")
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", default="1:64,8:64,16:64,16:400", help="BATCH:CONTEXT points")
     p.add_argument("--prefill", default="64,256,512", help="prompt lengths of single prefill steps")
     p.add_argument("--short", type=int, default=4)
-    p.add_argument("--long", type=int, default=28)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--long", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

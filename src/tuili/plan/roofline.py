@@ -3,7 +3,8 @@
 A step runs `rows` tokens (one per decoding sequence plus the prefill chunks) through the
 model. Its time is
 
-    fixed step cost + cost per sequence in the step + cost per prefill chunk
+    fixed step cost (+ the server's own per-step cost, measured on `local`)
+    + cost per sequence in the step + cost per prefill chunk
     + max(weight bytes / bandwidth, linear FLOPs / matmul rate)     the linear layers
     + KV bytes read / bandwidth                                     decode attention
     + prefill attention FLOPs / matmul rate                         prefill attention
@@ -60,7 +61,7 @@ class StepModel:
             kv += self.shape.kv_read_bytes(start, self.kv_cache_dtype) if start else 0.0
             attn_flops += self.shape.attention_flops(tokens, start)
         other = (self.e["step_overhead_s"] + self.e["seq_overhead_s"] * (n_dec + len(chunks))
-                 + self.e.get("chunk_overhead_s", 0.0) * len(chunks)
+                 + self.e.get("chunk_overhead_s", 0.0) * len(chunks) + self.e.get("serve_step_overhead_s", 0.0)
                  + kv / self.bw_kv + attn_flops / self.rate16 + self.allreduce(rows))
         return other, t_mem, t_cmp
 
