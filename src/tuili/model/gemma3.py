@@ -24,20 +24,18 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .layers import AttentionLayer, AttentionMetadata, Rotary, linear, weight_taker
+from .layers import AttentionLayer, AttentionMetadata, RMSNorm, Rotary, linear, weight_taker
 from .quant import model_weight_bytes, prepare_linears
 
 
-class GemmaRMSNorm(torch.nn.Module):
+class GemmaRMSNorm(RMSNorm):
+    """Scales by (1 + weight), in float32 before the cast back; the weight is centred on 0."""
+
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(dim, dtype=dtype, device=device), requires_grad=False)
-        self.eps = eps
+        super().__init__(dim, eps, dtype, device, init=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).to(x.dtype)
+        return (self.normalize(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 class Gemma3Layer(AttentionLayer):

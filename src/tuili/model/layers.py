@@ -59,16 +59,18 @@ def weight_taker(weights: dict[str, torch.Tensor], dtype: torch.dtype,
 
 
 class RMSNorm(torch.nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device, init: float = 1.0):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+        self.weight = torch.nn.Parameter(torch.full((dim,), init, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x) in float32."""
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * self.normalize(x).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
