@@ -28,7 +28,26 @@ def default_model_folder() -> Path:
 # Small enough to build in well under a second, big enough for GQA, several blocks and layers.
 TINY_COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+# The named variants greedy parity runs on (test_engine_random.py): what each one exercises,
+# as (architecture, config overrides, random norm weights).
+TINY_VARIANTS = {
+    "llama-gqa-untied": ("llama", {}, False),
+    "llama3-rope-scaling": ("llama", dict(tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}), False),
+    "mistral": ("mistral", dict(sliding_window=None), False),
+    "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True), False),
+    "qwen3-qk-norm": ("qwen3", dict(head_dim=48), False),
+    # Window 8: it cuts into every longer prompt. The query scale differs from head_dim**-0.5,
+    # local and global layers use different rope bases (global with linear scaling), final
+    # logits are softcapped, and norm weights are random (transformers sets them to 0).
+    "gemma3-window": ("gemma3", dict(
+        num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}},
+        final_logit_softcapping=30.0, pad_token_id=0, bos_token_id=1, eos_token_id=2), True),
+}
 
 
 def _hf_classes(arch: str) -> tuple[type, type]:
@@ -60,6 +79,11 @@ class TinyModels:
         if key not in self._folders:
             self._folders[key] = self._build(arch, seed, scale, random_norms, overrides)
         return self._folders[key]
+
+    def variant(self, name: str) -> Path:
+        """The folder of one of TINY_VARIANTS."""
+        arch, overrides, random_norms = TINY_VARIANTS[name]
+        return self(arch, random_norms=random_norms, **overrides)
 
     def _build(self, arch: str, seed: int, scale: float, random_norms: bool, overrides: dict) -> Path:
         import torch
@@ -108,3 +132,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     """`tiny_model(arch, **config_overrides)` -> folder of a tiny random model, built once per
     session; `tiny_model.hf(folder)`, `.prompts(...)` and `.greedy(...)` for references."""
     return TinyModels(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_VARIANTS))
+def tiny_variant(request: pytest.FixtureRequest, tiny_model: TinyModels) -> Path:
+    """The folder of each of TINY_VARIANTS in turn: a test using it runs once per variant."""
+    return tiny_model.variant(request.param)

@@ -1,4 +1,5 @@
-"""Greedy parity with transformers on small random-weight models (conftest's `tiny_model`), one per architecture.
+"""Greedy parity with transformers on small random-weight models, one per architecture
+variant (conftest's TINY_VARIANTS; Gemma 3's own checks are in test_gemma3.py).
 
 Each model is saved with `save_pretrained` and loaded back through tuili's own loader, so
 the HF-folder path is covered too. Small block size and token budget force chunked prefill
@@ -8,24 +9,13 @@ import pytest
 
 from tuili import LLM, SamplingParams
 
-# name -> (architecture, config overrides on conftest's TINY_COMMON)
-ARCHS = {
-    "llama-gqa-untied": ("llama", {}),
-    "llama3-rope-scaling": ("llama", dict(tie_word_embeddings=True, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32})),
-    "mistral": ("mistral", dict(sliding_window=None)),
-    "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True)),
-    "qwen3-qk-norm": ("qwen3", dict(head_dim=48)),
-}
 LENGTHS = [3, 17, 9, 40, 1, 26]
 NEW = 12
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHS))
-def saved(request, tiny_model):
-    arch, overrides = ARCHS[request.param]
-    folder = tiny_model(arch, **overrides)
+@pytest.fixture(scope="module")
+def saved(tiny_variant, tiny_model):
+    folder = tiny_variant
     prompts = tiny_model.prompts(folder, LENGTHS)
     return folder, prompts, tiny_model.greedy(folder, prompts, NEW)
 

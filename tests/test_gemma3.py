@@ -1,10 +1,13 @@
-"""Gemma 3 greedy parity with transformers on a small random-weight model (conftest's `tiny_model`).
+"""Gemma 3 on a small random-weight model (conftest's TINY_VARIANTS["gemma3-window"]): its
+config fields, the PyTorch decode path, that the window really matters, and a GGUF file.
+Batched, chunked, one-at-a-time and preempted greedy parity with transformers run in
+test_engine_random.py, with the other architectures.
 
 Window 8 with prompts up to 45 tokens and 12 new tokens: the sliding window cuts into the
-context in prefill (whole and chunked) and in every decode step. Norm weights are
-randomised (transformers initialises them to 0, which would hide a wrong `1 + weight`),
-the query scale differs from head_dim**-0.5, local and global layers use different rope
-bases (global with linear scaling), and final logits are softcapped.
+context in prefill and in every decode step. Norm weights are randomised (transformers
+initialises them to 0, which would hide a wrong `1 + weight`), the query scale differs
+from head_dim**-0.5, local and global layers use different rope bases (global with linear
+scaling), and final logits are softcapped.
 """
 import pytest
 import torch
@@ -17,18 +20,9 @@ LENGTHS = [3, 45, 9, 17, 1, 30]
 NEW = 12
 
 
-# Overrides on conftest's TINY_COMMON.
-GEMMA = dict(
-    vocab_size=VOCAB, num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
-    layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
-    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
-                     "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}},
-    final_logit_softcapping=30.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
 @pytest.fixture(scope="module")
 def saved(tiny_model):
-    folder = tiny_model("gemma3", random_norms=True, **GEMMA)
+    folder = tiny_model.variant("gemma3-window")  # conftest's TINY_VARIANTS
     prompts = tiny_model.prompts(folder, LENGTHS)
     return folder, prompts, tiny_model.greedy(folder, prompts, NEW)
 
@@ -50,18 +44,6 @@ def test_config_reads_gemma3_fields(saved):
     assert cfg.tie_word_embeddings and cfg.final_logit_softcapping == 30.0
 
 
-def test_batched_chunked_greedy_matches_transformers(saved):
-    folder, prompts, refs = saved
-    llm = LLM(str(folder), dtype="float32", block_size=4, max_num_batched_tokens=16, num_kv_blocks=128)
-    assert generate_ids(llm, prompts) == refs
-
-
-def test_one_at_a_time_matches_transformers(saved):
-    folder, prompts, refs = saved
-    llm = LLM(str(folder), dtype="float32", block_size=8, enable_prefix_caching=False)
-    assert [generate_ids(llm, [p])[0] for p in prompts] == refs
-
-
 def test_torch_decode_path_matches_too(saved, monkeypatch):
     """The PyTorch decode fallback (used off CPU or without the compiled kernel) honours the window."""
     import tuili.model.layers as layers
@@ -79,7 +61,6 @@ def test_window_matters(saved):
     for layer in llm.engine.model.layers:
         layer.window = None
     assert generate_ids(llm, [prompts[1]])[0] != refs[1]
-
 
 
 GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "input_layernorm": "attn_norm",
