@@ -28,7 +28,7 @@ from .results import append_jsonl
 from ..router.classifier import RouterClassifier
 from ..router.data import load_examples
 
-DATA = Path(__file__).resolve().parents[3] / "data" / "router"
+DATA = Path("data") / "router"  # the repository's labelled prompts, from the repository root (--data)
 
 
 class _IdleEngine:
@@ -41,8 +41,12 @@ class _IdleEngine:
         return dict(self._stats)
 
 
-def workload(n: int, seed: int = 0) -> list[dict]:
-    examples = load_examples(DATA / "train.jsonl") + load_examples(DATA / "heldout.jsonl")
+def workload(n: int, seed: int = 0, data: Path = DATA) -> list[dict]:
+    files = [Path(data) / "train.jsonl", Path(data) / "heldout.jsonl"]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise ValueError(f"--data: {', '.join(missing)} not found; run from the repository root or pass --data DIR")
+    examples = [e for f in files for e in load_examples(f)]
     rng = random.Random(seed)
     filler = "The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。 "
     out = []
@@ -67,14 +71,14 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
             "mean_us": statistics.fmean(s) * 1e6}
 
 
-def run(num_prompts: int, repeats: int) -> dict:
+def run(num_prompts: int, repeats: int, data: Path = DATA) -> dict:
     from ..serve.router import Router
 
     clf = RouterClassifier.load(DEFAULT_ROUTER)
     router = Router("auto", "fast", "strong", clf, {"fast": _IdleEngine(), "strong": _IdleEngine()},
                     max_wait_ms=2000)
     tokenizer = _tokenizer()
-    reqs = workload(num_prompts)
+    reqs = workload(num_prompts, data=data)
     runs = []
     for r in range(repeats):
         route_t, route_cpu, tok_t, strong = [], [], [], 0
@@ -113,11 +117,11 @@ def run(num_prompts: int, repeats: int) -> dict:
 
 def _tokenizer():
     try:
-        from transformers import AutoTokenizer
+        from ..config import DEFAULT_MODEL
+        from ..engine.tokenizer import load_tokenizer
+        from ..model.loader import resolve_model_path
 
-        from ..model.loader import DEFAULT_MODEL, resolve_model_path
-
-        return AutoTokenizer.from_pretrained(str(resolve_model_path(DEFAULT_MODEL)))
+        return load_tokenizer(resolve_model_path(DEFAULT_MODEL))
     except Exception as e:  # noqa: BLE001 - the peer is optional; the routing figures stand alone
         print(f"no tokenizer peer: {e}", file=sys.stderr)
         return None
@@ -126,13 +130,14 @@ def _tokenizer():
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=10_000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--data", type=Path, default=DATA, help="folder with train.jsonl and heldout.jsonl")
     p.add_argument("--output", default=None, help="JSON lines file to append the result to")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     if args.num_prompts < 1 or args.repeats < 1:
         raise ValueError("--num-prompts and --repeats must be >= 1")
-    result = run(args.num_prompts, args.repeats)
+    result = run(args.num_prompts, args.repeats, args.data)
     line = json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})
     print(line)
     if args.output:

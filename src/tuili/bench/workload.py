@@ -9,12 +9,10 @@ harness) cuts them with `corpus_window`.
 from __future__ import annotations
 
 import random
-from importlib import resources
 from pathlib import Path
 
 
-def corpus_text() -> str:
-    return resources.files("tuili.data").joinpath("corpus.txt").read_text(encoding="utf-8")
+from ..data import corpus_text
 
 
 def corpus_ids(tokenizer) -> list[int]:

@@ -25,9 +25,9 @@ from typing import Callable
 
 import torch
 
-from ..config import EngineConfig, parse_size, resolve_device, resolve_dtype
+from ..config import EngineConfig, parse_quantization, parse_size
+from ..device import resolve_device, resolve_dtype
 from ..model.kernels import cpu_kernels
-from ..model.quant import parse_quantization
 from ..model.registry import build_model
 from ..model.loader import LoadedModel, load_model
 from ..sampling import SamplingParams

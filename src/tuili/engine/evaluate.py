@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from ..data import CORPUS
 from .engine import Engine
 from .kv_cache import cdiv
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
+DEFAULT_TEXT = CORPUS
 
 
 @dataclass

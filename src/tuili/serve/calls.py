@@ -102,15 +102,16 @@ class Call:
 
     def streaming_response(self, events) -> StreamingResponse:
         async def body():
+            complete = False
             try:
                 async for event in events():
                     yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+                complete = True
             except (EngineError, ValueError) as e:
                 err = api_error(e)
                 yield f"data: {json.dumps(err.body())}\n\n"
-                self.finish(aborted=True)
             finally:
-                if not self.stream.finished:
+                if not complete:  # an error, or the client left (the generator is closed)
                     self.stream.abort()
                     self.finish(aborted=True)
             yield "data: [DONE]\n\n"
