@@ -32,25 +32,24 @@ class AloneRun:
 
 
 def run_alone(engine, prompt: str | list[int], params, on_text: Callable[[str], None] | None = None) -> AloneRun:
-    """Add one request, step until the engine is idle; the first completion's tokens and text."""
-    rid = f"alone-{next(_ids)}"
+    """Run one request through `Engine.generate`; the first completion's tokens and text, with
+    the time each step's tokens arrived."""
     run = AloneRun(time.perf_counter())
     parts: list[str] = []
-    engine.add_request(rid, prompt, params)
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
-            if delta.request_id != rid:
+
+    def seen(delta) -> None:
+        now = time.perf_counter()
+        for out in delta.outputs:
+            if out.index != 0:
                 continue
-            now = time.perf_counter()
-            for out in delta.outputs:
-                if out.index != 0:
-                    continue
-                if out.token_ids:
-                    run.token_ids.extend(out.token_ids)
-                    run.marks.append((now, len(run.token_ids)))
-                if out.text:
-                    parts.append(out.text)
-                    if on_text is not None:
-                        on_text(out.text)
+            if out.token_ids:
+                run.token_ids.extend(out.token_ids)
+                run.marks.append((now, len(run.token_ids)))
+            if out.text:
+                parts.append(out.text)
+                if on_text is not None:
+                    on_text(out.text)
+
+    engine.generate([(f"alone-{next(_ids)}", prompt, params)], on_delta=seen)
     run.text = "".join(parts)
     return run

@@ -196,8 +196,10 @@ class Engine:
                             req.finished, len(req.prompt_token_ids), req.seqs[0].num_cached_prompt_tokens)
 
     def generate(self, requests: list[tuple[str, str | list[int], SamplingParams]],
-                 on_finish: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
-        """Add requests (id, prompt, params), step until all finish; outputs in the given order."""
+                 on_finish: Callable[[RequestOutput], None] | None = None,
+                 on_delta: Callable[[RequestDelta], None] | None = None) -> list[RequestOutput]:
+        """Add requests (id, prompt, params), step until all finish; outputs in the given order.
+        The one "add, step until done" loop of offline use (LLM, the CLI, benchmarks)."""
         outs: dict[str, RequestOutput] = {}
         for rid, prompt, params in requests:
             req = self.add_request(rid, prompt, params)
@@ -209,6 +211,8 @@ class Engine:
                 if out is None:
                     continue
                 out.add(d)
+                if on_delta is not None:
+                    on_delta(d)
                 if d.finished:
                     left -= 1
                     if on_finish is not None:
