@@ -129,6 +129,15 @@ def dequantize_int4_codes(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor
     return (wg * scale[..., None] + lo[..., None]).reshape(n, k)
 
 
+def int4_inner_k_tiles(k: int) -> int:
+    """The CUDA int4 layout packs K in tiles of 16 x inner_k_tiles (8, 4 or 2): the widest
+    that divides K. 8 needs K % 128 == 0, which SmolLM2's hidden size of 576 is not."""
+    for tiles in (8, 4, 2):
+        if k % (16 * tiles) == 0:
+            return tiles
+    raise ValueError(f"quantization: int4 on CUDA needs an input width divisible by 32, got {k}")
+
+
 def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Weight:
     n, k = w.shape
     q, scale, lo = int4_codes(w, group_size)
@@ -138,7 +147,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Weight:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
     else:  # the CUDA op takes two codes per byte, high nibble first
         u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
-        packed = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(u8, int4_inner_k_tiles(k))
     return Int4Weight(packed, sz, group_size, n, k)
 
 
