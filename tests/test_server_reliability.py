@@ -148,16 +148,22 @@ async def stream_tokens(client: httpx.AsyncClient, base: str, max_tokens: int, s
     return tokens, error, done
 
 
+async def streams_then_sigterm(client, proc, base: str, max_tokens: int) -> list:
+    """Four streams; SIGTERM once each has sent a chunk; returns their tasks."""
+    events = [asyncio.Event() for _ in range(4)]
+    streams = [asyncio.create_task(stream_tokens(client, base, max_tokens, e)) for e in events]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=120)
+    proc.send_signal(signal.SIGTERM)
+    return streams
+
+
 def test_sigterm_lets_streams_in_flight_finish_refuses_new_requests_and_exits(default_model_folder):
     # Streams get a generous drain: on a loaded 2-core machine 4 x 16 tokens took 10 s here.
     proc, base, log = start_server("--shutdown-timeout", "120")
     try:
         async def go():
             async with httpx.AsyncClient(timeout=120) as c:
-                events = [asyncio.Event() for _ in range(4)]
-                streams = [asyncio.create_task(stream_tokens(c, base, 16, e)) for e in events]
-                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=120)
-                proc.send_signal(signal.SIGTERM)
+                streams = await streams_then_sigterm(c, proc, base, 16)
                 await asyncio.sleep(0.5)
                 try:
                     late = (await c.post(base + "/v1/completions", json={"model": MODEL, "prompt": "Hi"})).status_code
@@ -180,10 +186,7 @@ def test_the_shutdown_timeout_ends_long_streams_with_an_error_event_and_exits(de
     try:
         async def go():
             async with httpx.AsyncClient(timeout=120) as c:
-                events = [asyncio.Event() for _ in range(4)]
-                streams = [asyncio.create_task(stream_tokens(c, base, 2000, e)) for e in events]
-                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=120)
-                proc.send_signal(signal.SIGTERM)
+                streams = await streams_then_sigterm(c, proc, base, 2000)
                 signalled = time.monotonic()
                 results = await asyncio.gather(*streams)
                 return results, time.monotonic() - signalled
