@@ -46,7 +46,11 @@ def predict_point(model: StepModel, point: dict[str, Any]) -> float:
 
 
 def fit(shape, hw: hwmod.Hardware, quantization: str, points: list[dict[str, Any]]) -> dict[str, float]:
-    """Factors minimising the relative error of the step model over the measured points."""
+    """Factors minimising the relative error of the step model over the measured points
+    (a point whose time came out non-positive, a long run beaten by a short one on a busy
+    machine, is left out)."""
+    points = [p for p in points if p["step_s"] > 0]
+
     def loss(logs: list[float]) -> float:
         factors = {k: math.exp(v) for k, v in zip(FACTORS, logs)}
         hw.efficiency = {**hw.efficiency, "by_quantization": {quantization: factors}}
