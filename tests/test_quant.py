@@ -1,17 +1,28 @@
 """Low precision: int8 / int4 weights and the int8 KV cache, held to stated tolerances.
 
-Tolerances, on the default model over the first 256 tokens of the shipped corpus, each
-mode against the same model in full precision (bfloat16 weights and KV); measured values
-when this was written are in brackets:
-- int8 KV cache: perplexity at most 2% above, top-1 agreement >= 95% [+0.2%, 97% with
-  torch's bf16 products; +1.5%, 96% with the AMX products; the whole text: +0.16%, +0.39%];
-- int8 weights: perplexity at most 3.5% above, top-1 agreement >= 90% [+1.7%, 94% through
-  torch's op; +2.6% through the CPU kernel, which also rounds the activations to int8];
-- int4 weights (groups of 32): perplexity at most 8% above, agreement >= 85% [+4.7%, 91%];
-- int8 weights with int8 KV: at most 6.5% above, agreement >= 90% [+5.2% through the kernel].
-These 256 tokens are a regression guard; the targets are on the whole text, in
-docs/BENCHMARKS.md (int8 through the kernel there: +0.42%, with int8 KV +0.86%).
+Tolerances, on the default model over the first tokens of the shipped corpus (windows of
+256), each mode against the same model in full precision (bfloat16 weights and KV);
+measured values are in brackets:
+- int8 KV cache, over 2,048 tokens: perplexity at most 2% above, top-1 agreement >= 95%
+  [+0.17% and 96.9% with torch's bf16 products (TUILI_PACKED=0 and the default on
+  AVX512-BF16 without AMX), +0.34% and 96.3% with the packed bf16 products (TUILI_PACKED=1),
+  +0.20% and 97.0% without the compiled kernels (TUILI_KERNELS=0)]. Over the first 256
+  tokens alone the same paths gave +0.8%, +1.2% and +1.3%, an AMD EPYC (AVX512-BF16, no AMX)
+  +3.7%, and single windows of 256 range from -0.5% to +1.3%: too few tokens for a 2% bound;
+- int8 weights, over 256 tokens: perplexity at most 3.5% above, top-1 agreement >= 90%
+  [+2.0%, 92.5% through the CPU kernel here; earlier +1.7% through torch's op, +2.6% through
+  the kernel; over 2,048 tokens within both bounds];
+- int4 weights (groups of 32), over 256 tokens: perplexity at most 8% above, agreement
+  >= 85% [+2.1%, 91% here; earlier +4.7%; over 2,048 tokens +5.0% but 84.4% agreement,
+  below this bound: see docs/BENCHMARKS.md's whole-text 85.2%];
+- int8 weights with int8 KV, over 256 tokens: at most 6.5% above, agreement >= 90%
+  [+5.5%, 91% here; over 2,048 tokens within both bounds].
+The weight modes stay on 256 tokens for run time, as a regression guard (at 2,048 tokens
+each took 190-420 s on the loaded 2-core build machine, against 15-45 s for the int8 KV
+case). The targets are on the whole text, in docs/BENCHMARKS.md (int8 weights and int8 KV
+at most 1%, int4 at most 8%); the slow test below checks them there.
 """
+import math
 import subprocess
 import sys
 
@@ -106,38 +117,55 @@ def test_int4_group_must_divide_the_input_width():
         quantize_int4(torch.randn(4, 96), 64)
 
 
-@pytest.fixture(scope="module")
-def corpus_ids(default_model_folder):
-    engine = Engine(str(default_model_folder), dtype="bfloat16", num_kv_blocks=40)
-    return engine.encode(DEFAULT_TEXT.read_text())[:256]
+WINDOW = 256
 
 
 @pytest.fixture(scope="module")
 def reference(default_model_folder):
-    return Engine(str(default_model_folder), dtype="bfloat16", num_kv_blocks=40)
+    return Engine(str(default_model_folder), dtype="bfloat16", num_kv_blocks=WINDOW // 16)
 
 
-@pytest.mark.parametrize("quantization,kv,max_ppl_ratio,min_agree,packed", [
-    ("int8", "auto", 1.035, 0.90, "auto"),
-    ("none", "int8", 1.02, 0.95, "auto"),
-    ("int4", "auto", 1.08, 0.85, "auto"),
-    ("int8", "int8", 1.065, 0.90, "auto"),
-    # The CPU kernels' int4 product (int8 activations) wherever they build, whatever this
-    # CPU's default; int8 takes the kernels by default wherever they build.
-    ("int4", "auto", 1.08, 0.85, "1"),
-])
-def test_quantized_model_stays_close_to_full_precision(default_model_folder, corpus_ids, reference, monkeypatch,
-                                                       quantization, kv, max_ppl_ratio, min_agree, packed):
-    monkeypatch.setenv("TUILI_PACKED", packed)
-    engine = Engine(str(default_model_folder), dtype="bfloat16", num_kv_blocks=40, quantization=quantization,
+@pytest.fixture(scope="module")
+def corpus_ids(reference):
+    return reference.encode(DEFAULT_TEXT.read_text())
+
+
+def check_quality(folder, ids, reference, quantization, kv, max_ppl_ratio, min_agree=None, window=WINDOW):
+    engine = Engine(str(folder), dtype="bfloat16", num_kv_blocks=window // 16, quantization=quantization,
                     kv_cache_dtype=kv)
-    r = evaluate(engine, corpus_ids, window=256, chunk=128, reference=reference, progress=False)
-    assert r.tokens_scored == 255
+    r = evaluate(engine, ids, window=window, chunk=128, reference=reference, progress=False)
+    print(f"\n{quantization}/{kv} on {r.tokens_scored} tokens: perplexity ratio "
+          f"{r.perplexity / r.reference_perplexity:.4f}, top-1 agreement {r.top1_agreement:.3f}")
+    assert r.tokens_scored == len(ids) - math.ceil(len(ids) / window)  # a window's first token has no context
     assert r.perplexity / r.reference_perplexity <= max_ppl_ratio
-    assert r.top1_agreement >= min_agree
+    assert min_agree is None or r.top1_agreement >= min_agree
     assert 0 < r.logit_mean_abs_diff < 1.0  # really quantized, and close
     if quantization != "none":
         assert r.weight_bytes < 0.75 * reference.model.weight_bytes()
+
+
+@pytest.mark.parametrize("quantization,kv,max_ppl_ratio,min_agree,packed,tokens", [
+    ("int8", "auto", 1.035, 0.90, "auto", 256),
+    ("none", "int8", 1.02, 0.95, "auto", 2048),
+    ("int4", "auto", 1.08, 0.85, "auto", 256),
+    ("int8", "int8", 1.065, 0.90, "auto", 256),
+    # The CPU kernels' int4 product (int8 activations) wherever they build, whatever this
+    # CPU's default; int8 takes the kernels by default wherever they build.
+    ("int4", "auto", 1.08, 0.85, "1", 256),
+])
+def test_quantized_model_stays_close_to_full_precision(default_model_folder, corpus_ids, reference, monkeypatch,
+                                                       quantization, kv, max_ppl_ratio, min_agree, packed, tokens):
+    monkeypatch.setenv("TUILI_PACKED", packed)
+    check_quality(default_model_folder, corpus_ids[:tokens], reference, quantization, kv, max_ppl_ratio, min_agree)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization,kv,max_ppl_ratio", [("int8", "auto", 1.01), ("none", "int8", 1.01),
+                                                            ("int4", "auto", 1.08)])
+def test_quality_targets_on_the_whole_text(default_model_folder, corpus_ids, quantization, kv, max_ppl_ratio):
+    """docs/BENCHMARKS.md's perplexity targets on the whole shipped text, in windows of 1,024."""
+    reference = Engine(str(default_model_folder), dtype="bfloat16", num_kv_blocks=1024 // 16)
+    check_quality(default_model_folder, corpus_ids, reference, quantization, kv, max_ppl_ratio, window=1024)
 
 
 def test_int8_kv_pool_holds_about_twice_the_tokens(default_model_folder):
