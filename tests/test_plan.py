@@ -230,3 +230,23 @@ def test_prediction_matches_a_fresh_measurement():
 
     predicted = simulate(StepModel(shape, hw), lengths, concurrency=8).duration
     assert predicted == pytest.approx(measured, rel=0.35), (predicted, measured, probe["points"])
+
+
+@pytest.mark.slow
+def test_served_prediction_within_the_issue_targets(tmp_path):
+    """The issue's check, end to end (minutes): calibrate `local`, then `tuili serve` driven
+    by `tuili bench serve` at concurrency 1 and 8, int8 weights, prompts of 100-300 tokens
+    and 128 out; predicted output tok/s within 15% and TTFT p50 within 30%. Meaningful on
+    a quiet machine only (docs/BENCHMARKS.md, "Capacity planner")."""
+    from tuili.plan.calibrate import calibrate
+    from tuili.plan.compare import main as compare
+
+    calibrate("smollm2-135m-instruct", ["int8"], verbose=False)
+    out = tmp_path / "compare.jsonl"
+    assert compare(["--quantizations", "int8", "--concurrency", "1,8", "--num-prompts", "1=4,8=16",
+                    "--output", str(out)]) == 0
+    for line in out.read_text().splitlines():
+        row = json.loads(line)
+        m, p = row["measured"], row["predicted"]
+        assert p["output_tok_s"] == pytest.approx(m["output_tok_s"], rel=0.15), row
+        assert p["ttft_s_p50"] == pytest.approx(m["ttft_s_p50"], rel=0.30), row

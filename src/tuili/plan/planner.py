@@ -205,6 +205,11 @@ def _plan_at(shape: ModelShape, hw: Hardware, opts: Options, workload: Workload,
         notes.append("the KV pool holds less than one sequence of the workload")
     kv_tokens = float(mem["kv_pool_tokens"]) or 1.0
     conc = workload.concurrency or min(max_batch, MAX_NUM_SEQS)
+    if not mem["fits"]:  # nothing to time: report the memory and stop
+        return Plan(hardware=hw.key, hardware_name=hw.name, count=count, memory=mem, max_batch=0, concurrency=0,
+                    ttft_s_p50=0.0, ttft_s_p99=0.0, tpot_s_p50=0.0, tpot_s_p99=0.0, output_tok_s=0.0,
+                    bound=phase_bounds(model, workload, 1), replicas=0, accelerators=0, meets_slo=False,
+                    calibrated=hw.calibrated, notes=notes)
     if workload.concurrency and workload.concurrency > max_batch:
         notes.append(f"concurrency {workload.concurrency} exceeds the {max_batch} sequences the KV pool holds: the rest wait")
     sim = run_closed(model, workload, conc, max_batch, kv_tokens)

@@ -64,6 +64,10 @@ def format_table(plans: list[Plan], title: str, traffic: bool) -> str:
         head.append("$/M out")
     rows = []
     for i, p in enumerate(plans, 1):
+        if not p.memory["fits"]:
+            rows.append([str(i), f"{p.hardware} (does not fit in {p.count})", str(p.count),
+                         _size(p.memory["weights_bytes_per_accelerator"])] + ["-"] * (len(head) - 4))
+            continue
         row = [str(i), p.hardware + ("" if p.memory["fits"] else " (does not fit)"), str(p.count), _size(p.memory["weights_bytes_per_accelerator"]), str(p.max_batch),
                str(p.concurrency), _ms(p.ttft_s_p50), _ms(p.tpot_s_p50), f"{p.output_tok_s:,.0f}",
                f"{p.bound['prefill']}/{p.bound['decode']}"]
