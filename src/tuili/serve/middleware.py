@@ -62,7 +62,7 @@ class EdgeMiddleware:
                 routed = state.get("routed_to")
                 if routed:
                     extra.append((b"x-tuili-routed-to", routed.encode("utf-8")))
-                    extra.append((b"x-tuili-route-reason", str(state.get("route", "")).encode("utf-8")))
+                    extra.append((b"x-tuili-route-reason", str(state.get("route_reason", "")).encode("utf-8")))
                 message = dict(message, headers=list(message.get("headers", [])) + extra)
             await send(message)
 

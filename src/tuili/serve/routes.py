@@ -130,6 +130,7 @@ def pick(request: Request, name: str, prompt: str | None = None, messages: list 
         else:
             state.metrics.observe_route(decision)
     request.state.routed_to = decision.model
+    request.state.route_reason = decision.reason
     request.state.route = decision.reason if decision.score is None else f"{decision.reason}:{decision.score:.3f}"
     return models.get(decision.model)
 

@@ -72,12 +72,35 @@ const Tuili = (() => {
     return "The server answered " + resp.status + (detail ? ": " + detail : ".");
   }
 
-  // Asks for the API key in the page's <dialog id="key-dialog">; resolves to the key or "".
+  // The API-key <dialog>, built once per page (both pages share it).
+  function keyDialog() {
+    let dialog = document.getElementById("key-dialog");
+    if (dialog) return dialog;
+    const el = (tag, props, children) => {
+      const node = Object.assign(document.createElement(tag), props || {});
+      (children || []).forEach((c) => node.appendChild(c));
+      return node;
+    };
+    dialog = el("dialog", {id: "key-dialog"}, [el("form", {method: "dialog"}, [
+      el("h2", {id: "key-title", textContent: "API key"}),
+      el("p", {id: "key-reason"}),
+      el("label", {htmlFor: "key-input", textContent: "Key (sent as a bearer token, kept in this browser)"}),
+      el("input", {id: "key-input", type: "password", autocomplete: "off"}),
+      el("div", {className: "buttons"}, [
+        el("button", {value: "cancel", formNoValidate: true, textContent: "Cancel"}),
+        el("button", {id: "key-ok", value: "ok", textContent: "Use this key"}),
+      ]),
+    ])]);
+    dialog.setAttribute("aria-labelledby", "key-title");
+    document.body.appendChild(dialog);
+    return dialog;
+  }
+
+  // Asks for the API key in the key dialog; resolves to the key or "".
   function askKey(reason) {
-    const dialog = document.getElementById("key-dialog");
+    const dialog = keyDialog();
     const input = document.getElementById("key-input");
     const why = document.getElementById("key-reason");
-    if (!dialog || !input) return Promise.resolve("");
     if (why) why.textContent = reason || "This server needs an API key.";
     input.value = "";
     return new Promise((resolve) => {
