@@ -26,7 +26,9 @@ CHAT = [{"role": "user", "content": "Write three sentences about the sea."}]
 
 @pytest.fixture(scope="module")
 def base(default_model_folder):
-    with running_server("--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-request-bytes", "64KiB") as (url, _):
+    # A 256-token context: a prompt that cannot fit is cheap to tell within the 64 KiB body limit.
+    with running_server("--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-request-bytes", "64KiB",
+                        "--max-model-len", "256") as (url, _):
         yield url
 
 
@@ -61,7 +63,7 @@ def test_two_concurrent_requests_with_one_x_request_id_both_complete(base):
 
 def test_non_streamed_client_disconnect_frees_its_blocks(base):
     aborts = metric(base, "tuili_request_finished_total", 'finish_reason="abort"')
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True, "temperature": 0}
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
 
     async def leave_early():
         async with httpx.AsyncClient(timeout=120) as c:
@@ -110,8 +112,12 @@ def test_wrong_json_types_are_400_naming_the_field(base, field, value):
 
 
 def test_a_prompt_far_over_the_context_is_refused_without_tokenizing_it_all(base):
-    r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "word " * 12_000, "max_tokens": 2})
+    # No token of this tokenizer covers more than 81 characters: 50,000 cannot fit 256 tokens.
+    r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "word " * 10_000, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert "characters cannot fit" in r.json()["error"]["message"]  # told before tokenizing
+    r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "word " * 300, "max_tokens": 2})
+    assert r.status_code == 400 and "tokens is too long" in r.json()["error"]["message"]  # told after
 
 
 # ---- shutdown ------------------------------------------------------------------------------
