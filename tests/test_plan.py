@@ -178,7 +178,7 @@ def test_calibration_fit_recovers_known_factors():
     hw.efficiency = {**hw.efficiency, "by_quantization": {"none": truth}}
     m = StepModel(shape, hw)
     points = [{"kind": "decode", "batch": b, "context": c} for b, c in ((1, 80), (8, 80), (16, 80), (16, 420), (32, 300))]
-    points += [{"kind": "prefill", "tokens": n} for n in (64, 256, 512)]
+    points += [{"kind": "prefill", "tokens": n} for n in (64, 256, 512)] + [{"kind": "prefill", "tokens": 128, "prompts": 4}]
     for p in points:
         p["step_s"] = predict_point(m, p)
     hw2 = hwmod.get("xeon-6980p")
@@ -193,7 +193,7 @@ def test_calibration_fit_recovers_known_factors():
 
 def test_prediction_matches_a_fresh_measurement():
     """Fit `local`'s factors on some engine steps (subprocess probe: batch 1 and 16 decode,
-    prefill 64 and 512 tokens), then predict what was not fitted: an offline run of 8 prompts
+    prefill of 64 and 512 tokens and of 4 prompts x 128 in one step), then predict what was not fitted: an offline run of 8 prompts
     of 100-300 tokens x 24 output tokens at once through the scheduler replay, against
     the same run measured in this process. The bound is wide (this machine is shared and
     noisy) but a wrong step model or scheduler replay misses it by far more. Both sides run
@@ -204,7 +204,7 @@ def test_prediction_matches_a_fresh_measurement():
     from tuili.plan.calibrate import run_probe
 
     model = "smollm2-135m-instruct"
-    probe = run_probe(model, "none", ["--decode", "1:64,16:64", "--prefill", "64,512", "--repeats", "1",
+    probe = run_probe(model, "none", ["--decode", "1:64,16:64", "--prefill", "64,512,4x128", "--repeats", "1",
                                       "--short", "4", "--long", "16"], timeout=300, env={"OMP_NUM_THREADS": "1"})
     shape = load_shape(model)
     hw = hwmod.get("local")

@@ -42,7 +42,8 @@ def predict_point(model: StepModel, point: dict[str, Any]) -> float:
     if point["kind"] == "decode":
         b = point["batch"]
         return model.step_time(b, b * point["context"], [], b)
-    return model.step_time(0, 0.0, [(point["tokens"], 0)], 1)
+    n = point.get("prompts", 1)
+    return model.step_time(0, 0.0, [(point["tokens"], 0)] * n, n)
 
 
 def fit(shape, hw: hwmod.Hardware, quantization: str, points: list[dict[str, Any]]) -> dict[str, float]:

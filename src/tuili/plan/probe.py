@@ -7,8 +7,8 @@ importing the engine into the planner. For each weight format it measures
 - decode steps: B requests with random prompts of `context` tokens generate `short` and
   then `long` tokens (EOS ignored); (time(long) - time(short)) / (long - short) is the time
   of one decode step of batch B at a context of about `context + (short + long) / 2`;
-- prefill steps: one request of P prompt tokens and one output token (P within the
-  step budget, so one step), minus nothing: its time is one prefill step of P tokens.
+- prefill steps: N requests of T prompt tokens and one output token each (N x T within
+  the step budget, so one step of N chunks): its time is one prefill step.
 
 Prompts are random token ids drawn fresh for every run, so the prefix cache never hits.
 Each point is the median of `--repeats` runs. Prints one JSON object.
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantization", default="none")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--decode", default="1:64,8:64,16:64,16:400", help="BATCH:CONTEXT points")
-    p.add_argument("--prefill", default="64,256,512", help="prompt lengths of single prefill steps")
+    p.add_argument("--prefill", default="64,256,512,4x128",
+                   help="prefill steps: T (one prompt of T tokens) or NxT (N prompts of T tokens in one step)")
     p.add_argument("--short", type=int, default=4)
     p.add_argument("--long", type=int, default=20)
     p.add_argument("--repeats", type=int, default=2)
@@ -68,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         points.append({"kind": "decode", "batch": batch, "context": context + (args.short + args.long) / 2,
                        "step_s": statistics.median(runs), "runs": runs})
     for item in args.prefill.split(","):
-        tokens = int(item)
-        runs = [timed(_prompts(rng, 1, tokens, vocab), 1) for _ in range(args.repeats)]
-        points.append({"kind": "prefill", "tokens": tokens, "step_s": statistics.median(runs), "runs": runs})
+        count, _, tokens = item.rpartition("x")
+        count, tokens = int(count or 1), int(tokens)
+        runs = [timed(_prompts(rng, count, tokens, vocab), 1) for _ in range(args.repeats)]
+        points.append({"kind": "prefill", "tokens": tokens, "prompts": count, "step_s": statistics.median(runs),
+                       "runs": runs})
     print(json.dumps({"model": args.model, "quantization": args.quantization, "dtype": args.dtype,
                       "threads": torch.get_num_threads(), "load_s": load_s, "points": points}))
     return 0
