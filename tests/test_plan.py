@@ -205,7 +205,7 @@ def test_prediction_matches_a_fresh_measurement():
 
     model = "smollm2-135m-instruct"
     probe = run_probe(model, "none", ["--decode", "1:64,16:64", "--prefill", "64,512,4x128", "--repeats", "1",
-                                      "--short", "4", "--long", "16"], timeout=300, env={"OMP_NUM_THREADS": "1"})
+                                      "--long", "16"], timeout=300, env={"OMP_NUM_THREADS": "1"})
     shape = load_shape(model)
     hw = hwmod.get("local")
     hw.efficiency = {**hw.efficiency, "by_quantization": {"none": fit(shape, hw, "none", probe["points"])}}
