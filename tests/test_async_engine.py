@@ -8,8 +8,6 @@ import asyncio
 import threading
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from tuili import SamplingParams
 from tuili.engine import AsyncEngine, EngineDeadError, EngineError, InvalidRequestError
@@ -19,13 +17,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    return path
+def folder(tiny_model):
+    return tiny_model("llama", max_position_embeddings=128)
 
 
 def started(build) -> AsyncEngine:
