@@ -80,7 +80,7 @@ setup() {
   "${pip[@]}" list --disable-pip-version-check 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|safetensors|fastapi|starlette|uvicorn|pydantic|pydantic.core|gguf|openai|httpx2?|anyio|numpy|pytest|pytest-timeout|setuptools|tuili) ' || true
   "$PY" - <<EOF
 import tuili, fastapi, uvicorn, pydantic, gguf, openai
-from tuili.config import resolve_device
+from tuili.device import resolve_device
 dev = resolve_device("auto")
 print("tuili from", tuili.__file__, "| auto device:", dev)
 assert dev.type == "$DEVICE", f"auto picks {dev}, expected $DEVICE"

@@ -102,8 +102,9 @@ def test_a_cpp_file_over_600_lines_says_why_it_stays_whole():
             assert "stays whole" in head or "one file" in head, f"{p.name}: {len(lines)} lines and no reason given"
 
 
-def test_import_tuili_and_the_request_models_do_not_import_torch():
-    code = ("import sys, tuili, tuili.sampling, tuili.serve.protocol; "
+def test_import_tuili_the_request_models_the_cli_and_the_planner_do_not_import_torch():
+    code = ("import sys, tuili, tuili.sampling, tuili.serve.protocol, tuili.config, tuili.cli, tuili.plan.cli; "
+            "tuili.cli.build_parser(); "
             "from tuili import SamplingParams; SamplingParams(max_tokens=3); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _serve_parser(sub)
     _bench_parsers(sub)
+    from .plan.cli import add_plan_parser  # the planner imports neither torch nor the engine
+
+    add_plan_parser(sub)
 
     from .router.commands import add_arguments as add_router_arguments
 

@@ -1,9 +1,9 @@
 """Settings for models, the KV cache, the scheduler and the server.
 
 Plain data and the parsing of user-given values (sizes, quantization names). The device,
-the dtype and the CPU kernel paths are decided in `tuili.device`; `resolve_device`,
-`resolve_dtype` and `cpu_has_fast_bf16` are re-exported here for the modules that still
-import them from this one. Nothing here imports `tuili.model`.
+the dtype and the CPU kernel paths are decided in `tuili.device`. Nothing here imports
+`tuili.model`, and importing this module does not import torch (the CLI parses its flags,
+and the planner answers, without paying for it).
 """
 from __future__ import annotations
 
@@ -13,11 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .device import cpu_has_fast_bf16, resolve_device, resolve_dtype
-
 __all__ = ["DEFAULT_MODEL", "SUPPORTED_ARCHITECTURES", "QUANT_MODES", "INT4_GROUP_SIZES", "ModelConfig",
-           "SchedulerConfig", "EngineConfig", "parse_size", "parse_quantization", "cache_dir",
-           "resolve_device", "resolve_dtype", "cpu_has_fast_bf16"]
+           "SchedulerConfig", "EngineConfig", "parse_size", "parse_quantization", "cache_dir"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # served when no model is named
 
@@ -233,5 +230,7 @@ class EngineConfig:
     def scheduler_config(self) -> SchedulerConfig:
         budget = self.max_num_batched_tokens
         if budget is None:
+            from .device import resolve_device  # torch only once an engine is being built
+
             budget = 2048 if resolve_device(self.device).type == "cuda" else 512
         return SchedulerConfig(self.max_num_seqs, budget, self.long_prefill_token_threshold)

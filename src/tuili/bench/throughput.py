@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..config import resolve_device, resolve_dtype
+from ..device import resolve_device, resolve_dtype
 from .results import append_jsonl
 from .workload import load_tokenizer, parse_range, random_prompts
 
