@@ -11,6 +11,7 @@ decided in `tuili.device.weight_packing`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,7 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 
-def pack_weight(w: torch.Tensor | QuantWeight, keep_dense: bool = False) -> torch.Tensor | QuantWeight:
+def pack_weight(w: Any, keep_dense: bool = False) -> Any:
     """bf16 tensors and int8 weights become PackedWeight (a bf16 one keeping the plain tensor
     too when keep_dense); anything else is returned as is."""
     if isinstance(w, torch.Tensor) and w.dtype is torch.bfloat16 and w.dim() == 2:

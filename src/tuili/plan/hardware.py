@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import cache_dir
+
 CATALOG = Path(__file__).parent / "catalog.json"
 EFFICIENCY_KEYS = ("weight_bw", "kv_bw", "matmul", "step_overhead_s", "seq_overhead_s", "chunk_overhead_s",
                    "request_overhead_s", "allreduce_latency_s", "serve_step_overhead_s")
@@ -112,8 +114,8 @@ def get(key: str, measure: bool = True) -> Hardware:
 # --- local: measured figures, cached -----------------------------------------------------
 
 def cache_file() -> Path:
-    """`<TUILI_CACHE or ~/.cache/tuili>/plan/local.json` (as tuili.config.cache_dir(), without torch)."""
-    root = Path(os.environ.get("TUILI_CACHE", Path.home() / ".cache" / "tuili"))
+    """`<TUILI_CACHE or ~/.cache/tuili>/plan/local.json`."""
+    root = cache_dir()
     return root / "plan" / "local.json"
 
 

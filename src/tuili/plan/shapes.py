@@ -16,10 +16,11 @@ int8 with a float32 scale per token and head.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..config import cache_dir
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "gemma2", "phi3")
@@ -174,7 +175,7 @@ def load_config(model: str) -> tuple[str, dict[str, Any]]:
     shipped = CONFIG_DIR / f"{model}.json"
     if shipped.is_file():
         return model, _read(shipped)
-    cache = Path(os.environ.get("TUILI_CACHE", Path.home() / ".cache" / "tuili")) / "models" / model / "config.json"
+    cache = cache_dir() / "models" / model / "config.json"
     if cache.is_file():
         return model, _read(cache)
     try:
