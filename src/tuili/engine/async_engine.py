@@ -63,7 +63,10 @@ class RequestStream:
         self.aborted = False
 
     def put(self, item: tuple[int, RequestDelta] | BaseException) -> None:  # any thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+            pass
 
     def __aiter__(self) -> AsyncIterator[tuple[int, RequestDelta]]:
         return self._iterate()
