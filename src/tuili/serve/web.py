@@ -33,6 +33,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from ..engine import TIERS
 from .errors import APIError
 
 web = APIRouter()
@@ -40,7 +41,6 @@ web = APIRouter()
 WINDOW_S = 60.0  # latency percentiles and hit rates
 RATE_WINDOW_S = 10.0  # tokens per second
 MIN_GAP_S = 0.5  # several dashboards polling share readings
-TIERS = ("device", "host", "disk")
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
