@@ -195,19 +195,21 @@ class AsyncEngine:
         """Token ids of a prompt, checked against the context; InvalidRequestError names the
         field at fault. A text so long that even `max_token_chars` per token would overflow
         the context is refused before it is tokenized."""
-        if isinstance(prompt, str) and self.max_token_chars:
-            if len(prompt) > 2 * self.max_token_chars * self.max_model_len:
-                raise InvalidRequestError(f"prompt: {len(prompt)} characters cannot fit this model's context "
-                                          f"of {self.max_model_len} tokens")
+        if isinstance(prompt, str):
+            self._check_chars(len(prompt), "prompt")
         return self.engine.prepare(prompt, params, self.tokenizer)
 
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation through the model's chat template."""
-        chars = sum(len(str(m.get("content") or "")) for m in messages)
-        if self.max_token_chars and chars > 2 * self.max_token_chars * self.max_model_len:
-            raise InvalidRequestError(f"messages: {chars} characters cannot fit this model's context "
-                                      f"of {self.max_model_len} tokens")
+        self._check_chars(sum(len(str(m.get("content") or "")) for m in messages), "messages")
         return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt, f"model {self.model_name!r}")
+
+    def _check_chars(self, chars: int, field: str) -> None:
+        """Refuse a text that cannot fit the context whatever its tokens (2x margin for
+        normalization), without tokenizing it."""
+        if self.max_token_chars and chars > 2 * self.max_token_chars * self.max_model_len:
+            raise InvalidRequestError(f"{field}: {chars} characters cannot fit this model's context "
+                                      f"of {self.max_model_len} tokens")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RequestStream:
         """Queue a call's validated prompts; returns its stream of deltas.

@@ -26,8 +26,7 @@ class APIError(Exception):
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error",
                    param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+    return JSONResponse(APIError(status, message, type_, param, code).body(), status_code=status)
 
 
 def param_of(message: str) -> str | None:

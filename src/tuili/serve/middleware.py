@@ -21,6 +21,7 @@ import re
 import uuid
 from typing import Any
 
+from .errors import APIError
 from .metrics import Metrics
 
 log = logging.getLogger("tuili.serve")
@@ -33,7 +34,7 @@ class BodyTooLarge(Exception):
 
 
 def error_body(status: int, message: str, type_: str, code: str | None) -> tuple[int, bytes]:
-    return status, json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    return status, json.dumps(APIError(status, message, type_, code=code).body()).encode()
 
 
 class EdgeMiddleware:
