@@ -36,8 +36,10 @@ ENGINE_HELP: dict[str, str] = {
     "kv_host_memory": "host-memory KV tier behind the pool, e.g. 4GiB (0: off)",
     "kv_disk_dir": "directory of the disk KV tier (kept across restarts)",
     "kv_disk_size": "size bound of the disk KV tier",
+    "speculative": "speculative decoding: none (default) or ngram (drafts from n-gram matches in prompt and output)",
+    "speculative_tokens": "most draft tokens per sequence and step (with --speculative ngram)",
 }
-ENGINE_CHOICES: dict[str, list[str]] = {"kv_cache_dtype": ["auto", "int8"]}
+ENGINE_CHOICES: dict[str, list[str]] = {"kv_cache_dtype": ["auto", "int8"], "speculative": ["none", "ngram"]}
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:

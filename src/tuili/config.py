@@ -207,6 +207,10 @@ class EngineConfig:
     kv_host_memory: str | int = 0
     kv_disk_dir: str | None = None
     kv_disk_size: str | int = "20GiB"
+    # Speculative decoding (engine/speculative.py): "ngram" drafts tokens from n-gram matches
+    # in the prompt and output so far; off ("none") by default.
+    speculative: str = "none"
+    speculative_tokens: int = 5  # most draft tokens per sequence and step
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -226,6 +230,10 @@ class EngineConfig:
         parse_quantization(self.quantization)
         if self.kv_cache_dtype not in ("auto", "int8"):
             raise ValueError(f"kv_cache_dtype: unknown value {self.kv_cache_dtype!r}; use auto or int8")
+        if self.speculative not in ("none", "ngram"):
+            raise ValueError(f"speculative: unknown value {self.speculative!r}; use none or ngram")
+        if not isinstance(self.speculative_tokens, int) or self.speculative_tokens < 1:
+            raise ValueError(f"speculative_tokens: must be an integer >= 1, got {self.speculative_tokens!r}")
 
     def scheduler_config(self) -> SchedulerConfig:
         budget = self.max_num_batched_tokens

@@ -14,6 +14,9 @@ Decisions:
   is smaller.
 - The prefix-hash salt and the KV tiers are set up in cache_setup.py, stop rules and
   deltas in postprocess.py, tokenizers in tokenizer.py.
+- `speculative="ngram"` drafts tokens from n-gram matches and verifies them in the same
+  step (speculative.py); greedy output is unchanged and sampled output keeps its
+  distribution. Drafted and accepted token counts are in `stats()`.
 - `close()` saves the cached blocks to the disk tier (if any) and waits for its writes.
 """
 from __future__ import annotations
@@ -39,6 +42,7 @@ from .runner import ModelRunner, kv_bytes_per_block
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .speculative import build_proposer
 from .tiers import tier_snapshot
 from .tokenizer import load_tokenizer
 
@@ -87,7 +91,8 @@ class Engine:
         # The longest a sequence may grow: the context window, or the whole pool if smaller,
         # so that a sequence running alone can always finish.
         self.max_seq_len = min(self.max_model_len, num_blocks * cfg.block_size)
-        self.scheduler = Scheduler(cfg.scheduler_config(), self.blocks)
+        self.proposer = build_proposer(cfg.speculative, cfg.speculative_tokens)
+        self.scheduler = Scheduler(cfg.scheduler_config(), self.blocks, self.proposer, self.max_seq_len)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.kv_dtype,
                                   Sampler(self.device, cfg.seed), self.eos_token_ids)
         self.tiers = build_tiers(cfg, self.runner, self.blocks) if cfg.enable_prefix_caching else None
@@ -180,9 +185,11 @@ class Engine:
         self.scheduler.update_after_step(sched)
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, token, lp in sampled:
-            if self.post.append(seq, token, lp, now):
-                self.scheduler.finish(seq)
+        for seq, tokens, lps in sampled:
+            for token, lp in zip(tokens, lps):  # several after accepted drafts; none past a stop
+                if self.post.append(seq, token, lp, now):
+                    self.scheduler.finish(seq)
+                    break
             touched[seq.request_id] = self.requests[seq.request_id]
         deltas = [self._delta(req) for req in touched.values()]
         for d in deltas:
@@ -231,6 +238,9 @@ class Engine:
             "prefix_hit_tokens": self.blocks.prefix_hit_tokens,
             "prefix_query_tokens": self.blocks.prefix_query_tokens,
             "pending_tokens": self.pending_tokens(),
+            "spec_draft_tokens": self.proposer.drafted_tokens if self.proposer else 0,
+            "spec_accepted_tokens": self.proposer.accepted_tokens if self.proposer else 0,
+            "spec_verify_steps": self.proposer.verify_steps if self.proposer else 0,
             **{f"prefix_hit_tokens_{t}": n for t, n in self.blocks.tier_hit_tokens.items()},
             **tier_snapshot(self.tiers),
         }

@@ -173,7 +173,10 @@ class BlockManager:
         """Register the full blocks whose KV is now computed, so later requests can reuse them."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        # Capped at the tokens the sequence holds: after a verification step its computed
+        # count runs ahead of token_ids until the accepted drafts are appended, and a hash
+        # must never cover a token that is not in token_ids (an unverified draft).
+        full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         self._extend_hashes(seq, full * self.block_size)
         for i in range(full):
             block = seq.block_table[i]
@@ -183,6 +186,17 @@ class BlockManager:
             if h not in self.cached:
                 self.cached[h] = block
                 self.block_hash[block] = h
+
+    def shrink(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the table's blocks past those covering `num_tokens` (blocks taken for
+        draft tokens that were rejected). They hold no hashed content: front of the free queue."""
+        keep = cdiv(num_tokens, self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] == 0 and self.block_hash[block] is None, f"block {block} is shared"
+            self.free_queue[block] = None
+            self.free_queue.move_to_end(block, last=False)
 
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references; blocks reaching zero join the free queue (tail blocks first)."""

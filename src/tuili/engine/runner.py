@@ -4,7 +4,9 @@ The runner owns the KV cache tensors (per layer, K and V of shape
 `[num_blocks, block_size, num_kv_heads, head_dim]`, and for an int8 cache also a float32
 scale per token and head, `[num_blocks, block_size, num_kv_heads]`, for each) and is the only part of the engine
 that touches tensors (the sampler is its own). In the flat batch, single-token queries
-(decodes) come first and share one batched attention call; prefill chunks follow.
+(decodes) come first and share one batched attention call; prefill chunks follow. A
+sequence verifying k draft tokens (speculative.py) takes k+1 decode rows, one per
+position, each with the context length of its own position.
 
 `read_blocks` / `write_blocks` move whole blocks between the pool and flat CPU byte
 buffers for the KV tiers. They walk every tensor of every layer's tuple (K and V today;
@@ -22,6 +24,7 @@ from .kv_cache import cdiv
 from .sampler import SampleRequest, Sampler
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
+from .speculative import num_accepted
 
 
 class CausalLM(Protocol):
@@ -108,26 +111,57 @@ class ModelRunner:
             offset += n
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq]) -> list[tuple[Sequence, int, Any]]:
-        """Runs one step and samples: (sequence, token id, logprobs or None) for each
-        sequence that samples this step (a prefill chunk short of the prompt's end does not)."""
+    def run(self, scheduled: list[ScheduledSeq]) -> list[tuple[Sequence, list[int], list[Any]]]:
+        """Runs one step and samples: (sequence, token ids, logprobs or None each) for each
+        sequence that samples this step (a prefill chunk short of the prompt's end does not).
+        A sequence without drafts gets one token; one with drafts gets the accepted drafts and
+        the token drawn after them (speculative.py), and its `num_accepted` is set."""
         logits, sampling = self._logits(scheduled)
         if not sampling:
             return []
-        rows = [SampleRequest(s.seq.params, s.seq.prompt_token_ids, s.seq.output_token_ids,
-                              s.seq.generator, self.eos_token_ids) for s in sampling]
+        rows: list[SampleRequest] = []
+        rewind: dict[int, torch.Tensor] = {}
+        for s in sampling:
+            seq = s.seq
+            if not s.draft_token_ids:
+                rows.append(self._sample_request(seq, seq.output_token_ids))
+                continue
+            if seq.generator is not None:
+                rewind[seq.seq_id] = seq.generator.get_state()
+            out = seq.output_token_ids
+            rows += [self._sample_request(seq, out + s.draft_token_ids[:j]) for j in range(len(s.draft_token_ids) + 1)]
         result = self.sampler(logits, rows)
-        return [(s.seq, t, lp) for s, t, lp in zip(sampling, result.token_ids, result.logprobs)]
+        sampled, i = [], 0
+        for s in sampling:
+            k = len(s.draft_token_ids)
+            tokens = result.token_ids[i: i + k + 1]
+            n = 1
+            if k:
+                s.num_accepted = num_accepted(s.draft_token_ids, tokens)
+                n = s.num_accepted + 1
+                state = rewind.get(s.seq.seq_id)
+                if state is not None:  # one uniform per emitted token, as without drafts
+                    s.seq.generator.set_state(state)
+                    for _ in range(n):
+                        torch.empty(1, dtype=logits.dtype, device=logits.device).uniform_(generator=s.seq.generator)
+            sampled.append((s.seq, tokens[:n], result.logprobs[i: i + n]))
+            i += k + 1
+        return sampled
+
+    def _sample_request(self, seq: Sequence, output_token_ids: list[int]) -> SampleRequest:
+        return SampleRequest(seq.params, seq.prompt_token_ids, output_token_ids, seq.generator, self.eos_token_ids)
 
     def _logits(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        # Decode rows first: single tokens, and a verification's last token plus drafts, one
+        # row per position (row j's context ends at its own position: causal by length).
+        decodes = [s for s in scheduled if s.num_new_tokens == 1 or s.draft_token_ids]
+        prefills = [s for s in scheduled if s.num_new_tokens > 1 and not s.draft_token_ids]
         ordered = decodes + prefills
         input_ids, positions, slots = self._flat_inputs(ordered)
         meta = AttentionMetadata(slot_mapping=self._tensor(slots))
         if decodes:
             self._decode_meta(decodes, meta)
-        start = len(decodes)
+        start = sum(s.num_new_tokens for s in decodes)
         for s in prefills:
             ctx = s.seq.num_computed_tokens + s.num_new_tokens
             table = self._tensor(s.seq.block_table[: cdiv(ctx, self.block_size)])
@@ -136,10 +170,13 @@ class ModelRunner:
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
         sampling, rows, offset = [], [], 0
         for s in ordered:
-            offset += s.num_new_tokens
-            if s.samples:
+            if s.draft_token_ids:
                 sampling.append(s)
-                rows.append(offset - 1)
+                rows.extend(range(offset, offset + s.num_new_tokens))
+            elif s.samples:
+                sampling.append(s)
+                rows.append(offset + s.num_new_tokens - 1)
+            offset += s.num_new_tokens
         if not rows:
             return torch.empty(0, self.model.cfg.vocab_size, device=self.device), []
         return self.model.compute_logits(hidden[self._tensor(rows)]), sampling
@@ -164,17 +201,21 @@ class ModelRunner:
         for s in ordered:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(seq.token_ids[start:end] if not s.draft_token_ids else
+                             seq.token_ids[start:] + s.draft_token_ids)
             positions.extend(range(start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
         return input_ids, positions, slots
 
     def _decode_meta(self, decodes: list[ScheduledSeq], meta: AttentionMetadata) -> None:
-        lens = [s.seq.num_computed_tokens + 1 for s in decodes]
+        lens = [s.seq.num_computed_tokens + 1 + j for s in decodes for j in range(s.num_new_tokens)]
         width = cdiv(max(lens), self.block_size)
-        tables = [s.seq.block_table[:width] + [0] * (width - len(s.seq.block_table[:width])) for s in decodes]
-        meta.num_decodes = len(decodes)
+        tables = []
+        for s in decodes:
+            table = s.seq.block_table[:width] + [0] * (width - len(s.seq.block_table[:width]))
+            tables += [table] * s.num_new_tokens
+        meta.num_decodes = len(lens)
         meta.decode_block_tables = self._tensor(tables)
         meta.decode_context_lens = self._tensor(lens)
         meta.decode_max_context = max(lens)

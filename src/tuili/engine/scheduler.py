@@ -11,6 +11,12 @@ When a running sequence needs a block and the pool is empty, the most recently a
 running sequence is preempted: its blocks are freed, and it goes back to the front of the
 waiting queue to be recomputed (prompt and generated tokens alike) when room returns.
 No new sequence is admitted in a step that preempted.
+
+With a draft proposer (speculative.py), a decoding sequence may take 1 + k tokens: its
+last token and k draft tokens, limited by the budget, by what `max_tokens` and the longest
+sequence still allow, and by the free blocks (drafts never preempt anyone: without room
+they are dropped). After the step it advances by 1 + the drafts accepted, and the blocks
+that only rejected drafts needed go back to the pool.
 """
 from __future__ import annotations
 
@@ -19,18 +25,22 @@ from dataclasses import dataclass, field
 
 from ..config import SchedulerConfig
 from .kv_cache import BlockManager
+from .speculative import NgramProposer
 from .sequence import Sequence, SeqStatus
 
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # drafts included
+    draft_token_ids: list[int] = field(default_factory=list)  # unverified tokens after the last one
+    num_accepted: int = 0  # drafts the verification accepted (set by the engine)
 
     @property
     def samples(self) -> bool:
         """True when this step computes the sequence's last known token, so a new one is drawn."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        known = self.num_new_tokens - len(self.draft_token_ids)
+        return self.seq.num_computed_tokens + known == self.seq.num_tokens
 
 
 @dataclass
@@ -48,9 +58,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, proposer: NgramProposer | None = None,
+                 max_seq_len: int | None = None):
         self.config = config
         self.blocks = blocks
+        self.proposer = proposer
+        self.max_seq_len = max_seq_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -70,6 +83,8 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free(seq)
         seq.status = SeqStatus.FINISHED
+        if self.proposer is not None:
+            self.proposer.forget(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -90,6 +105,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = self._chunk(seq, seq.num_computed_tokens, budget)
+            drafts = self._drafts(seq, n, budget)
+            if drafts and self.blocks.blocks_needed(seq, seq.num_tokens + len(drafts)) > self.blocks.num_free_blocks:
+                drafts = []  # no room for drafts: decode one token, preempt no one for them
+            n += len(drafts)
             target = seq.num_computed_tokens + n
             while self.blocks.blocks_needed(seq, target) > self.blocks.num_free_blocks:
                 victim = self.running[-1]
@@ -98,12 +117,24 @@ class Scheduler:
                     break
             else:
                 self.blocks.grow(seq, target)
-                out.scheduled.append(ScheduledSeq(seq, n))
+                out.scheduled.append(ScheduledSeq(seq, n, drafts))
                 budget -= n
                 i += 1
                 continue
             break  # `seq` itself was preempted: everything after it already was
         return budget
+
+    def _drafts(self, seq: Sequence, n: int, budget: int) -> list[int]:
+        """Draft tokens for a decoding sequence (one token to compute), within the budget and the
+        tokens the sequence may still produce (a step emits up to drafts + 1)."""
+        if self.proposer is None or n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
+            return []
+        limit = budget - 1
+        if seq.params.max_tokens is not None:
+            limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
+        if self.max_seq_len is not None:
+            limit = min(limit, self.max_seq_len - seq.num_tokens - 1)
+        return self.proposer.propose(seq, limit) if limit > 0 else []
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -133,7 +164,16 @@ class Scheduler:
         out.scheduled = [s for s in out.scheduled if s.seq is not seq]
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance computed-token counts and publish newly full blocks to the prefix cache."""
+        """Advance computed-token counts and publish newly full blocks to the prefix cache. A
+        sequence that verified drafts advances by its last token and the accepted drafts, and
+        gives back the blocks only its rejected drafts needed (their slots hold stale K/V,
+        overwritten when real tokens reach those positions)."""
         for s in out.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
+            if s.draft_token_ids:
+                s.seq.num_computed_tokens += 1 + s.num_accepted
+                self.blocks.shrink(s.seq, s.seq.num_computed_tokens + 1)
+                if self.proposer is not None:
+                    self.proposer.observe(s.seq, len(s.draft_token_ids), s.num_accepted)
+            else:
+                s.seq.num_computed_tokens += s.num_new_tokens
             self.blocks.commit(s.seq)
