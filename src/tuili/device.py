@@ -109,18 +109,19 @@ def amx_allowed() -> bool:
 
 
 def weight_packing(device: torch.device, gemm_built: bool, amx_tiles: bool) -> tuple[bool, bool]:
-    """(pack, keep_dense_bf16): whether weights are repacked for the CPU products of
-    `model/csrc/gemm.cpp`, and whether bf16 weights keep their plain form beside the packed one.
+    """(pack, dense_candidate): whether weights are repacked for the CPU products of
+    `model/csrc/gemm.cpp`, and whether bf16 weights may keep their plain form beside the
+    packed one for torch's matmul on large row counts.
 
     `gemm_built`: the kernels are loaded and have the products (AVX2); `amx_tiles`: the
-    products may run on AMX tiles here. Measured against torch's ops (docs/BENCHMARKS.md,
-    "CPU matrix products"): packing is faster at every row count for int8 and int4, and for
-    bf16 on a CPU without native bf16 or with AMX tiles. On a CPU with AVX512-BF16 but no
-    AMX, the packed bf16 product is faster up to about 12 rows only, so there bf16 weights
-    are held in both forms: packed for decode, plain for torch's matmul on prefill (a
-    second copy of the bf16 weights). TUILI_PACKED=1 packs without the plain copy; 0 never packs.
+    products may run on AMX tiles here. Packing is faster at every row count for int8 and
+    int4, and for bf16 on a CPU without native bf16 (docs/BENCHMARKS.md, "CPU matrix
+    products"). On a CPU with native bf16 (AVX512-BF16, with or without AMX) torch's matmul
+    may win on large batches; whether it does, and from how many rows, is measured on the
+    machine when a model is prepared (`tuili.model.paths`), and the plain copy is kept only
+    if it pays. TUILI_PACKED=1 packs without the plain copy; 0 never packs.
     """
     switch = packing_switch()
     if device.type != "cpu" or switch == "0" or not gemm_built:
         return False, False
-    return True, switch == "auto" and cpu_has_fast_bf16() and not amx_tiles
+    return True, switch == "auto" and cpu_has_fast_bf16()

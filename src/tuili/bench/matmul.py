@@ -23,6 +23,7 @@ import torch
 from ..model.kernels import cpu_kernels
 from ..model.layers import linear
 from ..model.quant import pack_weight, quantize_int4, quantize_int4_packed, quantize_int8
+from ..model.paths import bf16_paths
 from .machine import median_time
 from .results import append_jsonl
 
@@ -52,6 +53,8 @@ def run_from_args(args) -> int:
                "int4": (lambda w: quantize_int4(w, 32), lambda w: quantize_int4_packed(w, 32))}
     print(f"tuili bench matmul: {shapes['layers']} layers + head, {torch.get_num_threads()} threads, "
           f"medians of {args.repeats}")
+    choice = bf16_paths(layer_shapes(shapes))
+    print(f"  the engine's choice here: {choice.describe()}")
     for fmt in formats:
         to_torch, to_kernel = convert[fmt]
         print(f"  preparing {fmt} weights...", flush=True)
@@ -67,9 +70,10 @@ def run_from_args(args) -> int:
             t_kernel = median_time(run(kernel_w), args.repeats) * 1000
             record = {"bench": "matmul", "format": fmt, "rows": rows, "torch_ms": round(t_torch, 2),
                       "kernel_ms": round(t_kernel, 2), "ratio": round(t_torch / t_kernel, 2),
+                      "engine_path": choice.path_for(rows) if fmt == "bf16" else "packed",
                       "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             print(f"  {fmt:5s} rows {rows:4d}: torch {t_torch:8.1f} ms  kernel {t_kernel:8.1f} ms  "
-                  f"x{t_torch / t_kernel:.2f}", flush=True)
+                  f"x{t_torch / t_kernel:.2f}  engine takes: {record['engine_path']}", flush=True)
             append_jsonl(args.output, record)
     return 0

@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from .kernels import cpu_kernels
 from .layers import (AttentionLayer, AttentionMetadata, RMSNorm, Rotary, cache_scales, linear, paged_attention,
                      weight_taker)
-from .quant import PACKED_MAX_ROWS, PackedInt4Weight, PackedWeight, model_weight_bytes, prepare_linears
+from .quant import PackedInt4Weight, PackedWeight, model_weight_bytes, prepare_linears
 
 
 class DecoderLayer(AttentionLayer):
@@ -126,7 +126,7 @@ class LlamaModel(torch.nn.Module):
                     b = _EMPTY if bias is None else bias
                     if isinstance(w, PackedWeight):
                         linears.append([w.packed, w.scales, b, w.dense])
-                        sizes.append([w.out_features, 0, PACKED_MAX_ROWS])
+                        sizes.append([w.out_features, 0, w.max_rows])
                     elif isinstance(w, PackedInt4Weight):
                         linears.append([w.codes, w.scales, w.mins, b])
                         sizes.append([w.out_features, w.group_size])

@@ -10,6 +10,7 @@ decided in `tuili.device.weight_packing`.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import cpu_kernels
+from .paths import PACKED_MAX_ROWS, bf16_paths
 from .quant_ops import Int8Weight, FeatureShape, int4_codes
 
+log = logging.getLogger("tuili.kernels")
 _NONE = torch.empty(0)
-# Rows up to which a bf16 weight held in both forms takes the packed product on a CPU with
-# native bf16: measured crossover with torch's matmul about 12 rows (docs/BENCHMARKS.md).
-PACKED_MAX_ROWS = 8
 
 
 @dataclass
@@ -35,16 +35,17 @@ class PackedWeight(FeatureShape):
     scales: torch.Tensor  # [N] float32 for int8 (w = q * scale), empty for bfloat16
     out_features: int
     in_features: int
-    # bf16 on a CPU with native bf16: the plain weight too, for torch's matmul above
-    # PACKED_MAX_ROWS rows, where it is faster (prefill); empty otherwise
+    # bf16 on a CPU with native bf16 where torch's matmul was measured faster above some row
+    # count (model/paths.py): the plain weight too, taken above `max_rows` rows; empty otherwise
     dense: torch.Tensor = _NONE
+    max_rows: int = PACKED_MAX_ROWS
 
     def nbytes(self) -> int:
         return (self.packed.numel() * self.packed.element_size() + self.scales.numel() * 4
                 + self.dense.numel() * self.dense.element_size())
 
     def matmul(self, x: torch.Tensor, slow_bf16: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.dense.numel() and x.shape[0] > PACKED_MAX_ROWS:
+        if self.dense.numel() and x.shape[0] > self.max_rows:
             return F.linear(x, self.dense, bias)
         return cpu_kernels().packed_linear(x, self.packed, self.out_features,
                                            self.scales, _NONE if bias is None else bias, False)
@@ -105,12 +106,24 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 
-def pack_weight(w: Any, keep_dense: bool = False) -> Any:
-    """bf16 tensors and int8 weights become PackedWeight (a bf16 one keeping the plain tensor
-    too when keep_dense); anything else is returned as is."""
+def bf16_dense_rows(shapes: list[tuple[int, int]]) -> int | None:
+    """For a model whose layers have these bf16 weight shapes: the row count above which
+    torch's matmul beats the packed product here (measured once per machine, model/paths.py),
+    or None when the packed product wins at every row count (no plain copy is kept)."""
+    choice = bf16_paths(shapes)
+    log.info("kernel paths: %s", choice.describe())
+    return choice.packed_max_rows if choice.keeps_dense else None
+
+
+def pack_weight(w: Any, keep_dense: bool | int | None = False) -> Any:
+    """bf16 tensors and int8 weights become PackedWeight; anything else is returned as is.
+    A bf16 one keeps the plain tensor too when `keep_dense` is truthy: True for products of
+    more than PACKED_MAX_ROWS rows, a number for more than that many rows."""
     if isinstance(w, torch.Tensor) and w.dtype is torch.bfloat16 and w.dim() == 2:
+        keep = keep_dense is not None and keep_dense is not False
+        max_rows = PACKED_MAX_ROWS if keep_dense is True or not keep else int(keep_dense)
         return PackedWeight(cpu_kernels().pack_weight(w), _NONE, w.shape[0], w.shape[1],
-                            w.contiguous() if keep_dense else _NONE)
+                            w.contiguous() if keep else _NONE, max_rows)
     if isinstance(w, Int8Weight):
         return PackedWeight(cpu_kernels().pack_weight(w.q), w.scales_f32.contiguous(), w.q.shape[0], w.q.shape[1])
     return w

@@ -12,7 +12,7 @@ import torch
 from ..config import INT4_GROUP_SIZES, QUANT_MODES, parse_quantization  # noqa: F401 - re-exported
 from ..device import weight_packing
 from .kernels import cpu_kernels
-from .packed import (PACKED_MAX_ROWS, PackedInt4Weight, PackedWeight, int8_activations,  # noqa: F401
+from .packed import (PACKED_MAX_ROWS, bf16_dense_rows, PackedInt4Weight, PackedWeight, int8_activations,  # noqa: F401
                      pack_weight, quantize_int4_packed)
 from .quant_ops import (DEQUANT_MIN_ROWS, INT8_CLIP_RATIOS, Int4Weight, Int8Weight,  # noqa: F401
                         dequantize_int4_codes, int4_codes, quantize_int4, quantize_int8)
@@ -65,6 +65,8 @@ def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> No
     if mode != "none":
         quantize_model(model, mode, group)
     if packing:
+        if dense and mode == "none":  # the measured crossover decides whether a plain copy pays
+            dense = bf16_dense_rows([tuple(getattr(model.layers[0], n).shape) for n in LINEARS])
         _convert_linears(model, lambda w: pack_weight(w, dense), None)
 
 

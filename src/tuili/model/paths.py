@@ -1,0 +1,204 @@
+"""Which matrix product a bf16 linear takes at each row count, measured on the machine at hand.
+
+A bf16 weight packed for the CPU kernel (`PackedWeight`) can also keep its plain form, so
+that batches above some row count go through torch's matmul (oneDNN) instead. Where the
+crossover lies depends on the CPU, not on the code: on an AMX Xeon torch's matmul runs on
+AMX tiles and wins above about 12 rows; on AVX512-BF16 CPUs without AMX the packed product
+was measured ahead at every row count up to 256 (docs/BENCHMARKS.md, "Kernel paths"). So
+the crossover is not a constant: the first time a model is prepared on a machine, both
+products are timed on one decoder layer's weight shapes at the row counts a step can have,
+and the result is kept beside the compiled kernels (`$TUILI_CACHE/kernels/<build key>/`),
+so it is redone when the CPU, torch or the kernels change, and for another thread count.
+
+`TUILI_PACKED_MAX_ROWS=N` fixes the crossover instead (0: torch's matmul above 0 rows, i.e.
+always once a plain copy is kept; a large N: the packed product always).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("tuili.kernels")
+
+# Row counts timed: decode batches (1-64) and prefill chunks (up to the default step budget).
+ROW_GRID = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# Rows up to which a bf16 weight held in both forms takes the packed product when nothing
+# could be measured (the crossover measured on an AVX512-BF16 Xeon before measurement
+# was per machine).
+PACKED_MAX_ROWS = 8
+NEVER = 1 << 30  # packed_max_rows when the packed product won at every row count timed
+_VERSION = 3
+_choices: dict[str, "PathChoice"] = {}
+
+
+@dataclass
+class PathChoice:
+    """The measured crossover: bf16 products of up to `packed_max_rows` rows take the packed
+    kernel, larger ones torch's matmul (NEVER: the packed kernel always, and no plain copy of
+    the weights is kept). `timings` holds (rows, packed ms, torch ms) as measured."""
+
+    packed_max_rows: int
+    source: str  # "measured", "cached", "env" or "default"
+    timings: list[tuple[int, float, float]]
+
+    @property
+    def keeps_dense(self) -> bool:
+        return self.packed_max_rows < NEVER
+
+    def path_for(self, rows: int) -> str:
+        return "packed" if rows <= self.packed_max_rows else "torch"
+
+    def describe(self) -> str:
+        if not self.keeps_dense:
+            return f"bf16 products: packed kernel at every row count ({self.source})"
+        return (f"bf16 products: packed kernel up to {self.packed_max_rows} rows, torch's matmul above "
+                f"({self.source})")
+
+
+TIE = 1.03  # the packed product loses a row count only when it is more than 3% slower
+
+
+def crossover(timings: list[tuple[int, float, float]]) -> int:
+    """The largest row count up to which the packed product was never slower than torch's
+    by more than TIE (NEVER when it held at every row count timed). A single loss ends the
+    packed range: rows beyond the first loss go to torch even if the packed product wins
+    again higher up."""
+    best = 0
+    for rows, packed_ms, torch_ms in sorted(timings):
+        if packed_ms > torch_ms * TIE:
+            return best
+        best = rows
+    return NEVER
+
+
+def _paired_ms(fa, fb, repeats: int) -> tuple[float, float, float]:
+    """Times fa and fb alternately, at least `repeats` times each (more, up to 25, for calls
+    under 10 ms): (median ms of fa, median ms of fb, median of the per-pair ratios fa / fb).
+    Pairs taken back to back see the same load, so the ratio holds up on a busy machine
+    better than two separate medians do."""
+    t0 = time.perf_counter()
+    fa()
+    fb()  # warm-up
+    first = (time.perf_counter() - t0) / 2
+    repeats = max(repeats, min(25, int(0.01 / max(first, 1e-6))))
+    ta, tb = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fa()
+        t1 = time.perf_counter()
+        fb()
+        ta.append(t1 - t0)
+        tb.append(time.perf_counter() - t1)
+    ratios = sorted(a / b for a, b in zip(ta, tb))
+    return (sorted(ta)[len(ta) // 2] * 1000, sorted(tb)[len(tb) // 2] * 1000, ratios[len(ratios) // 2])
+
+
+def measure(shapes: list[tuple[int, int]], max_rows: int = ROW_GRID[-1], repeats: int = 5,
+            budget_s: float = 4.0) -> list[tuple[int, float, float]]:
+    """Times packed and torch bf16 products over `shapes` ([(out, in)], one layer's linears)
+    at each row count of ROW_GRID up to `max_rows`: (rows, packed ms, torch ms), where torch's
+    time is the packed time over the median ratio of paired timings. Stops early once the
+    time budget is spent (large models): the rows not timed then follow the last winner."""
+    from .kernels import cpu_kernels
+
+    ext = cpu_kernels()
+    gen = torch.Generator().manual_seed(0)
+    dense = [(torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16) for n, k in shapes]
+    packed = [ext.pack_weight(w) for w in dense]
+    empty = torch.empty(0)
+    timings, start = [], time.perf_counter()
+    for rows in ROW_GRID:
+        if rows > max_rows:
+            break
+        xs = {k: (torch.randn(rows, k, generator=gen)).to(torch.bfloat16) for _, k in shapes}
+        t_packed, _, ratio = _paired_ms(
+            lambda: [ext.packed_linear(xs[w.shape[1]], p, w.shape[0], empty, empty, False)
+                     for w, p in zip(dense, packed)],
+            lambda: [F.linear(xs[w.shape[1]], w) for w in dense], repeats)
+        timings.append((rows, round(t_packed, 3), round(t_packed / ratio, 3)))
+        if time.perf_counter() - start > budget_s:
+            break
+    return timings
+
+
+def plausible(timings: list[tuple[int, float, float]]) -> bool:
+    """Whether timings measured the products rather than the machine's load: on a quiet
+    machine the largest row count timed (at least 64) takes several times as long as one row
+    on both paths; when other processes hold the cores, every call takes about one
+    scheduler time slice whatever its size."""
+    if len(timings) < 2 or timings[-1][0] < 64:
+        return False
+    (_, p1, t1), (_, pn, tn) = timings[0], timings[-1]
+    return pn >= 4 * p1 and tn >= 4 * t1
+
+
+def _fallback(ext) -> int:
+    """The rule that held before the crossover was measured: the packed product at every
+    row count on AMX tiles, up to PACKED_MAX_ROWS rows otherwise."""
+    return NEVER if ext.gemm_amx_available() else PACKED_MAX_ROWS
+
+
+def _cache_file():
+    from ..config import cache_dir
+    from .kernels import _build_key
+
+    return cache_dir() / "kernels" / _build_key() / "paths.json"
+
+
+def bf16_paths(shapes: list[tuple[int, int]] | None = None) -> PathChoice:
+    """The crossover for these weight shapes on this machine and thread count: from
+    TUILI_PACKED_MAX_ROWS, else from the cache, else measured now (about a second for a
+    small model) and cached. Without shapes (or without the kernels), the rule that held
+    before measurement existed: packed up to 8 rows."""
+    env = os.environ.get("TUILI_PACKED_MAX_ROWS")
+    if env is not None:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"TUILI_PACKED_MAX_ROWS: expected a number of rows, got {env!r}") from None
+        if value < 0:
+            raise ValueError(f"TUILI_PACKED_MAX_ROWS: expected a number of rows >= 0, got {env!r}")
+        return PathChoice(min(value, NEVER), "env", [])
+    from .kernels import cpu_kernels
+
+    ext = cpu_kernels()
+    if not shapes or ext is None or not ext.gemm_available():
+        return PathChoice(PACKED_MAX_ROWS, "default", [])
+    key = f"v{_VERSION}:threads={torch.get_num_threads()}:" + ",".join(f"{n}x{k}" for n, k in sorted(set(shapes)))
+    if key in _choices:
+        return _choices[key]
+    path = _cache_file()
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    if key in stored:
+        choice = PathChoice(stored[key]["packed_max_rows"], "cached",
+                            [tuple(t) for t in stored[key]["timings"]])
+    else:
+        log.info("timing the packed and torch bf16 products at %s rows (once per machine)...",
+                 ",".join(map(str, ROW_GRID)))
+        timings = measure(sorted(set(shapes)))
+        if not plausible(timings):
+            choice = PathChoice(_fallback(ext), "default: the machine was too busy to measure", timings)
+            log.warning("kernel paths: timings did not grow with the row count (%s); the machine is "
+                        "too busy to measure, so the fixed rule holds until the next start", timings[:4])
+            _choices[key] = choice
+            return choice
+        choice = PathChoice(crossover(timings), "measured", timings)
+        stored[key] = {k: v for k, v in asdict(choice).items() if k != "source"}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(stored, indent=1))
+            tmp.replace(path)
+        except OSError as e:
+            log.warning("could not cache the kernel path choice in %s: %s", path, e)
+    _choices[key] = choice
+    return choice

@@ -1,0 +1,81 @@
+"""The bf16 product path chosen per row count by measurement (model/paths.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tuili.model import paths
+from tuili.model.kernels import cpu_kernels
+from tuili.model.packed import pack_weight
+
+needs_gemm = pytest.mark.skipif(cpu_kernels() is None or not cpu_kernels().gemm_available(),
+                                reason="the CPU kernels' products are not available here")
+
+
+def test_crossover_is_the_last_row_count_before_the_first_loss():
+    assert paths.crossover([(1, 1.0, 2.0), (8, 2.0, 3.0), (16, 5.0, 4.0), (32, 1.0, 9.0)]) == 8
+    assert paths.crossover([(1, 3.0, 2.0), (8, 1.0, 3.0)]) == 0
+    assert paths.crossover([(1, 1.02, 1.0), (8, 1.1, 1.0)]) == 1  # within 3%: a tie, kept packed
+    assert paths.crossover([(1, 1.0, 2.0), (2048, 1.0, 1.0)]) == paths.NEVER
+
+
+def test_env_fixes_the_crossover(monkeypatch):
+    monkeypatch.setenv("TUILI_PACKED_MAX_ROWS", "24")
+    choice = paths.bf16_paths([(64, 32)])
+    assert (choice.packed_max_rows, choice.source) == (24, "env")
+    assert choice.path_for(24) == "packed" and choice.path_for(25) == "torch"
+    monkeypatch.setenv("TUILI_PACKED_MAX_ROWS", "lots")
+    with pytest.raises(ValueError, match="TUILI_PACKED_MAX_ROWS"):
+        paths.bf16_paths([(64, 32)])
+
+
+@needs_gemm
+def test_measured_once_then_cached(monkeypatch, tmp_path):
+    monkeypatch.delenv("TUILI_PACKED_MAX_ROWS", raising=False)
+    monkeypatch.setattr(paths, "_cache_file", lambda: tmp_path / "paths.json")
+    monkeypatch.setattr(paths, "_choices", {})
+    monkeypatch.setattr(paths, "ROW_GRID", (1, 4, 16))
+    monkeypatch.setattr(paths, "plausible", lambda timings: True)  # judged in the test below
+    first = paths.bf16_paths([(48, 32), (32, 64)])
+    assert first.source == "measured"
+    assert [t[0] for t in first.timings] == [1, 4, 16]
+    assert first.packed_max_rows == paths.crossover(first.timings)
+    stored = json.loads((tmp_path / "paths.json").read_text())
+    assert len(stored) == 1 and next(iter(stored.values()))["packed_max_rows"] == first.packed_max_rows
+    monkeypatch.setattr(paths, "_choices", {})  # a new process: read from the file, not timed again
+    monkeypatch.setattr(paths, "measure", lambda *a, **k: pytest.fail("timed again despite the cache"))
+    again = paths.bf16_paths([(32, 64), (48, 32)])
+    assert again.source == "cached" and again.packed_max_rows == first.packed_max_rows
+
+
+@needs_gemm
+def test_packed_weight_takes_torch_above_its_max_rows():
+    torch.manual_seed(0)
+    w = torch.randn(40, 64).bfloat16()
+    pw = pack_weight(w, 4)
+    assert pw.max_rows == 4 and pw.dense.numel() == w.numel()
+    small, large = torch.randn(4, 64).bfloat16(), torch.randn(5, 64).bfloat16()
+    packed_only = pack_weight(w, None)
+    assert packed_only.dense.numel() == 0
+    assert torch.equal(pw.matmul(small), packed_only.matmul(small))  # packed kernel
+    assert torch.equal(pw.matmul(large), F.linear(large, w))  # torch's matmul on the plain copy
+    torch.testing.assert_close(packed_only.matmul(large).float(), F.linear(large, w).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_timings_that_do_not_grow_with_rows_are_not_trusted(monkeypatch, tmp_path):
+    busy = [(1, 80.0, 79.0), (16, 81.0, 80.0), (64, 79.0, 82.0)]
+    quiet = [(1, 0.26, 0.47), (64, 3.0, 3.4), (512, 24.7, 22.5)]
+    assert not paths.plausible(busy) and paths.plausible(quiet)
+    assert not paths.plausible([(1, 0.2, 0.2), (8, 1.0, 1.0)])  # too few rows timed to judge
+    if cpu_kernels() is None or not cpu_kernels().gemm_available():
+        return
+    monkeypatch.delenv("TUILI_PACKED_MAX_ROWS", raising=False)
+    monkeypatch.setattr(paths, "_cache_file", lambda: tmp_path / "paths.json")
+    monkeypatch.setattr(paths, "_choices", {})
+    monkeypatch.setattr(paths, "measure", lambda *a, **k: busy)
+    choice = paths.bf16_paths([(64, 32)])
+    assert choice.packed_max_rows == paths._fallback(cpu_kernels()) and choice.source.startswith("default")
+    assert not (tmp_path / "paths.json").exists()  # measured again at the next start
