@@ -4,6 +4,13 @@
 asked (`quant_ops.py`, PyTorch's ops) and, where `tuili.device.weight_packing` says the CPU
 kernels' products are faster here, repacks bf16, int8 and int4 weights for them
 (`packed.py`). The weight classes and helpers of both files are re-exported here.
+
+int8 for the CPU kernels (`quantize_int8_packed`) has one scale per output column and
+block of 32 inputs, as llama.cpp's Q8_0: per column alone, a column's few large weights
+set the step of all its others. Measured on the default model (docs/BENCHMARKS.md,
+"Lossless int8"), with the activations' own blocks of 32 in both cases: per column +0.65%
+(GPL-3 text) and +2.43% (shipped corpus) perplexity over bf16, per 32 -0.11% and +0.07%.
+torch's op (`Int8Weight`, CUDA and no kernels) takes only per-column scales.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from .packed import (PACKED_MAX_ROWS, bf16_dense_rows, PackedInt4Weight, PackedW
 from .quant_ops import (DEQUANT_MIN_ROWS, INT8_CLIP_RATIOS, Int4Weight, Int8Weight,  # noqa: F401
                         dequantize_int4_codes, int4_codes, quantize_int4, quantize_int8)
 
+INT8_GROUP = 32  # inputs per int8 scale on the CPU kernels (gemm.cpp's activation block too)
 QuantWeight = Int8Weight | Int4Weight | PackedWeight | PackedInt4Weight
 PACKED_TYPES = (PackedWeight, PackedInt4Weight)
 
@@ -45,6 +53,35 @@ def quantize_model(model: torch.nn.Module, mode: str, group: int) -> None:
     _convert_linears(model, lambda w: quantize(w, mode, group), f"quantizing to {mode}")
 
 
+def int8_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output column and block of 32 inputs: codes [N, K] int8 and
+    scales [N, K32/32] float32 (K32: K rounded up to 32), w ≈ q * scale of its block."""
+    n, k = w.shape
+    k32 = -(-k // INT8_GROUP) * INT8_GROUP
+    g = torch.nn.functional.pad(w.to(torch.float32), (0, k32 - k)).view(n, -1, INT8_GROUP)
+    scale = (g.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
+    q = torch.round(g / scale[..., None]).clamp(-127, 127).to(torch.int8).view(n, k32)[:, :k].contiguous()
+    return q, scale
+
+
+def dequantize_int8_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    k32 = scale.shape[1] * INT8_GROUP
+    wg = torch.nn.functional.pad(q.to(torch.float32), (0, k32 - k)).view(n, -1, INT8_GROUP) * scale[..., None]
+    return wg.view(n, k32)[:, :k]
+
+
+def quantize_int8_packed(w: torch.Tensor) -> PackedWeight:
+    """int8 codes and per-(column, block of 32) scales in the CPU kernel's forms: codes as
+    `pack_weight` lays out int8, scales [ceil(N/16), K32/32, 16] (panel-major, as gemm.cpp's
+    int8 tiles read them; columns past N are zero)."""
+    n, k = w.shape
+    q, scale = int8_groups(w)
+    panels = -(-n // 16)
+    sp = torch.nn.functional.pad(scale, (0, 0, 0, panels * 16 - n)).view(panels, 16, -1).transpose(1, 2).contiguous()
+    return PackedWeight(cpu_kernels().pack_weight(q), sp, n, k)
+
+
 def packing_plan(device: torch.device) -> tuple[bool, bool]:
     """(pack, keep_dense_bf16) on `device`, as `tuili.device.weight_packing` decides it from
     what the CPU kernels were built with here."""
@@ -61,6 +98,9 @@ def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> No
     packing, dense = packing_plan(model.device)
     if mode == "int4" and packing:  # straight to the packed codes
         _convert_linears(model, lambda w: quantize_int4_packed(w, group), f"quantizing to {mode}")
+        return
+    if mode == "int8" and packing:  # scales per block of 32 (torch's op has per column only)
+        _convert_linears(model, quantize_int8_packed, f"quantizing to {mode}")
         return
     if mode != "none":
         quantize_model(model, mode, group)

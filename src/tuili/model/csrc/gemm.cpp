@@ -238,7 +238,7 @@ constexpr int kQ4A8Rows = 2;
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // x [M][K] float32 -> xq [M][K32] int8 and xs [M][K32/32] float32 (zero padding).
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs) {
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, int32_t* comp = nullptr) {
   const int64_t K32 = round_up(K, kQBlock), nb = K32 / kQBlock;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     alignas(32) float buf[kQBlock];
@@ -271,6 +271,11 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs) 
         const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, z16),
                                                        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K32 + k0), b8);
+        if (comp) {  // -128 x the block's code sum (tile_vnni's offset weights)
+          int32_t sum = 0;
+          for (int i = 0; i < kQBlock; ++i) sum += xq[m * K32 + k0 + i];
+          comp[m * nb + b] = -128 * sum;
+        }
       }
     }
   });
@@ -279,7 +284,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs) 
 // acc[MR][16] = sum over blocks of xs[r][b] * (xq[r, block b] . panel[block b]) in float32.
 #define TUILI_A8_ROWS(X) X(0) X(1)
 template <int MR>
-inline void tile_a8(const int8_t* xq, const float* xs, int64_t K32, const int8_t* panel, float* acc) {
+inline void tile_a8(const int8_t* xq, const float* xs, int64_t K32, const int8_t* panel, const float* ws, float* acc) {
   static_assert(MR <= kA8Rows, "TUILI_A8_ROWS names kA8Rows rows");
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t nb = K32 / kQBlock;
@@ -312,9 +317,11 @@ inline void tile_a8(const int8_t* xq, const float* xs, int64_t K32, const int8_t
 #define TUILI_FOLD(r)                                                          \
   if constexpr (MR > r) {                                                      \
     const __m256 s = _mm256_set1_ps(xs[r * nb + b]);                           \
-    f##r##0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i##r##0), s, f##r##0);        \
-    f##r##1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i##r##1), s, f##r##1);        \
+    f##r##0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i##r##0), _mm256_mul_ps(s, ws0), f##r##0); \
+    f##r##1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i##r##1), _mm256_mul_ps(s, ws1), f##r##1); \
   }
+    const __m256 ws0 = ws ? _mm256_loadu_ps(ws + b * kPanel) : _mm256_set1_ps(1.f);
+    const __m256 ws1 = ws ? _mm256_loadu_ps(ws + b * kPanel + 8) : _mm256_set1_ps(1.f);
     TUILI_A8_ROWS(TUILI_FOLD)
 #undef TUILI_FOLD
   }
@@ -328,19 +335,91 @@ inline void tile_a8(const int8_t* xq, const float* xs, int64_t K32, const int8_t
 }
 #undef TUILI_A8_ROWS
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// ---- int8 weights x int8 activations with AVX512-VNNI ------------------------------------
+// vpdpbusd multiplies 64 unsigned x signed byte pairs and adds each group of four to one of
+// 16 int32 sums: one 64-byte line of the packed weight (4 inputs x 16 columns) per
+// instruction and activation row, twice the multiply-adds of vdpbf16ps. The weight is the
+// unsigned operand, offset by 128 (w ^ 0x80 = w + 128 as a byte, one xor per line shared by
+// every row of the tile); each block's int32 sum starts at -128 x the sum of the row's
+// activation codes in that block (quantize_rows' comp), so it ends exactly at sum x w.
+// (w + 128) x <= 255 x 127 per product: no saturation. Tiles of up to 8 rows x 16 columns
+// keep 16 of the 32 vector registers as sums.
+constexpr int kVnniRows = 8;
+#define TUILI_VN_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+template <int MR>
+inline void tile_vnni(const int8_t* xq, const float* xs, const int32_t* comp, int64_t K32, const int8_t* panel,
+                      const float* ws, float* acc) {
+  static_assert(MR <= kVnniRows, "TUILI_VN_ROWS names kVnniRows rows");
+  const int64_t nb = K32 / kQBlock;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+#define TUILI_DECL(r) __m512 f##r = _mm512_setzero_ps();
+  TUILI_VN_ROWS(TUILI_DECL)
+#undef TUILI_DECL
+  for (int64_t b = 0; b < nb; ++b) {
+#define TUILI_DECL(r) __m512i i##r = MR > r ? _mm512_set1_epi32(comp[r * nb + b]) : _mm512_setzero_si512();
+    TUILI_VN_ROWS(TUILI_DECL)
+#undef TUILI_DECL
+    const int8_t* wb = panel + b * kQBlock * kPanel;
+    for (int64_t g = 0; g < kQBlock / 4; ++g) {
+      const int8_t* wp = wb + g * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(wp + kA8Ahead), _MM_HINT_T0);
+      const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(wp), flip);
+#define TUILI_STEP(r)                                                      \
+  if constexpr (MR > r) {                                                  \
+    int32_t x4;                                                            \
+    std::memcpy(&x4, xq + r * K32 + b * kQBlock + g * 4, 4);               \
+    i##r = _mm512_dpbusd_epi32(i##r, w, _mm512_set1_epi32(x4));            \
+  }
+      TUILI_VN_ROWS(TUILI_STEP)
+#undef TUILI_STEP
+    }
+    const __m512 wsv = ws ? _mm512_loadu_ps(ws + b * kPanel) : _mm512_set1_ps(1.f);
+#define TUILI_FOLD(r)                                                                               \
+  if constexpr (MR > r)                                                                             \
+    f##r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i##r), _mm512_mul_ps(_mm512_set1_ps(xs[r * nb + b]), wsv), f##r);
+    TUILI_VN_ROWS(TUILI_FOLD)
+#undef TUILI_FOLD
+  }
+#define TUILI_STORE(r) \
+  if constexpr (MR > r) _mm512_storeu_ps(acc + r * kPanel, f##r);
+  TUILI_VN_ROWS(TUILI_STORE)
+#undef TUILI_STORE
+}
+#undef TUILI_VN_ROWS
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif  // AVX512-VNNI
+
+// scales: [N] per column (applied at the write-out), or null with wscales [panels][K32/32][16]
+// per column and block of 32 inputs (applied per block, as the activations' scales are).
 template <typename Out>
 void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t N, const float* scales,
-             const float* bias, Out* out) {
+             const float* wscales, const float* bias, Out* out) {
   const int64_t K32 = round_up(K, kQBlock), nb = K32 / kQBlock;
   std::vector<int8_t> xq(M * K32);
   std::vector<float> xs(M * nb);
-  quantize_rows(x, M, K, xq.data(), xs.data());
+  std::vector<int32_t> comp(kVnni ? M * nb : 0);
+  quantize_rows(x, M, K, xq.data(), xs.data(), kVnni ? comp.data() : nullptr);
+  auto ws_of = [&](int64_t p) { return wscales ? wscales + p * nb * kPanel : nullptr; };
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
+    with_rows<kVnniRows>(rows, [&](auto mr) {
+      tile_vnni<decltype(mr)::value>(xq.data() + m * K32, xs.data() + m * nb, comp.data() + m * nb, K32,
+                                     packed + p * K32 * kPanel, ws_of(p), acc);
+    });
+  };
+  for_each_tile<kVnniRows>(M, N, K32, scales, bias, out, run);
+#else
   auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
     with_rows<kA8Rows>(rows, [&](auto mr) {
-      tile_a8<decltype(mr)::value>(xq.data() + m * K32, xs.data() + m * nb, K32, packed + p * K32 * kPanel, acc);
+      tile_a8<decltype(mr)::value>(xq.data() + m * K32, xs.data() + m * nb, K32, packed + p * K32 * kPanel, ws_of(p),
+                                   acc);
     });
   };
   for_each_tile<kA8Rows>(M, N, K32, scales, bias, out, run);
+#endif
 }
 
 
@@ -685,7 +764,12 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, to
   const int64_t k_packed = a8 ? packed.size(1) * 4 : packed.size(1);
   const int64_t k_want = a8 || paired ? (K + 31) / 32 * 32 : K;
   TORCH_CHECK(k_packed == k_want && packed.size(0) * kPanel >= N, "packed_linear: weight does not match input");
-  TORCH_CHECK(!a8 || scales.numel() == N, "packed_linear: int8 weights need [N] scales");
+  // int8: [N] scales per column, or [panels, K32/32, 16] float32 per column and block of 32 inputs
+  const bool grouped = a8 && scales.dim() == 3;
+  TORCH_CHECK(!a8 || (!grouped && scales.numel() == N) ||
+                  (grouped && scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() &&
+                   scales.size(0) == packed.size(0) && scales.size(1) * 32 == k_packed && scales.size(2) == kPanel),
+              "packed_linear: int8 weights need [N] or [panels, K32/32, 16] float32 scales");
 #ifdef __AVX512BF16__
   if (paired) {
     TORCH_CHECK(scales.numel() == 0, "packed_linear: bf16 weights take no scales");
@@ -721,16 +805,17 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, to
   auto out = torch::empty({M, N}, x.options().dtype(out_dtype));
   auto sf = scales.numel() ? scales.to(torch::kFloat32).contiguous() : scales;
   auto bf = bias.numel() ? bias.to(torch::kFloat32).contiguous() : bias;
-  const float* s = sf.numel() ? sf.data_ptr<float>() : nullptr;
+  const float* s = sf.numel() && !grouped ? sf.data_ptr<float>() : nullptr;
+  const float* ws = grouped ? sf.data_ptr<float>() : nullptr;
   const float* b = bf.numel() ? bf.data_ptr<float>() : nullptr;
   const float* xp = xf.data_ptr<float>();
   auto dispatch_out = [&](auto* wp) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
     if (out_dtype == torch::kFloat32) {
-      if constexpr (std::is_same_v<W, int8_t>) gemm_a8<float>(xp, M, K, wp, N, s, b, out.data_ptr<float>());
+      if constexpr (std::is_same_v<W, int8_t>) gemm_a8<float>(xp, M, K, wp, N, s, ws, b, out.data_ptr<float>());
       else gemm<W, float>(xp, M, K, wp, N, s, b, out.data_ptr<float>());
     } else if (out_dtype == torch::kBFloat16) {
-      if constexpr (std::is_same_v<W, int8_t>) gemm_a8<at::BFloat16>(xp, M, K, wp, N, s, b, out.data_ptr<at::BFloat16>());
+      if constexpr (std::is_same_v<W, int8_t>) gemm_a8<at::BFloat16>(xp, M, K, wp, N, s, ws, b, out.data_ptr<at::BFloat16>());
       else gemm<W, at::BFloat16>(xp, M, K, wp, N, s, b, out.data_ptr<at::BFloat16>());
     } else {
       TORCH_CHECK(false, "packed_linear: activations must be float32 or bfloat16");
