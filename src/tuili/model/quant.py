@@ -97,7 +97,8 @@ def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> No
     mode, group = quantization
     packing, dense = packing_plan(model.device)
     if mode == "int4" and packing:  # straight to the packed codes
-        _convert_linears(model, lambda w: quantize_int4_packed(w, group), f"quantizing to {mode}")
+        _convert_linears(model, lambda w: quantize_int4_packed(w, group), f"quantizing to {mode}",
+                         head=quantize_int8_packed)
         return
     if mode == "int8" and packing:  # scales per block of 32 (torch's op has per column only)
         _convert_linears(model, quantize_int8_packed, f"quantizing to {mode}")
@@ -110,14 +111,14 @@ def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> No
         _convert_linears(model, lambda w: pack_weight(w, dense), None)
 
 
-def _convert_linears(model: torch.nn.Module, convert, desc: str | None) -> None:
+def _convert_linears(model: torch.nn.Module, convert, desc: str | None, head=None) -> None:
     from tqdm import tqdm
 
     layers = tqdm(model.layers, desc=desc, unit="layer", leave=False) if desc else model.layers
     for layer in layers:
         for name in LINEARS:
             setattr(layer, name, convert(getattr(layer, name)))
-    model.lm_head = convert(model.lm_head)
+    model.lm_head = (head or convert)(model.lm_head)
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:
