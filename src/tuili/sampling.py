@@ -6,10 +6,47 @@ request models never pull in torch.
 
 - `temperature == 0` means greedy.
 - `n > 1` completions of a seeded request use seed, seed+1, ... so they differ.
+- `guided` asks for constrained decoding (a JSON schema, a regex, a choice of strings or a
+  grammar), `logit_bias` adds to chosen tokens' logits; both act in the sampler's one
+  masking path (engine/guided.py). `compiled_grammar` is filled in by the engine when it
+  compiles `guided` (before the request reaches the engine loop); it is opaque here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+GUIDED_KINDS = ("json", "json_object", "regex", "choice", "grammar", "lark")
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """A constraint on a completion's text, plain data.
+
+    kind: "json" (spec: a JSON schema object), "json_object" (any JSON object; spec None),
+    "regex" (spec: a pattern), "choice" (spec: a list of strings), "grammar" (spec: Lark
+    or GBNF text), "lark" (spec: Lark text the server built, e.g. for tool calls).
+    field: the request field it came from, so a grammar that cannot compile is a 400
+    naming that field."""
+
+    kind: str
+    spec: Any = None
+    field: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUIDED_KINDS:
+            raise ValueError(f"{self.field}: unknown constraint kind {self.kind!r}; one of {', '.join(GUIDED_KINDS)}")
+        ok = {"json": isinstance(self.spec, dict),
+              "json_object": self.spec is None,
+              "regex": isinstance(self.spec, str) and bool(self.spec),
+              "choice": isinstance(self.spec, list) and bool(self.spec) and all(isinstance(c, str) for c in self.spec),
+              "grammar": isinstance(self.spec, str) and bool(self.spec.strip()),
+              "lark": isinstance(self.spec, str) and bool(self.spec.strip())}[self.kind]
+        if not ok:
+            want = {"json": "a JSON schema object", "json_object": "nothing", "regex": "a non-empty pattern",
+                    "choice": "a non-empty list of strings", "grammar": "non-empty grammar text",
+                    "lark": "non-empty grammar text"}[self.kind]
+            raise ValueError(f"{self.field}: must be {want}, got {type(self.spec).__name__}")
 
 
 @dataclass
@@ -30,6 +67,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token (0: only the sampled one)
     skip_special_tokens: bool = True
+    guided: GuidedDecoding | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100]
+    # Set by the engine's grammar compiler (engine/guided.py); each sequence gets its own matcher from it.
+    compiled_grammar: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,6 +115,32 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
+        if self.guided is not None and not isinstance(self.guided, GuidedDecoding):
+            bad("guided", "must be a GuidedDecoding")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias", "must map token ids to numbers")
+            for t, b in self.logit_bias.items():
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    raise ValueError(f"logit_bias: keys must be token ids (integers >= 0), got {t!r}")
+                if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100.0 <= b <= 100.0:
+                    raise ValueError(f"logit_bias: the bias of token {t} must be a number in [-100, 100], got {b!r}")
+            if not self.logit_bias:
+                self.logit_bias = None
+        if self.guided is not None and self.ignore_eos:
+            bad("ignore_eos", "cannot be combined with structured output (the grammar ends the text with EOS)")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the compiled grammar (a native object); the receiving engine
+        compiles it again from `guided` (cached by schema hash)."""
+        state = dict(self.__dict__)
+        state["compiled_grammar"] = None
+        return state
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the sampler masks this request's rows (a grammar or a logit bias)."""
+        return self.guided is not None or bool(self.logit_bias)
 
     @property
     def greedy(self) -> bool:

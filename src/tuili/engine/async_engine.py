@@ -27,6 +27,10 @@ the main thread and stepped in the loop thread leaves two teams, more OpenMP thr
 cores, and libgomp then stops spinning between parallel regions. Each step of a small model
 runs about 150 of them, and batch-1 decode was about 30% slower that way
 (`docs/BENCHMARKS.md`). The server loads every model with it.
+
+Structured output: `prepare` compiles a request's constraint (guided.py's cache, keyed by
+schema hash) in the caller's thread, so a grammar the library cannot compile is an
+InvalidRequestError naming its field and never reaches the engine loop.
 """
 from __future__ import annotations
 
@@ -38,8 +42,9 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
-from ..sampling import SamplingParams
+from ..sampling import GuidedDecoding, SamplingParams
 from .engine import Engine
+from .guided import GrammarCompiler
 from .outputs import (EngineDeadError, EngineError, InvalidRequestError, QueueFullError, RequestDelta)
 from .tokenizer import chat_prompt_ids, load_tokenizer, max_token_chars
 
@@ -107,6 +112,7 @@ class AsyncEngine:
         self.max_model_len: int = engine.max_model_len
         self.tokenizer = load_tokenizer(engine.model_folder, engine.model_name) if engine.tokenizer else None
         self.max_token_chars = max_token_chars(self.tokenizer)
+        self.grammars = GrammarCompiler(self.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._adds: list[tuple[str, list[int], SamplingParams]] = []
@@ -188,6 +194,10 @@ class AsyncEngine:
             stats["pending_tokens"] += self._inbox_tokens
             stats["calls_in_flight"] = len({id(s) for s, _ in self._routes.values()})
         stats["seconds_per_token"] = self.seconds_per_token
+        g = getattr(getattr(getattr(self.engine, "runner", None), "sampler", None), "guided_stats", None)
+        if g is not None:
+            stats.update(guided_mask_steps=g.steps, guided_mask_rows=g.rows, guided_mask_seconds=g.seconds,
+                         guided_compiles=self.grammars.misses, guided_compile_cache_hits=self.grammars.hits)
         return stats
 
     # ---- requests (event-loop side) ------------------------------------------
@@ -197,12 +207,22 @@ class AsyncEngine:
         the context is refused before it is tokenized."""
         if isinstance(prompt, str):
             self._check_chars(len(prompt), "prompt")
-        return self.engine.prepare(prompt, params, self.tokenizer)
+        ids = self.engine.prepare(prompt, params, self.tokenizer)
+        if params.constrained:
+            self.grammars.prepare(params)  # compile (cached) before the engine loop sees it
+        return ids
 
-    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation through the model's chat template."""
+    def check_constraint(self, guided: GuidedDecoding) -> None:
+        """Compile a constraint (cached) only to check it: InvalidRequestError names its field."""
+        self.grammars.compile(guided)
+
+    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                 tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation through the model's chat template (with `tools`, in
+        the template's tool format or the generic one: tokenizer.py)."""
         self._check_chars(sum(len(str(m.get("content") or "")) for m in messages), "messages")
-        return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt, f"model {self.model_name!r}")
+        return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt, f"model {self.model_name!r}",
+                               tools=tools)
 
     def _check_chars(self, chars: int, field: str) -> None:
         """Refuse a text that cannot fit the context whatever its tokens (2x margin for
@@ -218,6 +238,8 @@ class AsyncEngine:
         callers can answer 429 / 503 before they start a response."""
         if not self.is_alive:
             raise EngineDeadError(f"the engine loop of model {self.model_name!r} is not running")
+        if params.constrained:
+            self.grammars.prepare(params)  # a no-op after prepare(); params that crossed a process need it
         call = next(_call_ids)
         stream = RequestStream(self, [f"{call}-{k}" for k in range(len(prompts))])
         with self._lock:

@@ -149,7 +149,8 @@ class ModelRunner:
         return sampled
 
     def _sample_request(self, seq: Sequence, output_token_ids: list[int]) -> SampleRequest:
-        return SampleRequest(seq.params, seq.prompt_token_ids, output_token_ids, seq.generator, self.eos_token_ids)
+        return SampleRequest(seq.params, seq.prompt_token_ids, output_token_ids, seq.generator, self.eos_token_ids,
+                             seq.guide)
 
     def _logits(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         # Decode rows first: single tokens, and a verification's last token plus drafts, one

@@ -1,10 +1,18 @@
 """The batched sampler: one step's logits rows -> token ids (and logprobs).
 
 Decisions:
-- Processing order: penalties -> min_tokens masking -> temperature -> min_p -> top_k/top_p -> draw.
+- Processing order: penalties -> min_tokens masking -> logit_bias -> grammar mask ->
+  temperature -> min_p -> top_k/top_p -> draw.
 - `temperature == 0` means greedy (argmax of the penalised logits).
 - Returned logprobs are those of the model's raw distribution (log_softmax of the logits
-  before penalties and temperature), as OpenAI and vLLM report them.
+  before penalties, logit_bias, the grammar mask and temperature), as OpenAI and vLLM
+  report them; for a constrained request that is the distribution the model wanted, not
+  the masked one the token was drawn from.
+- Constrained rows (a grammar: `SampleRequest.guide`, or a `logit_bias`) are masked in
+  one batched pass over those rows only; a batch without them keeps the plain path (no
+  copy of the logits). The sampler advances each guide by the token it draws. While
+  `min_tokens` is not reached EOS stays banned, except once the grammar is complete
+  (then EOS is the only token it allows, and the grammar wins).
 - A request with a `seed` owns a torch.Generator; its draws depend only on that generator
   and its own logits row, so the same seed gives the same text whatever else is batched.
   A draw inverts the row's cumulative distribution at one uniform U: the first token whose
@@ -15,12 +23,14 @@ Decisions:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Sequence as Seq
 
 import torch
 
 from ..sampling import SamplingParams
+from .guided import Guide, GuidedStats, MaskBuilder
 
 
 @dataclass
@@ -32,6 +42,7 @@ class SampleRequest:
     output_token_ids: Seq[int]
     generator: torch.Generator | None = None
     eos_token_ids: Seq[int] = field(default_factory=tuple)
+    guide: Guide | None = None  # the sequence's grammar state (engine/guided.py), None when free
 
 
 @dataclass
@@ -46,6 +57,8 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))
+        self.masks = MaskBuilder()
+        self.guided_stats = GuidedStats()
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> SampleResult:
@@ -55,6 +68,7 @@ class Sampler:
             logits = logits.clone()
             self._apply_penalties(logits, rows)
             self._mask_early_stop(logits, rows)
+            self._constrain(logits, rows)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         token_list = [0] * len(rows)
@@ -68,13 +82,65 @@ class Sampler:
             sub = [rows[i] for i in sampled]
             for i, t in zip(sampled, self._draw(self._probs(part, sub), sub).tolist()):
                 token_list[i] = t
+        self._advance_guides(rows, token_list)
         return SampleResult(token_list, self._logprobs(raw, rows, token_list))
 
     @staticmethod
     def _edits(r: SampleRequest) -> bool:
         p = r.params
         return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
-                or len(r.output_token_ids) < p.min_tokens)
+                or len(r.output_token_ids) < p.min_tokens or r.guide is not None or bool(p.logit_bias))
+
+    def _constrain(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> None:
+        """logit_bias, then the grammar masks of the guided rows, in one batched fill."""
+        vocab = logits.shape[1]
+        for i, r in enumerate(rows):
+            bias = r.params.logit_bias
+            if bias:
+                ids = torch.tensor([t for t in bias if t < vocab], dtype=torch.long, device=logits.device)
+                vals = torch.tensor([b for t, b in bias.items() if t < vocab], dtype=logits.dtype,
+                                    device=logits.device)
+                logits[i].index_add_(0, ids, vals)
+        guided = [i for i, r in enumerate(rows) if r.guide is not None]
+        if not guided:
+            return
+        start = time.perf_counter()
+        guides = [rows[i].guide for i in guided]
+        drafts = [rows[i].output_token_ids[g.num_tokens:] for i, g in zip(guided, guides)]
+        allowed = self.masks.masks(guides, vocab, drafts if any(drafts) else None).to(logits.device)
+        if len(guided) == len(rows):
+            logits.masked_fill_(~allowed, float("-inf"))
+        else:
+            idx = torch.tensor(guided, device=logits.device)
+            logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+        s = self.guided_stats
+        s.steps += 1
+        s.rows += len(guided)
+        s.last_step_seconds = time.perf_counter() - start
+        s.seconds += s.last_step_seconds
+
+    def _advance_guides(self, rows: Seq[SampleRequest], tokens: list[int]) -> None:
+        """Each guide accepts the tokens its sequence emits this step: the drawn token, or
+        with draft rows (row j follows j drafts) the verification's output: the drawn tokens
+        while each equals the next draft, then one more (speculative.num_accepted's rule)."""
+        start = time.perf_counter()
+        groups: dict[int, list[tuple[SampleRequest, int]]] = {}
+        for r, t in zip(rows, tokens):
+            if r.guide is not None:
+                groups.setdefault(id(r.guide), []).append((r, t))
+        moved = bool(groups)
+        for items in groups.values():
+            g = items[0][0].guide
+            base = g.num_tokens
+            items.sort(key=lambda item: len(item[0].output_token_ids))
+            for j, (r, t) in enumerate(items):
+                g.accept(t)
+                if j + 1 == len(items) or items[j + 1][0].output_token_ids[base + j] != t:
+                    break
+        if moved:
+            spent = time.perf_counter() - start
+            self.guided_stats.seconds += spent
+            self.guided_stats.last_step_seconds += spent
 
     def _apply_penalties(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> None:
         for i, r in enumerate(rows):
@@ -91,7 +157,7 @@ class Sampler:
 
     def _mask_early_stop(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> None:
         for i, r in enumerate(rows):
-            if len(r.output_token_ids) < r.params.min_tokens:
+            if len(r.output_token_ids) < r.params.min_tokens and not (r.guide is not None and r.guide.is_finished):
                 banned = list(r.params.stop_token_ids)
                 if not r.params.ignore_eos:
                     banned += list(r.eos_token_ids)

@@ -4,6 +4,11 @@ A request with `n` completions owns `n` sequences that share its prompt. The sch
 sees `num_tokens`, `num_computed_tokens` and `block_table`; the runner reads tokens;
 the postprocessor appends sampled tokens, decides when a sequence finishes and hands out
 what is new (postprocess.py).
+
+A constrained request (`params.compiled_grammar`, compiled before the request reached the
+engine) gives each of its sequences its own grammar state, `guide` (engine/guided.py),
+None for free sequences. It advances only when a token is sampled, so it is unaffected
+by preemption (recompute refills KV for tokens it has already accepted) and prefix hits.
 """
 from __future__ import annotations
 
@@ -11,11 +16,12 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..sampling import SamplingParams
-from .outputs import TokenLogprob
+from .outputs import InvalidRequestError, TokenLogprob
 
 _seq_ids = itertools.count()
 
@@ -53,9 +59,15 @@ class Sequence:
     sent_text: int = 0
     sent_tokens: int = 0
     sent_finish: bool = False
+    guide: Any = None  # guided.Guide of a constrained sequence, None when free
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        if self.params.guided is not None and self.guide is None:
+            if self.params.compiled_grammar is None:
+                raise InvalidRequestError("guided: the constraint was not compiled; submit it through AsyncEngine "
+                                          "(or call GrammarCompiler.prepare on the params first)")
+            self.guide = self.params.compiled_grammar.new_guide()
         self.prefix_offset = max(len(self.prompt_token_ids) - 5, 0)
         self.read_offset = len(self.prompt_token_ids)
 

@@ -48,6 +48,15 @@ class Metrics:
         self.prefix_queries = g("tuili_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache")
         self.prefix_hit_rate = g("tuili_prefix_cache_hit_rate", "Share of looked-up prompt tokens served from cache")
         self.kv = KVTierMetrics(r)
+        self.constrained = Counter("tuili_constrained_requests", "Requests with an output constraint, by kind "
+                                   "(json, json_object, regex, choice, grammar, tools: forced calls; "
+                                   "tools_auto: calls parsed from free text; logit_bias)", ["model", "kind"],
+                                   registry=r)
+        self.mask_seconds = g("tuili_guided_mask_seconds", "Seconds the sampler spent on grammar masks and "
+                              "matchers since start")
+        self.mask_steps = g("tuili_guided_mask_steps", "Engine steps that masked constrained rows since start")
+        self.mask_per_step = g("tuili_guided_mask_seconds_per_step", "Mean grammar mask time per masked step")
+        self.grammar_compiles = g("tuili_guided_grammar_compiles", "Grammars compiled (cache misses) since start")
 
     def observe_request(self, model: str, prompt_tokens: int, completion_tokens: int, ttft: float | None,
                         e2e: float, finish_reasons: list[str]) -> None:
@@ -60,6 +69,16 @@ class Metrics:
                 self.tpot.labels(model).observe((e2e - ttft) / (completion_tokens - 1))
         for reason in finish_reasons:
             self.finished.labels(model, reason or "unknown").inc()
+
+    def observe_constrained(self, model: str, params, tools: bool) -> None:
+        """Count a constrained request once (`params`: its SamplingParams; `tools`: it parses calls)."""
+        g = params.guided
+        if g is not None:
+            self.constrained.labels(model, "tools" if g.field == "tools" else g.kind.replace("lark", "grammar")).inc()
+        elif tools:
+            self.constrained.labels(model, "tools_auto").inc()
+        if params.logit_bias:
+            self.constrained.labels(model, "logit_bias").inc()
 
     def observe_route(self, decision: "Decision") -> None:
         self.route_decisions.labels(decision.reason, decision.model).inc()
@@ -78,6 +97,11 @@ class Metrics:
             self.prefix_queries.labels(m.name).set(s["prefix_query_tokens"])
             self.prefix_hit_rate.labels(m.name).set(s["prefix_hit_tokens"] / max(s["prefix_query_tokens"], 1))
             self.kv.set(m.name, s)
+            steps = s.get("guided_mask_steps", 0)
+            self.mask_seconds.labels(m.name).set(s.get("guided_mask_seconds", 0.0))
+            self.mask_steps.labels(m.name).set(steps)
+            self.mask_per_step.labels(m.name).set(s.get("guided_mask_seconds", 0.0) / max(steps, 1))
+            self.grammar_compiles.labels(m.name).set(s.get("guided_compiles", 0))
         return generate_latest(self.registry)
 
 

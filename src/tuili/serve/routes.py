@@ -13,6 +13,7 @@ from fastapi.responses import Response
 
 from ..engine import InvalidRequestError
 from . import responses as R
+from . import tools as T
 from .calls import Call, chat_events, completion_events, prompt_text
 from .errors import APIError, bad_request, error_response, parse_body
 from .models import ModelNotFoundError, ModelRegistry, ServedModel
@@ -77,6 +78,7 @@ async def completions(request: Request):
     params = checked(req.to_sampling_params)
     ids = checked(lambda: [served.engine.prepare(p, params) for p in prompts])
     call = Call(request, served, request.app.state.metrics, "cmpl", ids, params)
+    request.app.state.metrics.observe_constrained(served.name, params, False)
     if req.stream:
         return call.streaming_response(lambda: completion_events(call, req.echo, req.include_usage, prompts))
     outs = await call.collect()
@@ -98,17 +100,33 @@ async def chat_completions(request: Request):
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     messages = [m.as_template_dict() for m in req.messages]
     served = pick(request, req.model, messages=messages, max_tokens=max_tokens)
-    params = checked(req.to_sampling_params)
-    ids = checked(lambda: [served.engine.prepare(served.engine.chat_ids(messages, req.add_generation_prompt),
-                                                 params)])
+    checked(req.check_tools)
+    choice = req.effective_tool_choice
+    forced = T.forced_grammar(req.tools, choice, req.parallel_tool_calls) if choice not in ("none", "auto") else None
+    params = checked(lambda: req.to_sampling_params(forced))
+    if req.tools:  # every definition's parameters must compile, whatever tool_choice says
+        checked(lambda: [served.engine.check_constraint(g) for g in T.parameter_constraints(req.tools)])
+    prompt_tools = T.prompt_tools(req)
+    ids = checked(lambda: [served.engine.prepare(
+        served.engine.chat_ids(messages, req.add_generation_prompt, tools=prompt_tools), params)])
     call = Call(request, served, request.app.state.metrics, "chatcmpl", ids, params)
+    request.app.state.metrics.observe_constrained(served.name, params, choice != "none")
+    parse_calls = choice != "none"
     if req.stream:
+        if parse_calls:
+            return call.streaming_response(lambda: T.chat_tool_events(call, req.include_usage))
         return call.streaming_response(lambda: chat_events(call, req.include_usage))
     outs = await call.collect()
     tok = R.TokenText(served.tokenizer)
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": R.chat_logprobs(c.logprobs, tok) if c.logprobs is not None else None,
-                "finish_reason": R.finish_reason(c.finish_reason)} for c in outs[0].outputs]
+    choices = []
+    for c in outs[0].outputs:
+        if parse_calls:
+            message, reason = T.message(c.text, c.finish_reason)
+        else:
+            message, reason = {"role": "assistant", "content": c.text}, R.finish_reason(c.finish_reason)
+        choices.append({"index": c.index, "message": message,
+                        "logprobs": R.chat_logprobs(c.logprobs, tok) if c.logprobs is not None else None,
+                        "finish_reason": reason})
     return {"id": call.rid, "object": "chat.completion", "created": call.created, "model": served.name,
             "choices": choices, "usage": R.usage(*R.totals(outs))}
 
