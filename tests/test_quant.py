@@ -9,18 +9,24 @@ measured values are in brackets:
   +0.20% and 97.0% without the compiled kernels (TUILI_KERNELS=0)]. Over the first 256
   tokens alone the same paths gave +0.8%, +1.2% and +1.3%, an AMD EPYC (AVX512-BF16, no AMX)
   +3.7%, and single windows of 256 range from -0.5% to +1.3%: too few tokens for a 2% bound;
-- int8 weights, over 256 tokens: perplexity at most 3.5% above, top-1 agreement >= 90%
-  [+2.0%, 92.5% through the CPU kernel here; earlier +1.7% through torch's op, +2.6% through
+- int8 weights, over 256 tokens: perplexity at most 2% above, top-1 agreement >= 90%
+  [per-column scales: +2.0%, 92.5% through the CPU kernel here; earlier +1.7% through torch's op, +2.6% through
   the kernel; over 2,048 tokens within both bounds];
 - int4 weights (groups of 32), over 256 tokens: perplexity at most 8% above, agreement
-  >= 85% [+2.1%, 91% here; earlier +4.7%; over 2,048 tokens +5.0% but 84.4% agreement,
+  >= 85% [before the refit and int8 head: +2.1%, 91% here; earlier +4.7%; over 2,048 tokens +5.0% but 84.4% agreement,
   below this bound: see docs/BENCHMARKS.md's whole-text 85.2%];
-- int8 weights with int8 KV, over 256 tokens: at most 6.5% above, agreement >= 90%
-  [+5.5%, 91% here; over 2,048 tokens within both bounds].
+- int8 weights with int8 KV, over 256 tokens: at most 3% above, agreement >= 90%
+  [per-column scales: +5.5%, 91% here; over 2,048 tokens within both bounds].
+Since int8 on the CPU kernels takes a scale per block of 32 inputs, int4 groups are refit by
+least squares and an int4 model's head is int8 (model/quant.py), the kernels' figures are
+int8 -3.9% and 93.3%, int4 -1.0% and 95.3%, int8 with int8 KV -2.4% and 93.7% (256 tokens
+are noisy: whole texts in docs/BENCHMARKS.md, "Lossless int8"); the int8 and int8 + int8 KV
+bounds (2% and 3%) and the kernels' int4 row (3%, 90%) hold for the kernels, which every
+AVX2 CPU builds; the int4 "auto" row keeps 8% for torch's op (per-column int8, int4 head).
 The weight modes stay on 256 tokens for run time, as a regression guard (at 2,048 tokens
 each took 190-420 s on the loaded 2-core build machine, against 15-45 s for the int8 KV
 case). The targets are on the whole text, in docs/BENCHMARKS.md (int8 weights and int8 KV
-at most 1%, int4 at most 8%); the slow test below checks them there.
+at most 0.5%, int4 at most 5%); the slow test below checks them there.
 """
 import math
 import subprocess
@@ -145,13 +151,13 @@ def check_quality(folder, ids, reference, quantization, kv, max_ppl_ratio, min_a
 
 
 @pytest.mark.parametrize("quantization,kv,max_ppl_ratio,min_agree,packed,tokens", [
-    ("int8", "auto", 1.035, 0.90, "auto", 256),
+    ("int8", "auto", 1.02, 0.90, "auto", 256),
     ("none", "int8", 1.02, 0.95, "auto", 2048),
     ("int4", "auto", 1.08, 0.85, "auto", 256),
-    ("int8", "int8", 1.065, 0.90, "auto", 256),
+    ("int8", "int8", 1.03, 0.90, "auto", 256),
     # The CPU kernels' int4 product (int8 activations) wherever they build, whatever this
     # CPU's default; int8 takes the kernels by default wherever they build.
-    ("int4", "auto", 1.08, 0.85, "1", 256),
+    ("int4", "auto", 1.03, 0.90, "1", 256),
 ])
 def test_quantized_model_stays_close_to_full_precision(default_model_folder, corpus_ids, reference, monkeypatch,
                                                        quantization, kv, max_ppl_ratio, min_agree, packed, tokens):
@@ -160,8 +166,8 @@ def test_quantized_model_stays_close_to_full_precision(default_model_folder, cor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization,kv,max_ppl_ratio", [("int8", "auto", 1.01), ("none", "int8", 1.01),
-                                                            ("int4", "auto", 1.08)])
+@pytest.mark.parametrize("quantization,kv,max_ppl_ratio", [("int8", "auto", 1.005), ("none", "int8", 1.005),
+                                                            ("int4", "auto", 1.05)])
 def test_quality_targets_on_the_whole_text(default_model_folder, corpus_ids, quantization, kv, max_ppl_ratio):
     """docs/BENCHMARKS.md's perplexity targets on the whole shipped text, in windows of 1,024."""
     reference = Engine(str(default_model_folder), dtype="bfloat16", num_kv_blocks=1024 // 16)
