@@ -108,6 +108,17 @@ def _serve_parser(sub) -> None:
                    help="on SIGTERM, how long requests in flight may finish before they are ended")
     p.add_argument("--max-request-bytes", type=parse_size, default="4MiB", metavar="SIZE",
                    help="larger request bodies get HTTP 413, e.g. 512KiB, 4MiB")
+    g = p.add_argument_group("replicas (Ray Serve)")
+    g.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="serve each model from N engine replicas on Ray Serve (default: one engine, no Ray)")
+    g.add_argument("--routing", choices=["cache-aware", "pow2", "round-robin"], default="cache-aware",
+                   help="how a request picks its replica")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="K",
+                   help="CPUs (and torch threads) of each replica")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (e.g. auto, or HOST:6379 of `ray start --head`); default: a local Ray")
+    g.add_argument("--min-replicas", type=int, default=None, help="autoscale down to this many replicas")
+    g.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
     _engine_args(p)
     p.set_defaults(func=cmd_serve)
 
