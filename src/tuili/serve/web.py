@@ -267,6 +267,7 @@ def build_stats(registry, metrics, router, history: History, now: float | None =
         "models": per_model,
         "router": _router(router, r, win),
         "decisions_by_reason": _by_reason(r),
+        "replicas": _replicas(served),
         "in_flight": {"per_request": False,
                       "note": "the engine exposes counts per model (calls in flight, sequences running and "
                               "waiting), not per-request progress",
@@ -280,3 +281,14 @@ def _by_reason(r: Reading) -> dict[str, int]:
     for (reason, _), v in r.decisions.items():
         out[reason] = out.get(reason, 0) + int(v)
     return out
+
+
+def _replicas(served) -> list[dict[str, Any]] | None:
+    """Per model served by Ray Serve replicas (`tuili serve --replicas N`), one row per replica;
+    None for engines in this process. The figures above are already the replicas' sums."""
+    remote = [m for m in served if hasattr(m.engine, "replica_stats")]
+    if not remote:
+        return None
+    from .replicas.stats import replica_rows  # no Ray import: rows come from this process's routers
+
+    return [{"model": m.name, "replicas": replica_rows(m.engine)} for m in remote]
