@@ -15,6 +15,8 @@ The environment switches it reads (the README's "Switches" lists them too):
 - `TUILI_AMX=0`: bf16 products do not use AMX tiles on a CPU that has them (the AVX512-BF16
   tiles take every row count). The compiled kernel reads this switch itself, at each
   product, because it picks the tile loop; `amx_allowed` is its Python reading.
+- `TUILI_PACKED_MAX_ROWS=N`: bf16 products of up to N rows take the packed kernel, larger
+  ones torch's matmul (on the plain copy). Unset: measured once per machine, `model/paths.py`.
 
 It imports nothing from `tuili.model`: the kernels report what they were built with
 (`gemm_available`, `gemm_amx_available`) and the policy here takes those as arguments.
