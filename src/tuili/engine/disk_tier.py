@@ -23,8 +23,22 @@ Layout and decisions:
   in `pending` until the file is in place; a read of a pending block is served from
   that buffer. Reads are batched (`get_many`) over a separate reader pool, so reads never
   wait behind a queue of writes.
-- One process per directory: a lock file (`flock`) is taken at start; a second process
-  on the same directory and settings logs a warning and runs without the disk tier.
+- One process per directory by default: a lock file (`flock`) is taken at start; a
+  second process on the same directory and settings logs a warning and runs without the
+  disk tier.
+- Shared mode (`TUILI_KV_DISK_SHARED=1`, set by the engine replicas of `tuili serve
+  --replicas`): several processes on one machine use one directory. Safe because a block
+  file's content is a function of its name (hash + fingerprint): each file is written
+  once under a temporary name unique to the process and thread, then renamed into place
+  (atomic on one file system), so a reader sees a whole file or none. A block another
+  process wrote is found on a miss (`__contains__` looks for the file) and adopted into
+  this process's index, so a prefix computed by one replica is a disk hit for another.
+  Each process bounds the files it knows (`size_bytes` per process, so the directory
+  holds at most replicas x size); an eviction by one process is a miss for another (its
+  read finds no file, the prefix is recomputed). Only temporary files older than an hour
+  are swept at start (a younger one may be another process's write in progress).
+  Several machines: each has its own directory (a network file system's rename and
+  locking are not relied on).
 """
 from __future__ import annotations
 
@@ -53,6 +67,10 @@ def checksum(payload) -> bytes:
     return hashlib.blake2b(payload, digest_size=16).digest()
 
 
+class _AlreadyThere(Exception):
+    pass
+
+
 @dataclass
 class DiskStats:
     blocks_written: int = 0
@@ -72,6 +90,7 @@ class DiskTier:
         self.capacity = size_bytes // self.file_nbytes
         self.dir = Path(root).expanduser() / f"tuili-kv-{self.fingerprint.hex()}"
         self.stats = DiskStats()
+        self.shared = os.environ.get("TUILI_KV_DISK_SHARED", "") not in ("", "0")
         # Every stored or queued block, least recently used first; True once its file is in place.
         self.index: OrderedDict[bytes, bool] = OrderedDict()
         self.pending: dict[bytes, torch.Tensor] = {}  # queued or being written
@@ -94,8 +113,9 @@ class DiskTier:
             f = open(self.dir / "lock", "a+")
         except OSError as e:
             raise ValueError(f"kv_disk_dir: cannot use {self.dir}: {e.strerror or e}") from None
+        mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
         except OSError:
             f.close()
             log.warning("disk KV tier: %s is in use by another process; running without the disk tier", self.dir)
@@ -111,10 +131,11 @@ class DiskTier:
                 continue
             for entry in os.scandir(sub):
                 path = Path(entry.path)
-                if not entry.name.endswith(SUFFIX):
-                    path.unlink(missing_ok=True)  # an interrupted write
-                    continue
                 st = entry.stat()
+                if not entry.name.endswith(SUFFIX):
+                    if not self.shared or time.time() - st.st_mtime > 3600:
+                        path.unlink(missing_ok=True)  # an interrupted write
+                    continue
                 try:
                     h = bytes.fromhex(entry.name[: -len(SUFFIX)])
                 except ValueError:
@@ -139,7 +160,30 @@ class DiskTier:
 
     # ---- queries -------------------------------------------------------------
     def __contains__(self, h: bytes) -> bool:
-        return self.enabled and h in self.index
+        if not self.enabled:
+            return False
+        if h in self.index:
+            return True
+        return self.shared and self._adopt(h)
+
+    def _adopt(self, h: bytes) -> bool:
+        """Shared mode: a block file another process wrote joins this process's index."""
+        try:
+            if self._path(h).stat().st_size != self.file_nbytes:
+                return False
+        except OSError:
+            return False
+        with self._lock:
+            if h in self.index:
+                return True
+            while len(self.index) >= self.capacity:
+                victim = next((k for k, written in self.index.items() if written), None)
+                if victim is None:
+                    return False
+                del self.index[victim]  # forgotten here only: the file may be another process's
+                self.stats.evictions += 1
+            self.index[h] = True
+        return True
 
     def __len__(self) -> int:
         return len(self.index)
@@ -188,14 +232,19 @@ class DiskTier:
         path = self._path(h)
         data = payload.numpy()
         header = HEADER.pack(MAGIC, self.fingerprint, h, data.nbytes, checksum(data))
-        tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(exist_ok=True)
+            if self.shared and path.exists():  # another process wrote this block: same content
+                os.utime(path, ns=(mtime_ns, mtime_ns))
+                raise _AlreadyThere()
             with open(tmp, "wb") as f:
                 f.write(header)
                 f.write(data)
             os.utime(tmp, ns=(mtime_ns, mtime_ns))
             os.replace(tmp, path)
+        except _AlreadyThere:
+            pass
         except OSError as e:
             tmp.unlink(missing_ok=True)
             with self._lock:

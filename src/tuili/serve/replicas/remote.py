@@ -44,7 +44,14 @@ log = logging.getLogger("tuili.replicas")
 
 RETRIES = 4
 SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("tuili_session", default=None)
-_ERRORS = {"InvalidRequestError": InvalidRequestError, "QueueFullError": QueueFullError,
+
+
+class ReplicaQueueFullError(QueueFullError, EngineError):
+    """A replica's full queue, known only once the call reached it: an EngineError too, so the
+    call paths that catch engine errors after submission answer it (429, from its type)."""
+
+
+_ERRORS = {"InvalidRequestError": InvalidRequestError, "QueueFullError": ReplicaQueueFullError,
            "EngineDeadError": EngineDeadError, "EngineShutdownError": EngineShutdownError}
 _calls = itertools.count()
 
