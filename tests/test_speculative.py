@@ -1,0 +1,161 @@
+"""Speculative decoding with n-gram drafts (engine/speculative.py).
+
+Greedy ids must be the same with and without drafts (random-weight variants and the
+default model), seeded sampling must give the same text, the coupled rejection step must
+accept a draft with probability p(d) and otherwise draw from p without d, and stops,
+max_tokens, logprobs, preemption and n > 1 must behave as without drafts.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tuili import LLM, SamplingParams
+from tuili.engine.sampler import SampleRequest, Sampler
+from tuili.engine.speculative import MAX_BACKOFF, NgramProposer, num_accepted
+
+NEW = 24
+
+
+def _prompts(tiny_model, folder):
+    rnd = tiny_model.prompts(folder, [5, 23, 40])
+    return rnd + [rnd[1][:8] * 4, list(range(10, 30)) * 2]
+
+
+def _ids(llm, prompts, params):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def _pair(folder, **opts):
+    base = LLM(str(folder), dtype="float32", **opts)
+    spec = LLM(str(folder), dtype="float32", speculative="ngram", speculative_tokens=4, **opts)
+    return base, spec
+
+
+def test_greedy_identical_on_random_variants(tiny_variant, tiny_model):
+    prompts = _prompts(tiny_model, tiny_variant)
+    base, spec = _pair(tiny_variant, block_size=4, num_kv_blocks=256, max_num_batched_tokens=64)
+    greedy = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    assert _ids(spec, prompts, greedy) == _ids(base, prompts, greedy)
+    stats = spec.engine.stats()
+    assert stats["spec_accepted_tokens"] > 0 and stats["spec_draft_tokens"] >= stats["spec_accepted_tokens"]
+    assert spec.engine.blocks.num_used_blocks == 0
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tiny_model):
+    folder = tiny_model("llama")
+    return folder, _pair(folder, block_size=4, num_kv_blocks=256)
+
+
+def test_seeded_sampling_same_text_and_n(llama_pair, tiny_model):
+    folder, (base, spec) = llama_pair
+    prompts = _prompts(tiny_model, folder)
+    params = SamplingParams(temperature=0.8, top_k=20, max_tokens=NEW, ignore_eos=True, seed=11, n=2,
+                            repetition_penalty=1.1)
+    a = [[c.token_ids for c in o.outputs] for o in spec.generate(prompts, params)]
+    b = [[c.token_ids for c in o.outputs] for o in spec.generate(prompts, params)]
+    c = [[c.token_ids for c in o.outputs] for o in base.generate(prompts, params)]
+    assert a == b == c
+    assert all(len(x[0]) == NEW and x[0] != x[1] for x in a)
+
+
+def test_stops_max_tokens_and_logprobs(llama_pair, tiny_model):
+    folder, (base, spec) = llama_pair
+    prompts = _prompts(tiny_model, folder)
+    free = _ids(base, prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
+    stop = free[-1][NEW // 2]  # a token the looping prompt produces mid-way
+    for params in (SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=2),
+                   SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True, stop_token_ids=[stop])):
+        want = base.generate(prompts, params)
+        got = spec.generate(prompts, params)
+        for w, g in zip(want, got):
+            w, g = w.outputs[0], g.outputs[0]
+            assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason
+            assert len(g.token_ids) <= params.max_tokens
+            if params.stop_token_ids and stop in g.token_ids:
+                assert g.token_ids.index(stop) == len(g.token_ids) - 1
+            if params.logprobs is not None:
+                assert len(g.logprobs) == len(g.token_ids)
+                for lw, lg in zip(w.logprobs, g.logprobs):
+                    assert lg.token_id == lw.token_id and math.isclose(lg.logprob, lw.logprob, abs_tol=1e-4)
+
+
+def test_preemption_and_prefix_reuse(tiny_model):
+    folder = tiny_model("llama")
+    prompts = _prompts(tiny_model, folder)
+    greedy = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    base, spec = _pair(folder, block_size=4, num_kv_blocks=24, max_num_batched_tokens=64)
+    want = _ids(base, prompts, greedy)
+    assert _ids(spec, prompts, greedy) == want
+    assert spec.engine.scheduler.num_preemptions > 0 and spec.engine.blocks.num_used_blocks == 0
+    # Blocks hashed after verification steps are reused by a prompt that continues an output:
+    # a wrong hash (an unverified draft in it) would give other ids than the plain engine.
+    follow = [prompts[-1] + want[-1][:20]]
+    assert _ids(spec, follow, greedy) == _ids(base, follow, greedy)
+
+
+def test_default_model_greedy_identical(default_model_folder):
+    from tuili.bench.grounded import grounded_prompt_texts
+
+    base = LLM("smollm2-135m-instruct", dtype="float32", kv_cache_memory="128MiB")
+    spec = LLM("smollm2-135m-instruct", dtype="float32", kv_cache_memory="128MiB", speculative="ngram")
+    texts = grounded_prompt_texts(base.get_tokenizer(), 3, 60, 120, seed=3)
+    prompts = [base.chat_prompt_ids([{"role": "user", "content": t}]) for t in texts]
+    greedy = SamplingParams(temperature=0, max_tokens=40)
+    assert _ids(spec, prompts, greedy) == _ids(base, prompts, greedy)
+    assert spec.engine.stats()["spec_accepted_tokens"] > 10
+
+
+def test_rejection_step_is_exact():
+    """Draw at the draft's row and accept iff it equals the draft: P(accept) must be p(d), and
+    a rejected step must emit tokens distributed as p with d removed, renormalised."""
+    torch.manual_seed(0)
+    vocab, trials = 6, 40000
+    logits = torch.tensor([[1.0, 0.2, -0.5, 0.7, 0.0, -1.0]])
+    p = torch.softmax(logits[0] / 0.7, dim=-1)
+    sampler = Sampler(torch.device("cpu"), seed=5)
+    params = SamplingParams(temperature=0.7, max_tokens=4)
+    for d in (0, 4):  # a likely draft and an unlikely one
+        rows = [SampleRequest(params, [1], [])] * trials
+        drawn = sampler(logits.expand(trials, vocab).contiguous(), rows).token_ids
+        accepted = [num_accepted([d], [t, 0]) for t in drawn]
+        rate = sum(accepted) / trials
+        sd = math.sqrt(p[d] * (1 - p[d]) / trials)
+        assert abs(rate - p[d].item()) < 4 * sd
+        rejected = [t for t, a in zip(drawn, accepted) if not a]
+        assert d not in rejected
+        resid = p.clone()
+        resid[d] = 0
+        resid /= resid.sum()
+        counts = torch.bincount(torch.tensor(rejected), minlength=vocab).double()
+        expected = resid.double() * len(rejected)
+        keep = expected > 0
+        chi2 = (((counts - expected) ** 2)[keep] / expected[keep]).sum().item()
+        assert chi2 < 20.5  # 4 degrees of freedom: p < 0.0004 of a false alarm
+
+
+def test_proposer_lookup_adaptation_and_guides():
+    prop = NgramProposer(4)
+    seq = SimpleNamespace(seq_id=1, token_ids=[7, 8, 9, 10, 11, 3, 7, 8, 9], guide=None)
+    assert prop.propose(seq, 10) == [10, 11, 3, 7]  # the longest suffix match, its followers
+    assert prop.propose(seq, 2) == [10, 11]
+    seq.token_ids += [10, 5]
+    assert prop.propose(seq, 10) == []  # nothing ever followed "10 5"
+    loop = SimpleNamespace(seq_id=3, token_ids=[1, 2, 1], guide=None)
+    assert prop.propose(loop, 4) == [2, 1]
+    for misses in range(1, 8):  # drafts that keep failing: back off 1, 2, 4, ... steps
+        prop.observe(loop, 3, 0)
+        skipped = 0
+        while prop.propose(loop, 4) == []:
+            skipped += 1
+            assert skipped <= MAX_BACKOFF + 1
+        assert skipped == min(2 ** (misses - 1), MAX_BACKOFF)
+    prop.observe(loop, 1, 1)
+    assert prop.states[3].misses == 0
+    guided = SimpleNamespace(seq_id=2, token_ids=[1, 2, 1, 2, 1], guide=object())
+    assert prop.propose(guided, 4) == []  # grammar-carrying sequences are never drafted for
+    assert prop.stats()["spec_draft_tokens"] == 22 and prop.stats()["spec_accepted_tokens"] == 1
