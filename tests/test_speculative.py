@@ -159,3 +159,18 @@ def test_proposer_lookup_adaptation_and_guides():
     guided = SimpleNamespace(seq_id=2, token_ids=[1, 2, 1, 2, 1], guide=object())
     assert prop.propose(guided, 4) == []  # grammar-carrying sequences are never drafted for
     assert prop.stats()["spec_draft_tokens"] == 22 and prop.stats()["spec_accepted_tokens"] == 1
+
+
+def test_prometheus_counters_follow_engine_totals():
+    from tuili.serve.metrics import Metrics
+
+    stats = {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_free": 1, "preemptions": 0,
+             "prefix_hit_tokens": 0, "prefix_query_tokens": 0, "spec_draft_tokens": 9, "spec_accepted_tokens": 4}
+    engine = SimpleNamespace(stats=lambda: stats)
+    models = SimpleNamespace(all=lambda: [SimpleNamespace(name="m", engine=engine)])
+    metrics = Metrics()
+    metrics.render(models)
+    stats.update(spec_draft_tokens=15, spec_accepted_tokens=10)
+    text = metrics.render(models).decode()
+    assert 'tuili_spec_draft_tokens_total{model="m"} 15.0' in text
+    assert 'tuili_spec_accepted_tokens_total{model="m"} 10.0' in text

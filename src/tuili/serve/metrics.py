@@ -48,6 +48,12 @@ class Metrics:
         self.prefix_queries = g("tuili_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache")
         self.prefix_hit_rate = g("tuili_prefix_cache_hit_rate", "Share of looked-up prompt tokens served from cache")
         self.kv = KVTierMetrics(r)
+        # Speculative decoding: counters fed from the engines' running totals at each scrape.
+        self.spec_drafted = Counter("tuili_spec_draft_tokens", "Draft tokens proposed by speculative decoding",
+                                    ["model"], registry=r)
+        self.spec_accepted = Counter("tuili_spec_accepted_tokens", "Draft tokens accepted by verification",
+                                     ["model"], registry=r)
+        self._spec_seen: dict[tuple[str, str], int] = {}
         self.constrained = Counter("tuili_constrained_requests", "Requests with an output constraint, by kind "
                                    "(json, json_object, regex, choice, grammar, tools: forced calls; "
                                    "tools_auto: calls parsed from free text; logit_bias)", ["model", "kind"],
@@ -97,12 +103,21 @@ class Metrics:
             self.prefix_queries.labels(m.name).set(s["prefix_query_tokens"])
             self.prefix_hit_rate.labels(m.name).set(s["prefix_hit_tokens"] / max(s["prefix_query_tokens"], 1))
             self.kv.set(m.name, s)
+            self._count(self.spec_drafted, m.name, "spec_draft_tokens", s)
+            self._count(self.spec_accepted, m.name, "spec_accepted_tokens", s)
             steps = s.get("guided_mask_steps", 0)
             self.mask_seconds.labels(m.name).set(s.get("guided_mask_seconds", 0.0))
             self.mask_steps.labels(m.name).set(steps)
             self.mask_per_step.labels(m.name).set(s.get("guided_mask_seconds", 0.0) / max(steps, 1))
             self.grammar_compiles.labels(m.name).set(s.get("guided_compiles", 0))
         return generate_latest(self.registry)
+
+    def _count(self, counter: Counter, model: str, key: str, s: dict[str, int]) -> None:
+        """Advance `counter` by what the engine's total for `key` gained since the last scrape."""
+        total = s.get(key, 0)
+        seen = self._spec_seen.get((model, key), 0)
+        counter.labels(model).inc(max(total - seen, 0))
+        self._spec_seen[(model, key)] = total
 
 
 class KVTierMetrics:
