@@ -169,6 +169,12 @@ def _bench_parsers(sub) -> None:
     p.add_argument("--output", default="bench-results/matmul.jsonl", help="JSON lines file to append to")
     p.set_defaults(func=_plain("matmul"))
 
+    p = bench.add_parser("tenants", help="multi-tenant shared system prompts on Ray Serve replicas, by routing policy")
+    from .bench import tenants
+
+    tenants.add_arguments(p)
+    p.set_defaults(func=_plain("tenants"))
+
     p = bench.add_parser("router", help="in-process routing overhead per request")
     router.add_arguments(p)
     p.set_defaults(func=_plain("router"))
