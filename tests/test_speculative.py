@@ -98,6 +98,7 @@ def test_preemption_and_prefix_reuse(tiny_model):
     assert _ids(spec, follow, greedy) == _ids(base, follow, greedy)
 
 
+@pytest.mark.slow  # two float32 loads of the default model: about 20 s on a quiet machine, minutes on a busy one
 def test_default_model_greedy_identical(default_model_folder):
     from tuili.bench.grounded import grounded_prompt_texts
 
