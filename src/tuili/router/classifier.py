@@ -11,7 +11,10 @@ Decisions:
   is faster than building a numpy array, and the server never imports numpy or torch
   on the request path because of the router.
 - The threshold is calibrated, not 0.5: it is the (1 - strong_share) quantile of the
-  scores on the calibration set, so the share of requests sent to the strong model is
+  scores on the calibration set. Those scores are out-of-fold (each training row scored
+  by a fit that did not see it, `CALIBRATION_FOLDS` folds): in-sample scores are more
+  extreme than the ones unseen requests get, and a threshold read off them missed the
+  target share on held-out data (13.6% for a 20% target; 16.8% with out-of-fold scores), so the share of requests sent to the strong model is
   the operator's choice. The file stores 201 score quantiles, so a different share
   can be chosen at load time (`with_strong_share`) without the data.
 """
@@ -28,6 +31,7 @@ from .features import FEATURE_NAMES
 
 FORMAT = "tuili-router/1"
 NUM_QUANTILES = 201
+CALIBRATION_FOLDS = 5
 
 
 @dataclass
@@ -116,7 +120,7 @@ def share_above(scores: Sequence[float], threshold: float) -> float:
 
 def fit(x: "Sequence[Sequence[float]]", y: Sequence[int], strong_share: float = 0.2, l2: float = 10.0,
         iterations: int = 50, info: dict | None = None) -> RouterClassifier:
-    """Fit on rows x (FEATURE_NAMES order) and labels y (1 = hard); calibrate on the same rows."""
+    """Fit on rows x (FEATURE_NAMES order) and labels y (1 = hard); calibrate on out-of-fold scores of those rows."""
     import numpy as np
 
     X = np.asarray(x, dtype=np.float64)
@@ -125,6 +129,19 @@ def fit(x: "Sequence[Sequence[float]]", y: Sequence[int], strong_share: float = 
         raise ValueError("router train: need at least two labelled rows")
     if t.min() == t.max():
         raise ValueError("router train: the data must have both easy and hard examples")
+    w, mean, std, constant = _fit_newton(X, t, l2, iterations)
+    scores = _out_of_fold_scores(X, t, l2, iterations)
+    weights = w[:-1].copy()
+    weights[constant] = 0.0
+    quantiles = np.quantile(scores, np.linspace(0.0, 1.0, NUM_QUANTILES)).tolist()
+    clf = RouterClassifier(list(FEATURE_NAMES), mean.tolist(), std.tolist(), weights.tolist(), float(w[-1]),
+                           quantiles, info=dict(info or {}, rows=int(X.shape[0]), hard=int(t.sum()), l2=l2))
+    return clf.with_strong_share(strong_share)
+
+
+def _fit_newton(X, t, l2: float, iterations: int):
+    import numpy as np
+
     mean = X.mean(axis=0)
     std = X.std(axis=0)
     constant = std < 1e-9
@@ -142,13 +159,26 @@ def fit(x: "Sequence[Sequence[float]]", y: Sequence[int], strong_share: float = 
         w -= step
         if np.max(np.abs(step)) < 1e-8:
             break
-    weights = w[:-1].copy()
-    weights[constant] = 0.0
-    scores = 1.0 / (1.0 + np.exp(-np.clip(Z @ w, -40, 40)))
-    quantiles = np.quantile(scores, np.linspace(0.0, 1.0, NUM_QUANTILES)).tolist()
-    clf = RouterClassifier(list(FEATURE_NAMES), mean.tolist(), std.tolist(), weights.tolist(), float(w[-1]),
-                           quantiles, info=dict(info or {}, rows=int(X.shape[0]), hard=int(t.sum()), l2=l2))
-    return clf.with_strong_share(strong_share)
+    w[:-1][constant] = 0.0
+    return w, mean, std, constant
+
+
+def _out_of_fold_scores(X, t, l2: float, iterations: int):
+    """Each row scored by a fit on the other folds (rows dealt round-robin, so no seed)."""
+    import numpy as np
+
+    n = X.shape[0]
+    folds = min(CALIBRATION_FOLDS, n)
+    scores = np.zeros(n)
+    for f in range(folds):
+        test = np.arange(f, n, folds)
+        train = np.setdiff1d(np.arange(n), test)
+        if len(train) < 2 or t[train].min() == t[train].max():  # too few rows to hold any out
+            test, train = np.arange(n), np.arange(n)
+        w, mean, std, _ = _fit_newton(X[train], t[train], l2, iterations)
+        z = ((X[test] - mean) / std) @ w[:-1] + w[-1]
+        scores[test] = 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
+    return scores
 
 
 def auc(scores: Sequence[float], labels: Sequence[int]) -> float:
