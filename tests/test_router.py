@@ -87,22 +87,32 @@ def test_auc_counts_ties_as_half():
     assert auc([0.5, 0.5], [0, 1]) == 0.5
 
 
-def test_shipped_data_set_is_big_varied_and_split():
+def test_shipped_data_set_is_hand_written_bilingual_and_split():
     train, heldout = load_examples(TRAIN), load_examples(HELDOUT)
-    assert len(train) + len(heldout) >= 300 and len(heldout) >= 100
-    cats = {e.category for e in train} | {e.category for e in heldout}
-    assert cats == {"chat", "code", "math", "reasoning", "writing", "chinese"}
-    key = lambda e: json.dumps(e.prompt or e.messages, ensure_ascii=False)  # noqa: E731
-    assert not {key(e) for e in train} & {key(e) for e in heldout}
+    assert len(train) >= 200 and len(heldout) >= 100
+    for split in (train, heldout):
+        zh = sum(any("\u4e00" <= c <= "\u9fff" for c in e.prompt) for e in split) / len(split)
+        assert 0.4 <= zh <= 0.6
+        assert 0.35 <= sum(e.label for e in split) / len(split) <= 0.65
+    # The counter-examples are classes of their own, in both splits.
+    counter = {"arithmetic", "decimals", "letters", "dates", "trick", "bug", "tense",
+               "reformat", "rewrite", "thanks", "dressed"}
+    assert counter <= {e.category for e in train} and counter <= {e.category for e in heldout}
+    # Written separately: no prompt in both, and no long run of words shared.
+    assert not {e.prompt for e in train} & {e.prompt for e in heldout}
+    grams = lambda e: {e.prompt[i:i + 30] for i in range(max(len(e.prompt) - 29, 0))}  # noqa: E731
+    seen = set().union(*(grams(e) for e in train))
+    shared = [e.prompt for e in heldout if grams(e) & seen]
+    assert len(shared) <= len(heldout) // 10, shared
 
 
 @pytest.mark.parametrize("share", [0.2, 0.35])
-def test_calibration_hits_the_target_share_on_the_heldout_split(share):
+def test_calibration_holds_on_the_heldout_split(share):
     clf = RouterClassifier.load(DEFAULT_ROUTER).with_strong_share(share)
     examples = load_examples(HELDOUT)
     scores = [clf.score(e.features()) for e in examples]
     assert abs(share_above(scores, clf.threshold) - share) <= 0.05
-    assert auc(scores, [e.label for e in examples]) > 0.9
+    assert auc(scores, [e.label for e in examples]) >= 0.8
 
 
 def test_auto_routes_hard_to_strong_and_easy_to_fast():
@@ -111,8 +121,10 @@ def test_auto_routes_hard_to_strong_and_easy_to_fast():
     easy = router.route("auto", messages=[{"role": "user", "content": EASY}], max_tokens=32)
     assert (hard.model, hard.reason) == ("big", "classifier_strong") and hard.score > easy.score
     assert (easy.model, easy.reason) == ("small", "classifier_fast")
-    assert router.route("auto", prompt="请仔细思考，一步一步地证明：对任意正整数n，n^3 - n 能被6整除，并详细解释每一步的理由。").model == "big"
     assert router.route("auto", prompt="你好！").model == "small"
+    # Short but exact, and trivial but dressed up: neither length nor "step by step" decides.
+    assert router.route("auto", prompt="Which is bigger: 9.11 or 9.9?").model == "big"
+    assert router.route("auto", prompt="Think step by step: write a thank-you note to my neighbour.").model == "small"
 
 
 def test_overflow_sends_hard_requests_to_fast_when_strong_is_busy():
@@ -170,7 +182,7 @@ def test_router_cli_train_eval_explain(tmp_path, capsys):
     capsys.readouterr()
     assert main(["router", "eval", str(HELDOUT), "--router-model", str(out)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["auc"] > 0.9 and abs(result["strong_share"] - 0.3) <= 0.05
+    assert result["auc"] >= 0.8 and abs(result["strong_share"] - 0.3) <= 0.05
     assert main(["router", "explain", HARD]) == 0
     text = capsys.readouterr().out
     assert "reasoning" in text and text.strip().endswith("-> strong")
