@@ -20,8 +20,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def ray_node(*args: str, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.Popen([RAY, "start", "--block", "--num-cpus", "1", "--include-dashboard=false",
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")  # a loopback test cluster
+    head = ["--include-dashboard=false"] if "--head" in args else []
+    return subprocess.Popen([RAY, "start", "--block", "--num-cpus", "1", *head,
                              "--node-ip-address", "127.0.0.1", *args], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
 

@@ -57,7 +57,9 @@ def start_ray(args) -> bool:
     import ray
 
     if args.ray_address:
-        ray.init(address=args.ray_address, namespace="tuili", log_to_driver=True)
+        local = args.ray_address.split(":")[0] in ("127.0.0.1", "localhost")  # nodes bound to loopback
+        ray.init(address=args.ray_address, namespace="tuili", log_to_driver=True,
+                 **({"_node_ip_address": "127.0.0.1"} if local else {}))
         return False
     want = (args.max_replicas or args.replicas) * args.cpus_per_replica
     ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, int(want + 0.999)), namespace="tuili",
