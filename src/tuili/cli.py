@@ -277,6 +277,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.replicas is not None:  # Ray Serve replicas: the only path that imports Ray
+        from .serve.replicas.launch import serve_replicas
+
+        return serve_replicas(args, engine_options(args))
     from .serve.launch import serve
 
     return serve(args, engine_options(args))

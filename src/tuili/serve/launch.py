@@ -83,10 +83,6 @@ def build_router(args, registry: ModelRegistry) -> Router | None:
 
 
 def serve(args, engine_options: dict[str, Any]) -> int:
-    if getattr(args, "replicas", None) is not None:  # Ray Serve replicas; Ray is imported only there
-        from .replicas.launch import serve_replicas
-
-        return serve_replicas(args, engine_options)
     import uvicorn
 
     check_router_flags(args)
