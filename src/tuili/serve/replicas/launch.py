@@ -62,7 +62,9 @@ def start_ray(args) -> bool:
                  **({"_node_ip_address": "127.0.0.1"} if local else {}))
         return False
     want = (args.max_replicas or args.replicas) * args.cpus_per_replica
-    ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, int(want + 0.999)), namespace="tuili",
+    # address="local": a new Ray of our own, even where a stale /tmp/ray/ray_current_cluster names another
+    ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, int(want + 0.999)),
+             namespace="tuili",
              _node_ip_address="127.0.0.1", log_to_driver=True)
     return True
 
