@@ -38,7 +38,7 @@ from typing import Any, AsyncIterator
 from ...engine import (AsyncEngine, EngineDeadError, EngineError, EngineShutdownError, InvalidRequestError,
                        QueueFullError, RequestDelta)
 from ...sampling import SamplingParams
-from .routing import RouteKey, block_hashes
+from .routing import RouteKey, block_hashes, started
 
 log = logging.getLogger("tuili.replicas")
 
@@ -136,10 +136,13 @@ class RemoteStream:
         while True:
             self.attempts += 1
             self._gen = gen = self._engine.handle.generate.remote(self._key, self._prompts, self._params)
+            counted = False
             try:
                 async for item in gen:
                     if item[0] == "start":
                         self.replica = item[1]
+                        started(self._engine.deployment, self.replica, +1)
+                        counted = True
                         continue
                     if item[0] == "error":
                         self._queue.put_nowait(error_from(item[1], item[2]))
@@ -168,6 +171,8 @@ class RemoteStream:
                 self._queue.put_nowait(kind(f"the engine replica {self.replica or '?'} failed: {type(e).__name__}"))
                 return
             finally:
+                if counted:
+                    started(self._engine.deployment, self.replica, -1)
                 if self.replica is not None:
                     ttft = None if first_token is None else first_token - self._sent
                     self._engine.observe(self.replica, tokens, ttft)

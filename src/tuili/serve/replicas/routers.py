@@ -112,8 +112,10 @@ class CacheAwareRouter(Tracking, RequestRouter):
             blocks = (r.routing_stats or {}).get("kv_blocks_total")
             if blocks:
                 self.policy.index.set_capacity(rid, int(blocks))
-        with self.lock:
-            load = {rid: self.in_flight.get(rid, 0) for rid in by_id}
+        # calls streaming from each replica now, as the HTTP side counts them (exact, unlike the
+        # routed - completed count when a completion callback is missed)
+        serving = routing.started_counts(self._deployment_id.name if self._deployment_id else "?")
+        load = {rid: serving.get(rid, 0) for rid in by_id}
         choice = self.policy.choose(_key(pending_request), list(by_id), load)
         self._remember(pending_request, choice)
         first = by_id[choice.replica]

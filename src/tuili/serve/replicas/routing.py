@@ -41,6 +41,21 @@ def routers_for(deployment: str) -> list:
         return list(_ROUTERS.get(deployment, []))
 
 
+_STARTED: dict[str, dict] = {}  # deployment name -> replica id -> calls streaming from it now
+
+
+def started(deployment: str, replica: str, delta: int) -> None:
+    """The HTTP side counts the calls each replica is serving (+1 when it starts, -1 at the end)."""
+    with _ROUTERS_LOCK:
+        d = _STARTED.setdefault(deployment, {})
+        d[replica] = max(d.get(replica, 0) + delta, 0)
+
+
+def started_counts(deployment: str) -> dict:
+    with _ROUTERS_LOCK:
+        return dict(_STARTED.get(deployment, {}))
+
+
 REASONS = ("session", "prefix", "least-loaded", "imbalance", "pow2", "round-robin", "fallback")
 
 
