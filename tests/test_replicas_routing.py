@@ -59,3 +59,15 @@ def test_plain_server_path_does_not_import_ray():
             "create_app(ModelRegistry())\n"
             "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_tenants_workload_shares_a_long_prompt_per_tenant():
+    import argparse
+
+    from tuili.bench.tenants import requests
+
+    args = argparse.Namespace(seed=0, num_requests=40, tenants=4, output_len=8, prompt_words=300)
+    bodies = requests(args)
+    systems = {b["messages"][0]["content"] for b in bodies}
+    assert len(systems) == 4 and all(len(s.split()) > 300 for s in systems)
+    assert len({b["user"] for b in bodies}) == 40 and requests(args) == bodies  # seeded
