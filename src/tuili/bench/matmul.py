@@ -8,7 +8,7 @@ plus the output head, with random weights of the model's shapes:
 - bf16: torch as the model ran before the kernel (`F.linear` in bf16 up to 8 rows, above
   that float32 from the bf16 weight) against `packed_linear`;
 - int8: `aten._weight_int8pack_mm` (float32 dequantized above 128 rows, as `Int8Weight`)
-  against `packed_linear` on int8 codes;
+  against `packed_linear` on int8 codes with one scale per column and block of 32 (as served);
 - int4 (group 32): `aten._weight_int4pack_mm_for_cpu` against `packed_linear_q4`.
 
 Medians of `--repeats` timings; the ratio is torch time over kernel time.
@@ -22,7 +22,7 @@ import torch
 
 from ..model.kernels import cpu_kernels
 from ..model.layers import linear
-from ..model.quant import pack_weight, quantize_int4, quantize_int4_packed, quantize_int8
+from ..model.quant import pack_weight, quantize_int4, quantize_int4_packed, quantize_int8, quantize_int8_packed
 from ..model.paths import bf16_paths
 from .machine import median_time
 from .results import append_jsonl
@@ -49,7 +49,7 @@ def run_from_args(args) -> int:
              for _ in range(shapes["layers"])]
     dense.append([torch.randn(shapes["vocab"], shapes["hidden"]).mul_(0.05).to(torch.bfloat16)])  # the head
     convert = {"bf16": (lambda w: w, pack_weight),
-               "int8": (quantize_int8, lambda w: pack_weight(quantize_int8(w))),
+               "int8": (quantize_int8, quantize_int8_packed),
                "int4": (lambda w: quantize_int4(w, 32), lambda w: quantize_int4_packed(w, 32))}
     print(f"tuili bench matmul: {shapes['layers']} layers + head, {torch.get_num_threads()} threads, "
           f"medians of {args.repeats}")
