@@ -33,6 +33,14 @@ _ERROR_SCHEMA = {
 }
 
 
+# With "stream": true the body is a server-sent event stream. Open API 3.1 has `schema` of an
+# event-stream media type describe one event (its fields), not the raw text: each `data` is one
+# JSON chunk, or "[DONE]" at the end.
+_SSE_EVENT = {"type": "object", "properties": {
+    "event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"},
+    "retry": {"type": "integer", "minimum": 0}}, "required": ["data"]}
+
+
 def document(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is not None:
         return app.openapi_schema
@@ -56,7 +64,7 @@ def document(app: FastAPI) -> dict[str, Any]:
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
                 ok = responses.setdefault("200", {"description": "Successful Response"})
-                ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+                ok.setdefault("content", {})["text/event-stream"] = {"schema": _SSE_EVENT}
     metrics = doc.get("paths", {}).get("/metrics", {}).get("get")
     if metrics is not None:
         metrics["responses"]["200"] = {"description": "Prometheus text exposition",
