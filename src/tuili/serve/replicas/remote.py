@@ -137,6 +137,7 @@ class RemoteStream:
             self.attempts += 1
             self._gen = gen = self._engine.handle.generate.remote(self._key, self._prompts, self._params)
             counted = False
+            done: set[int] = set()
             try:
                 async for item in gen:
                     if item[0] == "start":
@@ -153,6 +154,13 @@ class RemoteStream:
                         first_token = time.perf_counter()
                     tokens += n
                     delivered = True
+                    if delta.finished:
+                        done.add(k)
+                        if counted and len(done) >= len(self._prompts):
+                            # the last delta is out: the replica no longer serves this call, though
+                            # its generator may end a moment later (the router reads this count)
+                            started(self._engine.deployment, self.replica, -1)
+                            counted = False
                     self._queue.put_nowait((k, delta))
                 return
             except asyncio.CancelledError:
