@@ -69,6 +69,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     guided: GuidedDecoding | None = None
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100]
+    # Hand out the residual stream after this many layers (0: the embeddings) at the prompt's
+    # last token, with the request's last delta (`RequestDelta.hidden`): the router's probe.
+    hidden_layer: int | None = None
     # Set by the engine's grammar compiler (engine/guided.py); each sequence gets its own matcher from it.
     compiled_grammar: Any = field(default=None, repr=False, compare=False)
 
@@ -127,6 +130,9 @@ class SamplingParams:
                     raise ValueError(f"logit_bias: the bias of token {t} must be a number in [-100, 100], got {b!r}")
             if not self.logit_bias:
                 self.logit_bias = None
+        if self.hidden_layer is not None and (isinstance(self.hidden_layer, bool)
+                                              or not isinstance(self.hidden_layer, int) or self.hidden_layer < 0):
+            bad("hidden_layer", "must be an integer >= 0 (layers of the model)")
         if self.guided is not None and self.ignore_eos:
             bad("ignore_eos", "cannot be combined with structured output (the grammar ends the text with EOS)")
 

@@ -145,6 +145,9 @@ class Engine:
     def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise InvalidRequestError("prompt: must not be empty")
+        layers = self.model_config.num_layers
+        if params.hidden_layer is not None and params.hidden_layer > layers:
+            raise InvalidRequestError(f"hidden_layer: this model has {layers} layers, got {params.hidden_layer}")
         vocab = self.model_config.vocab_size
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt: token ids must be integers in [0, {vocab})")
@@ -199,8 +202,10 @@ class Engine:
 
     def _delta(self, req: Request) -> RequestDelta:
         outs = [take_delta(s, s.finish_reason is not None) for s in req.seqs]
+        finished = req.finished
         return RequestDelta(req.request_id, [o for o in outs if o.token_ids or o.text or o.finish_reason],
-                            req.finished, len(req.prompt_token_ids), req.seqs[0].num_cached_prompt_tokens)
+                            finished, len(req.prompt_token_ids), req.seqs[0].num_cached_prompt_tokens,
+                            req.seqs[0].hidden if finished else None)
 
     def generate(self, requests: list[tuple[str, str | list[int], SamplingParams]],
                  on_finish: Callable[[RequestOutput], None] | None = None,

@@ -41,6 +41,7 @@ class RequestDelta:
     finished: bool  # every completion of the request has finished
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    hidden: list[float] | None = None  # with SamplingParams.hidden_layer: on the last delta
 
 
 @dataclass
@@ -63,6 +64,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    hidden: list[float] | None = None  # with SamplingParams.hidden_layer
     _parts: list[list[str]] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -83,6 +85,8 @@ class RequestOutput:
             if d.finish_reason is not None:
                 out.finish_reason, out.stop_reason = d.finish_reason, d.stop_reason
         self.num_cached_tokens = delta.num_cached_tokens
+        if delta.hidden is not None:
+            self.hidden = delta.hidden
         self.finished = delta.finished
         if self.finished:
             self.join_text()

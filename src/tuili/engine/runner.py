@@ -168,7 +168,10 @@ class ModelRunner:
             table = self._tensor(s.seq.block_table[: cdiv(ctx, self.block_size)])
             meta.prefills.append(PrefillSpan(start, s.num_new_tokens, ctx, table))
             start += s.num_new_tokens
+        taps = self._taps(ordered, meta)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
+        for seq, depth, row in taps:
+            seq.hidden = meta.capture[depth][row].float().tolist()
         sampling, rows, offset = [], [], 0
         for s in ordered:
             if s.draft_token_ids:
@@ -181,6 +184,21 @@ class ModelRunner:
         if not rows:
             return torch.empty(0, self.model.cfg.vocab_size, device=self.device), []
         return self.model.compute_logits(hidden[self._tensor(rows)]), sampling
+
+    @staticmethod
+    def _taps(ordered: list[ScheduledSeq], meta: AttentionMetadata) -> list[tuple[Sequence, int, int]]:
+        """(sequence, depth, row) for each sequence that asked for a hidden state and whose
+        prompt's last token is computed this step; asks the model for those depths."""
+        taps, offset = [], 0
+        for s in ordered:
+            seq, depth = s.seq, s.seq.params.hidden_layer
+            end = seq.num_computed_tokens + s.num_new_tokens
+            if depth is not None and seq.hidden is None and seq.num_computed_tokens < seq.num_prompt_tokens <= end:
+                taps.append((seq, depth, offset + seq.num_prompt_tokens - seq.num_computed_tokens - 1))
+            offset += s.num_new_tokens
+        if taps:
+            meta.capture = {depth: None for _, depth, _ in taps}
+        return taps
 
     @torch.inference_mode()
     def chunk_logits(self, token_ids: list[int], start: int, block_table: list[int]) -> torch.Tensor:

@@ -60,6 +60,7 @@ class Sequence:
     sent_tokens: int = 0
     sent_finish: bool = False
     guide: Any = None  # guided.Guide of a constrained sequence, None when free
+    hidden: list[float] | None = None  # params.hidden_layer's state at the last prompt token, once computed
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

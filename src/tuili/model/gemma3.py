@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .layers import AttentionLayer, AttentionMetadata, RMSNorm, Rotary, linear, weight_taker
+from .layers import AttentionLayer, AttentionMetadata, RMSNorm, Rotary, linear, tap, weight_taker
 from .quant import model_weight_bytes, prepare_linears
 
 
@@ -98,8 +98,10 @@ class Gemma3Model(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, ...]], meta: AttentionMetadata) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed) * self.embed_scale
-        for layer, sliding, kv in zip(self.layers, self.sliding, kv_caches):
+        tap(meta, 0, x)
+        for i, (layer, sliding, kv) in enumerate(zip(self.layers, self.sliding, kv_caches)):
             x = layer(x, positions, self.local_rotary if sliding else self.rotary, kv, meta)
+            tap(meta, i + 1, x)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

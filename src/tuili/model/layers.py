@@ -202,6 +202,15 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # [B] long
     decode_max_context: int = 0
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # depth -> the residual stream after that many layers (0: the embeddings), for the rows of
+    # this step; the runner asks for it (SamplingParams.hidden_layer), the model fills it in
+    capture: dict[int, torch.Tensor | None] | None = None
+
+
+def tap(meta: AttentionMetadata, depth: int, x: torch.Tensor) -> None:
+    """Keep a copy of the residual stream after `depth` layers when the step asked for it."""
+    if meta.capture is not None and depth in meta.capture:
+        meta.capture[depth] = x.detach().clone()
 
 
 KVScales = tuple[torch.Tensor, torch.Tensor]  # int8 cache: float32 [num_blocks, block_size, KVH] for K and V

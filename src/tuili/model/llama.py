@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .kernels import cpu_kernels
 from .layers import (AttentionLayer, AttentionMetadata, RMSNorm, Rotary, cache_scales, linear, paged_attention,
-                     weight_taker)
+                     tap, weight_taker)
 from .quant import PackedInt4Weight, PackedWeight, model_weight_bytes, prepare_linears
 
 
@@ -99,19 +99,23 @@ class LlamaModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, ...]], meta: AttentionMetadata) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
+        tap(meta, 0, x)
         ext = self._fused_kernels(kv_caches)
         if ext is None:
-            for layer, kv in zip(self.layers, kv_caches):
+            for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
                 x = layer(x, positions, self.rotary, kv, meta)
+                tap(meta, i + 1, x)
             return self.norm(x)
-        stack = self._decode_stack(kv_caches) if not meta.prefills and DECODE_STACK else None
+        stack = (self._decode_stack(kv_caches) if not meta.prefills and meta.capture is None and DECODE_STACK
+                 else None)
         if stack is not None:  # decodes only: the whole stack in one call, same kernels and roundings
             layer = self.layers[0]
             return ext.llama_decode_layers(x, positions, self.rotary.cos, self.rotary.sin, *stack, meta.slot_mapping,
                                            meta.decode_block_tables, meta.decode_context_lens, layer.num_heads,
                                            layer.num_kv_heads, self.norm.eps, layer.scale, self.norm.weight)
-        for layer, kv in zip(self.layers, kv_caches):
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             x = layer.forward_fused(ext, x, positions, self.rotary, kv, meta)
+            tap(meta, i + 1, x)
         return ext.rms_norm(x, self.norm.weight, self.norm.eps, _EMPTY)
 
     def _decode_stack(self, kv_caches: list[tuple[torch.Tensor, ...]]):
