@@ -1,5 +1,5 @@
 """SamplingParams.hidden_layer: the residual stream after L layers at the prompt's last token,
-handed out with the request's last delta (the router's probe reads it).
+handed out once, with the request's first token (the router's probe reads it there).
 
 Checked against transformers' `hidden_states[L]` on random-weight models of every
 architecture variant, through chunked prefill, a prefix hit that leaves only the last
@@ -55,3 +55,17 @@ def test_hidden_layer_is_checked(tiny_model):
         llm.generate([[5, 6, 7]], SamplingParams(hidden_layer=99))
     with pytest.raises(ValueError, match="hidden_layer"):
         SamplingParams(hidden_layer=-1)
+
+
+def test_hidden_state_comes_with_the_first_token(tiny_model):
+    folder = tiny_model.variant("llama-gqa-untied")
+    llm = LLM(str(folder), dtype="float32", block_size=4, max_num_batched_tokens=8)
+    engine = llm.engine
+    engine.add_request("r", tiny_model.prompts(folder, [19])[0], SamplingParams(max_tokens=4, hidden_layer=1,
+                                                                                 ignore_eos=True))
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += engine.step()
+    with_tokens = [d for d in deltas if any(c.token_ids for c in d.outputs)]
+    assert len(with_tokens) == 4 and with_tokens[0].hidden is not None
+    assert all(d.hidden is None for d in deltas if d is not with_tokens[0])

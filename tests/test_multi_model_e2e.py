@@ -2,6 +2,7 @@
 KV budgets) and the router behind "auto": dispatch, routing, overflow and headers."""
 import re
 import threading
+import time
 
 import httpx
 import openai
@@ -10,8 +11,9 @@ import pytest
 from server_util import running_server
 
 DEFAULT = "smollm2-135m-instruct"
-HARD = ("Prove that there are infinitely many primes, then derive a bound on the n-th prime. "
-        "Think step by step and justify every inequality.")
+# Far on either side of the threshold for both signals (the probe, the default here, and the
+# surface features it falls back to), so these tests check dispatch, not the classifier's taste.
+HARD = "Write a Python function that merges overlapping intervals and explain its time complexity."
 EASY = "Hi! What's the capital of France?"
 
 
@@ -78,6 +80,28 @@ def test_auto_routes_by_the_classifier_with_header(server):
     assert metric(server, "tuili_router_decisions_total", reason="classifier_fast", model="small") >= 1
     bad = httpx.post(server + "/v1/completions", json={"model": "auto", "prompt": [1, 2, 3]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+
+
+def test_auto_reads_the_fast_models_probe_and_computes_the_prompt_once(server):
+    used = metric(server, "tuili_router_probe_total", outcome="used")
+    looked_up = {m: metric(server, "tuili_prefix_cache_query_tokens", model=m) for m in ("small", "big")}
+    easy = chat(server, "auto", "Say hello to my friend Tom, who is visiting from Lisbon this week.")
+    assert easy.status_code == 200 and easy.json()["model"] == "small"
+    assert easy.headers["x-tuili-route-reason"] == "classifier_fast"
+    assert metric(server, "tuili_router_probe_total", outcome="used") == used + 1
+    # The probe read the answer's own prefill: the fast engine took the prompt once, the strong none.
+    prompt = easy.json()["usage"]["prompt_tokens"]
+    assert metric(server, "tuili_prefix_cache_query_tokens", model="small") - looked_up["small"] == prompt
+    assert metric(server, "tuili_prefix_cache_query_tokens", model="big") == looked_up["big"]
+    # Sent strong, the fast call is dropped: not counted as a request of the fast model, nothing left running.
+    requests = metric(server, "tuili_request_finished_total", model="small", finish_reason="abort")
+    hard = chat(server, "auto", HARD)
+    assert hard.json()["model"] == "big" and metric(server, "tuili_router_probe_total", outcome="used") == used + 2
+    assert metric(server, "tuili_request_finished_total", model="small", finish_reason="abort") == requests
+    deadline = time.monotonic() + 10  # the abort reaches the engine loop on its next turn
+    while metric(server, "tuili_requests_running", model="small") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(server, "tuili_requests_running", model="small") == 0
 
 
 def test_overflow_to_fast_while_strong_is_busy_but_explicit_stays(server):

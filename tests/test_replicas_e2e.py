@@ -77,8 +77,9 @@ def test_same_prefix_and_same_session_stay_on_one_replica(server):
                        json={"model": base.MODEL, "prompt": f"unrelated text {i} " * (i + 1), "max_tokens": 2})
         assert r.status_code == 200
     metrics = httpx.get(b + "/metrics").text
-    assert re.search(r'tuili_replica_route_decisions_total\{[^}]*reason="session"[^}]*\} [2-9]', metrics), metrics
-    assert re.search(r'tuili_replica_route_decisions_total\{[^}]*reason="prefix"[^}]*\} [3-9]', metrics)
+    decisions = "\n".join(line for line in metrics.splitlines() if line.startswith("tuili_replica_route_decisions"))
+    assert re.search(r'tuili_replica_route_decisions_total\{[^}]*reason="session"[^}]*\} [2-9]', metrics), decisions
+    assert re.search(r'tuili_replica_route_decisions_total\{[^}]*reason="prefix"[^}]*\} [3-9]', metrics), decisions
 
 
 def test_killed_replica_calls_retried_and_replica_restarted(server):

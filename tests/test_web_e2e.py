@@ -28,8 +28,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 DEFAULT = "smollm2-135m-instruct"
-HARD = ("Prove that there are infinitely many primes, then derive a bound on the n-th prime. "
-        "Think step by step and justify every inequality.")
+# Far above the threshold for the probe (the default signal here) and the surface features alike.
+HARD = "Write a Python function that merges overlapping intervals and explain its time complexity."
 EASY = "Hi! What's the capital of France?"
 XSS = "<img src=x onerror=alert(1)>"
 WEB = Path(__file__).resolve().parents[1] / "src" / "tuili" / "web"
@@ -199,7 +199,7 @@ def test_auto_names_the_model_that_answered_and_why(page):
         assert answer.locator(".who").inner_text() == model
         assert answer.locator(".routed").inner_text() == f"auto → {model} ({reason})"
     assert page.locator("#conversations li").count() == 2
-    page.locator("#conversations .conv-title", has_text="Prove that").click()  # back to the first one
+    page.locator("#conversations .conv-title", has_text="merges overlapping").click()  # back to the first one
     assert page.locator("#messages li.msg.assistant .who").inner_text() == "big"
 
 

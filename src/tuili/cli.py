@@ -94,6 +94,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--router", default=None, metavar="fast=NAME,strong=NAME",
                    help="route requests for --router-name between these two served models")
     p.add_argument("--router-name", default="auto", help="model name that asks for routing")
+    p.add_argument("--router-signal", choices=("auto", "probe", "features"), default="auto",
+                   help="probe: the fast model's hidden state (its prefill is reused); features: the text's "
+                        "surface; auto: the probe when it was fitted on the fast model, else features")
     p.add_argument("--router-model", default=None, help="router file from `tuili router train` (default: built in)")
     p.add_argument("--router-strong-share", type=float, default=0.2,
                    help="share of routed requests the classifier sends to the strong model")

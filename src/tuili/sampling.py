@@ -70,7 +70,7 @@ class SamplingParams:
     guided: GuidedDecoding | None = None
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100]
     # Hand out the residual stream after this many layers (0: the embeddings) at the prompt's
-    # last token, with the request's last delta (`RequestDelta.hidden`): the router's probe.
+    # last token, with the request's first token (`RequestDelta.hidden`): the router's probe.
     hidden_layer: int | None = None
     # Set by the engine's grammar compiler (engine/guided.py); each sequence gets its own matcher from it.
     compiled_grammar: Any = field(default=None, repr=False, compare=False)

@@ -57,6 +57,7 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
+    hidden_sent: bool = False  # params.hidden_layer's state has been handed out
 
     @property
     def finished(self) -> bool:
@@ -202,10 +203,11 @@ class Engine:
 
     def _delta(self, req: Request) -> RequestDelta:
         outs = [take_delta(s, s.finish_reason is not None) for s in req.seqs]
-        finished = req.finished
+        hidden = None
+        if req.seqs[0].hidden is not None and not req.hidden_sent:  # once, with the first token
+            hidden, req.hidden_sent = req.seqs[0].hidden, True
         return RequestDelta(req.request_id, [o for o in outs if o.token_ids or o.text or o.finish_reason],
-                            finished, len(req.prompt_token_ids), req.seqs[0].num_cached_prompt_tokens,
-                            req.seqs[0].hidden if finished else None)
+                            req.finished, len(req.prompt_token_ids), req.seqs[0].num_cached_prompt_tokens, hidden)
 
     def generate(self, requests: list[tuple[str, str | list[int], SamplingParams]],
                  on_finish: Callable[[RequestOutput], None] | None = None,

@@ -41,7 +41,7 @@ class RequestDelta:
     finished: bool  # every completion of the request has finished
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
-    hidden: list[float] | None = None  # with SamplingParams.hidden_layer: on the last delta
+    hidden: list[float] | None = None  # with SamplingParams.hidden_layer: on the first delta with a token
 
 
 @dataclass

@@ -94,7 +94,11 @@ class RouterClassifier:
             raise ValueError(f"{path}: not a router file ({e})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{path}: not a router file (format {FORMAT!r} expected)")
-        if list(data["feature_names"]) != list(FEATURE_NAMES):
+        names = list(data.get("feature_names") or [])
+        if (data.get("info") or {}).get("signal") == "probe":  # one weight per hidden dimension (probe.py)
+            if names != [f"h{i}" for i in range(len(names))] or len(data["weights"]) != len(names):
+                raise ValueError(f"{path}: a probe router's features must be h0..h<n> with one weight each")
+        elif names != list(FEATURE_NAMES):
             raise ValueError(f"{path}: trained on other features than this tuili computes; retrain it "
                              "with `tuili router train`")
         return cls(list(data["feature_names"]), data["mean"], data["std"], data["weights"], data["bias"],
@@ -119,8 +123,9 @@ def share_above(scores: Sequence[float], threshold: float) -> float:
 
 
 def fit(x: "Sequence[Sequence[float]]", y: Sequence[int], strong_share: float = 0.2, l2: float = 10.0,
-        iterations: int = 50, info: dict | None = None) -> RouterClassifier:
-    """Fit on rows x (FEATURE_NAMES order) and labels y (1 = hard); calibrate on out-of-fold scores of those rows."""
+        iterations: int = 50, info: dict | None = None, names: list[str] | None = None) -> RouterClassifier:
+    """Fit on rows x (`names` order, FEATURE_NAMES by default) and labels y (1 = hard); calibrate on
+    out-of-fold scores of those rows."""
     import numpy as np
 
     X = np.asarray(x, dtype=np.float64)
@@ -134,8 +139,12 @@ def fit(x: "Sequence[Sequence[float]]", y: Sequence[int], strong_share: float = 
     weights = w[:-1].copy()
     weights[constant] = 0.0
     quantiles = np.quantile(scores, np.linspace(0.0, 1.0, NUM_QUANTILES)).tolist()
-    clf = RouterClassifier(list(FEATURE_NAMES), mean.tolist(), std.tolist(), weights.tolist(), float(w[-1]),
-                           quantiles, info=dict(info or {}, rows=int(X.shape[0]), hard=int(t.sum()), l2=l2))
+    names = list(names or FEATURE_NAMES)
+    if len(names) != X.shape[1]:
+        raise ValueError(f"router train: {X.shape[1]} values per row for {len(names)} feature names")
+    clf = RouterClassifier(names, mean.tolist(), std.tolist(), weights.tolist(), float(w[-1]),
+                           quantiles, info=dict(info or {}, rows=int(X.shape[0]), hard=int(t.sum()), l2=l2,
+                                                oof_auc=auc(scores.tolist(), [int(v) for v in t])))
     return clf.with_strong_share(strong_share)
 
 

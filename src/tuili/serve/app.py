@@ -29,6 +29,7 @@ def create_app(models: ModelRegistry, api_key: str | None = None, on_ready=None,
     metrics = Metrics()
     if router is not None:
         router.on_decision = metrics.observe_route
+        router.on_probe = metrics.observe_probe
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -66,13 +66,35 @@ class Call:
             self.stream = served.engine.generate(prompt_ids, params)
         except (QueueFullError, EngineError) as e:
             raise api_error(e) from None
+        self._items = aiter(self.stream)  # one iterator: read_hidden() and deltas() share it
+        self._read: list[tuple[int, RequestDelta]] = []  # taken by read_hidden(), not yet handed out
+
+    async def read_hidden(self) -> list[float]:
+        """Wait for the hidden state the call asked for (params.hidden_layer; it comes with the
+        first token), keeping what arrived for `deltas()`: the router's probe."""
+        async for k, delta in self._items:
+            self._seen(k, delta)
+            self._read.append((k, delta))
+            if delta.hidden is not None:
+                return delta.hidden
+        raise EngineError("the call ended without the hidden state it asked for")
+
+    def discard(self) -> None:
+        """Drop a call that will not answer (the router chose another model): aborted, not counted."""
+        self.done = True
+        self.stream.abort()
+
+    def _seen(self, k: int, delta: RequestDelta) -> None:
+        if self.first_token is None and any(c.token_ids for c in delta.outputs):
+            self.first_token = time.perf_counter()
+        self.outputs[k].add(delta)
 
     async def deltas(self) -> AsyncIterator[tuple[int, RequestDelta]]:
         """(prompt index, delta) as they come; the call's outputs grow as they pass."""
-        async for k, delta in self.stream:
-            if self.first_token is None and any(c.token_ids for c in delta.outputs):
-                self.first_token = time.perf_counter()
-            self.outputs[k].add(delta)
+        while self._read:
+            yield self._read.pop(0)
+        async for k, delta in self._items:
+            self._seen(k, delta)
             yield k, delta
 
     async def collect(self) -> list[RequestOutput]:

@@ -15,6 +15,7 @@ from typing import Any
 from ..config import DEFAULT_MODEL
 from ..engine import AsyncEngine, EngineShutdownError
 from ..router import load_router
+from ..router.probe import DEFAULT_FEATURES, DEFAULT_PROBE, check_model, is_probe
 from .app import create_app
 from .model_spec import ModelSpec, engine_option_names, parse_model_spec, parse_router_spec
 from .models import ModelRegistry
@@ -60,7 +61,7 @@ def check_router_flags(args) -> None:
     if not getattr(args, "router", None):
         return
     fast, strong = parse_router_spec(args.router)
-    load_router(args.router_model, args.router_strong_share)
+    router_files(args)
     if args.router_max_wait is not None and args.router_max_wait < 0:
         raise ValueError(f"--router-max-wait: must be >= 0 ms, got {args.router_max_wait}")
     named = [s.name for s in model_specs(args)]
@@ -74,12 +75,42 @@ def build_router(args, registry: ModelRegistry) -> Router | None:
     if not getattr(args, "router", None):
         return None
     fast, strong = parse_router_spec(args.router)
-    classifier = load_router(args.router_model, args.router_strong_share)
+    classifier, probe = router_files(args)
     engines = {m.name: m.engine for m in registry.all()}
-    router = Router(args.router_name, fast, strong, classifier, engines, max_wait_ms=args.router_max_wait)
-    log.info("router %r: fast=%s strong=%s threshold=%.4f (strong share %.2f) max_wait=%s ms",
-             router.name, fast, strong, classifier.threshold, classifier.strong_share, args.router_max_wait)
+    if probe is not None and fast in engines:
+        shape = engines[fast].engine
+        try:
+            check_model(probe, shape.model_config, shape.model_name)
+        except ValueError:
+            if getattr(args, "router_signal", "auto") == "probe" or args.router_model:
+                raise
+            log.info("router: the shipped probe was fitted on %s, not on the fast model %s; surface features "
+                     "decide (`tuili router train --signal probe --model ...` fits one)",
+                     probe.info.get("model"), shape.model_name)
+            probe = None
+    router = Router(args.router_name, fast, strong, classifier, engines, max_wait_ms=args.router_max_wait,
+                    probe=probe)
+    used = probe or classifier
+    log.info("router %r: fast=%s strong=%s signal=%s threshold=%.4f (strong share %.2f) max_wait=%s ms",
+             router.name, fast, strong, "probe (layer %d)" % probe.info["layer"] if probe else "features",
+             used.threshold, used.strong_share, args.router_max_wait)
     return router
+
+
+def router_files(args) -> tuple:
+    """(surface-features classifier, probe classifier or None) from --router-model and
+    --router-signal: a probe file given is the probe (the shipped features are its fallback);
+    otherwise the shipped probe unless --router-signal features."""
+    signal = getattr(args, "router_signal", "auto")
+    given = load_router(args.router_model, args.router_strong_share) if args.router_model else None
+    if given is not None and is_probe(given):
+        if signal == "features":
+            raise ValueError("--router-signal features: --router-model is a probe router")
+        return load_router(DEFAULT_FEATURES, args.router_strong_share), given
+    features = given or load_router(DEFAULT_FEATURES, args.router_strong_share)
+    if signal == "features" or (given is not None and signal == "auto"):
+        return features, None
+    return features, load_router(DEFAULT_PROBE, args.router_strong_share)
 
 
 def serve(args, engine_options: dict[str, Any]) -> int:

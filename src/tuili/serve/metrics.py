@@ -37,7 +37,11 @@ class Metrics:
         self.route_decisions = Counter("tuili_router_decisions", "Model choices by reason and model answering",
                                        ["reason", "model"], registry=r)
         self.route_seconds = Histogram("tuili_router_decision_seconds", "Time the router took to decide",
-                                       buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3), registry=r)
+                                       buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1,
+                                                0.25, 1.0), registry=r)
+        # The router's probe (the fast model's prefill): used, or fallen back to surface features.
+        self.route_probes = Counter("tuili_router_probe", "Router decisions by the fast model's probe",
+                                    ["outcome"], registry=r)
         g = lambda name, doc: Gauge(name, doc, ["model"], registry=r)  # noqa: E731
         self.running = g("tuili_requests_running", "Sequences running in the engine")
         self.waiting = g("tuili_requests_waiting", "Sequences waiting for admission")
@@ -85,6 +89,9 @@ class Metrics:
             self.constrained.labels(model, "tools_auto").inc()
         if params.logit_bias:
             self.constrained.labels(model, "logit_bias").inc()
+
+    def observe_probe(self, outcome: str) -> None:
+        self.route_probes.labels(outcome).inc()
 
     def observe_route(self, decision: "Decision") -> None:
         self.route_decisions.labels(decision.reason, decision.model).inc()

@@ -21,15 +21,28 @@ Decisions:
   operator's to set.
 - Decisions are counted by reason in Prometheus (`tuili_router_decisions_total`).
 - Nothing here imports torch or numpy: a decision is string scans plus a dot product.
+
+The probe signal (tuili.router.probe, the default when its file matches the fast model):
+the request starts on the fast model as if it had been sent there, asking for its hidden
+state after a few layers at the prompt's last token; that comes with the first token, and
+a dot product with the probe's weights scores it. Kept on the fast model, the request just
+goes on (its time to first token is the fast model's own: nothing is computed twice); sent
+to the strong model, the fast call is aborted, and the request waited for one fast prefill.
+When the probe cannot run (the prompt does not fit the fast model, its engine refuses or
+fails) the surface features decide, and the fallback is counted
+(`tuili_router_probe_total{outcome="fallback"}`).
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from ..router.classifier import RouterClassifier
 from ..router.features import conversation, extract
+
+log = logging.getLogger("tuili.router")
 
 REASONS = ("explicit", "classifier_fast", "classifier_strong", "overflow")
 
@@ -45,12 +58,15 @@ class Decision:
     score: float | None = None  # the classifier's probability of "hard" (None when explicit)
     strong_wait_ms: float | None = None  # the estimate that was compared with max_wait_ms
     seconds: float = 0.0  # time the decision took
+    signal: str | None = None  # "probe" or "features" (None when explicit)
 
 
 class Router:
     def __init__(self, name: str, fast: str, strong: str, classifier: RouterClassifier,
                  engines: dict[str, StatsSource], max_wait_ms: float | None = None,
-                 default_ms_per_token: float = 5.0, on_decision: Callable[[Decision], None] | None = None):
+                 default_ms_per_token: float = 5.0, on_decision: Callable[[Decision], None] | None = None,
+                 probe: RouterClassifier | None = None,
+                 on_probe: Callable[[str], None] | None = None):
         if fast not in engines or strong not in engines:
             missing = fast if fast not in engines else strong
             raise ValueError(f"--router: {missing!r} is not a served model; served: {', '.join(engines)}")
@@ -62,6 +78,8 @@ class Router:
         self.max_wait_ms = max_wait_ms
         self.default_ms_per_token = default_ms_per_token
         self.on_decision = on_decision
+        self.probe = probe  # a probe classifier (router/probe.py) fitted on the fast model, or None
+        self.on_probe = on_probe  # called with "used" or "fallback"
 
     def estimated_wait_ms(self, model: str) -> float:
         s = self.engines[model].stats()
@@ -77,15 +95,43 @@ class Router:
             decision = Decision(model, "explicit")
         else:
             x = extract(conversation(prompt, messages), max_tokens)
-            score = self.classifier.score(x)
-            if not self.classifier.is_hard(score):
-                decision = Decision(self.fast, "classifier_fast", score)
-            else:
-                wait = self.estimated_wait_ms(self.strong) if self.max_wait_ms is not None else None
-                if wait is not None and wait > self.max_wait_ms:
-                    decision = Decision(self.fast, "overflow", score, wait)
-                else:
-                    decision = Decision(self.strong, "classifier_strong", score, wait)
+            decision = self._decide(self.classifier, self.classifier.score(x), "features")
+        return self._done(decision, start)
+
+    async def route_async(self, model: str, prompt: str | None = None, messages: list | None = None,
+                          max_tokens: int | None = None,
+                          read_hidden: Callable[[], Awaitable[list[float]]] | None = None) -> Decision:
+        """As `route`, by the probe when there is one. `read_hidden()` waits for the hidden state
+        of the request already started on the fast model (serve/routes.py starts it with
+        `probe_layer`); when the probe keeps the request there, that call goes on answering."""
+        if model != self.name or self.probe is None or read_hidden is None:
+            return self.route(model, prompt, messages, max_tokens)
+        start = time.perf_counter()
+        try:
+            hidden = await read_hidden()
+        except Exception as e:  # noqa: BLE001 - any failure of the probe: the features decide
+            log.info("router probe not used (%s: %s); surface features decide", type(e).__name__, str(e)[:200])
+            if self.on_probe is not None:
+                self.on_probe("fallback")
+            return self.route(model, prompt, messages, max_tokens)
+        if self.on_probe is not None:
+            self.on_probe("used")
+        return self._done(self._decide(self.probe, self.probe.score(hidden), "probe"), start)
+
+    @property
+    def probe_layer(self) -> int | None:
+        """The fast model's layer the probe reads, or None without a probe."""
+        return None if self.probe is None else int(self.probe.info["layer"])
+
+    def _decide(self, clf: RouterClassifier, score: float, signal: str) -> Decision:
+        if not clf.is_hard(score):
+            return Decision(self.fast, "classifier_fast", score, signal=signal)
+        wait = self.estimated_wait_ms(self.strong) if self.max_wait_ms is not None else None
+        if wait is not None and wait > self.max_wait_ms:
+            return Decision(self.fast, "overflow", score, wait, signal=signal)
+        return Decision(self.strong, "classifier_strong", score, wait, signal=signal)
+
+    def _done(self, decision: Decision, start: float) -> Decision:
         decision.seconds = time.perf_counter() - start
         if self.on_decision is not None:
             self.on_decision(decision)

@@ -8,6 +8,8 @@ in the body's `model` field).
 """
 from __future__ import annotations
 
+from typing import Awaitable, Callable
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -74,10 +76,16 @@ async def get_model(request: Request, name: str):
 async def completions(request: Request):
     req: CompletionRequest = await parse_body(request, CompletionRequest)
     prompts = checked(req.prompts)
-    served = pick(request, req.model, prompt=_router_prompt(request, req.model, prompts), max_tokens=req.max_tokens)
-    params = checked(req.to_sampling_params)
-    ids = checked(lambda: [served.engine.prepare(p, params) for p in prompts])
-    call = Call(request, served, request.app.state.metrics, "cmpl", ids, params)
+
+    def start(served: ServedModel, probe_layer: int | None = None) -> Call:
+        params = checked(req.to_sampling_params)
+        params.hidden_layer = probe_layer
+        ids = checked(lambda: [served.engine.prepare(p, params) for p in prompts])
+        return Call(request, served, request.app.state.metrics, "cmpl", ids, params)
+
+    served, call = await routed_call(request, req.model, start, prompt=_router_prompt(request, req.model, prompts),
+                                     max_tokens=req.max_tokens, probe=len(prompts) == 1)
+    params = call.params
     request.app.state.metrics.observe_constrained(served.name, params, False)
     if req.stream:
         return call.streaming_response(lambda: completion_events(call, req.echo, req.include_usage, prompts))
@@ -99,17 +107,23 @@ async def chat_completions(request: Request):
     req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     messages = [m.as_template_dict() for m in req.messages]
-    served = pick(request, req.model, messages=messages, max_tokens=max_tokens)
-    checked(req.check_tools)
     choice = req.effective_tool_choice
-    forced = T.forced_grammar(req.tools, choice, req.parallel_tool_calls) if choice not in ("none", "auto") else None
-    params = checked(lambda: req.to_sampling_params(forced))
-    if req.tools:  # every definition's parameters must compile, whatever tool_choice says
-        checked(lambda: [served.engine.check_constraint(g) for g in T.parameter_constraints(req.tools)])
-    prompt_tools = T.prompt_tools(req)
-    ids = checked(lambda: [served.engine.prepare(
-        served.engine.chat_ids(messages, req.add_generation_prompt, tools=prompt_tools), params)])
-    call = Call(request, served, request.app.state.metrics, "chatcmpl", ids, params)
+
+    def start(served: ServedModel, probe_layer: int | None = None) -> Call:
+        checked(req.check_tools)
+        forced = (T.forced_grammar(req.tools, choice, req.parallel_tool_calls) if choice not in ("none", "auto")
+                  else None)
+        params = checked(lambda: req.to_sampling_params(forced))
+        params.hidden_layer = probe_layer
+        if req.tools:  # every definition's parameters must compile, whatever tool_choice says
+            checked(lambda: [served.engine.check_constraint(g) for g in T.parameter_constraints(req.tools)])
+        prompt_tools = T.prompt_tools(req)
+        ids = checked(lambda: [served.engine.prepare(
+            served.engine.chat_ids(messages, req.add_generation_prompt, tools=prompt_tools), params)])
+        return Call(request, served, request.app.state.metrics, "chatcmpl", ids, params)
+
+    served, call = await routed_call(request, req.model, start, messages=messages, max_tokens=max_tokens)
+    params = call.params
     request.app.state.metrics.observe_constrained(served.name, params, choice != "none")
     parse_calls = choice != "none"
     if req.stream:
@@ -131,15 +145,32 @@ async def chat_completions(request: Request):
             "choices": choices, "usage": R.usage(*R.totals(outs))}
 
 
-def pick(request: Request, name: str, prompt: str | None = None, messages: list | None = None,
-         max_tokens: int | None = None) -> ServedModel:
-    """The engine for a request: its named model, or the router's choice for the router's name."""
+async def routed_call(request: Request, name: str, start: Callable[..., Call], prompt: str | None = None,
+                      messages: list | None = None, max_tokens: int | None = None,
+                      probe: bool = True) -> tuple[ServedModel, Call]:
+    """The model for a request (its name, or the router's choice for the router's name) and the
+    call started on it by `start(served, probe_layer=None)`.
+
+    With the router's probe, the request starts on the fast model at once, asking for the
+    probe's hidden state; the router reads it with the first token and either keeps that
+    call (nothing computed twice) or discards it and starts the request on the strong model."""
     state = request.app.state
     if state.draining:
         raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
     router, models = state.router, state.models
+    call = None
     if router is not None and name == router.name:
-        decision = router.route(name, prompt, messages, max_tokens)
+        read = None
+        if probe and router.probe_layer is not None:
+            try:
+                call = start(models.get(router.fast), router.probe_layer)
+                read = call.read_hidden
+            except APIError as e:  # the fast model refuses it (too long for it, queue full): features decide
+                read = _failing(e)
+        decision = await router.route_async(name, prompt, messages, max_tokens, read)
+        if call is not None and (decision.model != router.fast or decision.signal != "probe"):
+            call.discard()
+            call = None
     else:
         served = served_model(models, name)
         decision = Decision(served.name, "explicit")
@@ -149,8 +180,16 @@ def pick(request: Request, name: str, prompt: str | None = None, messages: list 
             state.metrics.observe_route(decision)
     request.state.routed_to = decision.model
     request.state.route_reason = decision.reason
-    request.state.route = decision.reason if decision.score is None else f"{decision.reason}:{decision.score:.3f}"
-    return models.get(decision.model)
+    request.state.route = (decision.reason if decision.score is None
+                           else f"{decision.reason}:{decision.signal}:{decision.score:.3f}")
+    served = models.get(decision.model)
+    return served, call if call is not None else start(served)
+
+
+def _failing(error: BaseException) -> Callable[[], Awaitable[list[float]]]:
+    async def read() -> list[float]:
+        raise error
+    return read
 
 
 def _router_prompt(request: Request, name: str, prompts: list) -> str | None:

@@ -74,7 +74,8 @@ class EngineShape:
         self.block_size = int(info["block_size"])
         self.num_blocks = int(info["num_blocks"])
         self.replicas = replicas
-        self.model_config = SimpleNamespace(vocab_size=self.vocab_size)
+        self.model_config = SimpleNamespace(vocab_size=self.vocab_size, hidden_size=int(info.get("hidden_size", 0)),
+                                            num_layers=int(info.get("num_layers", 0)))
         self.eos_token_ids = list(info.get("eos_token_ids") or [])
 
     def stats(self) -> dict[str, Any]:

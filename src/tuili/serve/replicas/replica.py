@@ -60,6 +60,7 @@ class EngineReplica:
         return {"model_name": e.model_name, "model_folder": str(e.model_folder) if e.model_folder else None,
                 "has_tokenizer": e.tokenizer is not None, "max_model_len": e.max_model_len,
                 "max_seq_len": e.max_seq_len, "vocab_size": e.model_config.vocab_size,
+                "hidden_size": e.model_config.hidden_size, "num_layers": e.model_config.num_layers,
                 "block_size": e.config.block_size, "num_blocks": e.blocks.num_blocks,
                 "eos_token_ids": list(e.eos_token_ids)}
 
