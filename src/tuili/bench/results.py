@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -13,3 +14,14 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> Path:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
     return path
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu prints it (from /proc/cpuinfo; the platform's name elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

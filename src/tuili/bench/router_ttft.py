@@ -20,7 +20,6 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import httpx
 
 from ..router.data import load_examples
 from .launch import free_port, launch, tuili_serve_cmd
+from .results import append_jsonl, cpu_model
 
 HELDOUT = Path(__file__).resolve().parents[3] / "data" / "router" / "heldout.jsonl"
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     sent = [statistics.median(t for t, m in routed[i] if m == "big") / statistics.median(direct[i])
             for i in routed if any(m == "big" for _, m in routed[i])]
     d = statistics.median(statistics.median(v) for v in direct.values())
-    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+    cpu = cpu_model()
     result = {
         "bench": "router_ttft", "cpu": cpu, "prompts": len(prompts), "repeats": args.repeats,
         "direct_ttft_ms_p50": d * 1000,
@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "fast_lookups_over_prompt_tokens": looked / max(started_on_fast, 1), "probes": probes,
     }
     print(json.dumps(result, indent=1))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(result) + "\n")
+    append_jsonl(args.output, result)
     return 0
 
 

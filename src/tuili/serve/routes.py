@@ -107,10 +107,10 @@ async def chat_completions(request: Request):
     req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     messages = [m.as_template_dict() for m in req.messages]
-    choice = req.effective_tool_choice
+    checked(req.check_tools)
+    choice = checked(lambda: req.effective_tool_choice)
 
     def start(served: ServedModel, probe_layer: int | None = None) -> Call:
-        checked(req.check_tools)
         forced = (T.forced_grammar(req.tools, choice, req.parallel_tool_calls) if choice not in ("none", "auto")
                   else None)
         params = checked(lambda: req.to_sampling_params(forced))
