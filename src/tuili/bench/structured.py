@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{tp[kind if kind != 'mixed' else 'mixed_free'][-1]:.1f} ms", flush=True)
         out["c16_tpot_ms"] = {k: statistics.median(v) for k, v in tp.items()}
         out["c16_runs"] = tp
+        text = httpx.get(base + "/metrics", timeout=30).text
+        found = dict(re.findall(r'^(tuili_guided_mask_seconds_per_step)\{[^}]*\} (\S+)$', text, re.M))
+        out["mask_ms_per_masked_step"] = float(found.get("tuili_guided_mask_seconds_per_step", "nan")) * 1000
     finally:
         server.stop()
     c1, c16 = out["c1_tpot_ms"], out["c16_tpot_ms"]
