@@ -69,6 +69,16 @@ def prefix_counts(base: str) -> tuple[int, int]:
     return hits, s["prefix"]["query_tokens"]
 
 
+def route_decisions(base: str) -> dict[str, int]:
+    """Routing decisions by reason, summed over replicas (empty for a single engine)."""
+    out: dict[str, int] = {}
+    for model in httpx.get(base + "/v1/stats", timeout=30).json().get("replicas") or []:
+        for row in model.get("replicas") or []:
+            for reason, n in (row.get("route_decisions") or {}).items():
+                out[reason] = out.get(reason, 0) + n
+    return out
+
+
 def measure(name: str, extra: list[str], args, bodies: list[dict]) -> dict:
     port = free_port()
     log = Path(tempfile.gettempdir()) / f"tuili-bench-tenants-{name}.log"
@@ -86,11 +96,12 @@ def measure(name: str, extra: list[str], args, bodies: list[dict]) -> dict:
             ttfts.append(statistics.median(r.ttft for r in ok) if ok else float("nan"))
             tputs.append(sum(r.output_tokens for r in ok) / seconds)
         h1, q1 = prefix_counts(server.base_url)
+        decisions = route_decisions(server.base_url)
     finally:
         server.stop(grace_s=60)
     row = {"config": name, "ttft_p50_s": statistics.median(ttfts), "ttft_p50_runs": ttfts,
            "output_tok_s": statistics.median(tputs), "tok_s_runs": tputs, "errors": errors,
-           "prefix_hit_rate": (h1 - h0) / (q1 - q0) if q1 > q0 else None}
+           "prefix_hit_rate": (h1 - h0) / (q1 - q0) if q1 > q0 else None, "route_decisions": decisions}
     print(json.dumps(row), flush=True)
     return row
 
