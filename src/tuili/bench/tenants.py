@@ -84,8 +84,11 @@ def measure(name: str, extra: list[str], args, bodies: list[dict]) -> dict:
     log = Path(tempfile.gettempdir()) / f"tuili-bench-tenants-{name}.log"
     server = launch(tuili_serve_cmd(port, *extra), port, log, timeout_s=600)
     try:
-        warm = [dict(bodies[0], messages=[{"role": "system", "content": system_prompt(t, args.prompt_words)},
-                                          {"role": "user", "content": "warm up"}]) for t in range(args.tenants)]
+        # one request per tenant, each from its own user (one user for all of them would make the
+        # session rule put every tenant's prompt on one replica)
+        warm = [dict(bodies[0], user=f"warm-up-{t}",
+                     messages=[{"role": "system", "content": system_prompt(t, args.prompt_words)},
+                               {"role": "user", "content": "warm up"}]) for t in range(args.tenants)]
         asyncio.run(run_load(server.base_url, server.model, warm, 1))
         ttfts, tputs, errors = [], [], 0
         h0, q0 = prefix_counts(server.base_url)
