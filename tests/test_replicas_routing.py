@@ -41,6 +41,10 @@ def test_sessions_stick_and_are_forgotten_with_their_replica():
     p = CacheAwarePolicy()
     p.routed(key([1] * 8, "s"), "B")
     assert p.choose(key([5] * 8, "s"), ["A", "B"], {"A": 0, "B": 2}).replica == "B"
+    # ...unless another replica holds more of the prompt: the prefix wins over the session
+    p.routed(key([9] * 16), "A")
+    moved = p.choose(key([9] * 16, "s"), ["A", "B"], {"A": 0, "B": 0})
+    assert (moved.replica, moved.reason) == ("A", "prefix")
     p.forget("B")
     c = p.choose(key([5] * 8, "s"), ["A", "C"], {})
     assert c.reason != "session"

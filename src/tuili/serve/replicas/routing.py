@@ -15,7 +15,10 @@ Decisions:
   over the candidates, as Ray Serve's default router does, so one hot prefix cannot pile
   every request on one replica.
 - Sessions (the request's `user` field or `X-Session-Id` header) stick to the replica that
-  served them while it is among the candidates and not out of balance.
+  served them while it is among the candidates, not out of balance, and no other replica
+  holds more of the prompt: a conversation's own history lives where its session does, so
+  stickiness decides when the index knows nothing better; a returning user's request under
+  a shared prompt held elsewhere (a tenant's system prompt) goes to the prompt.
 - Every choice names its reason (session, prefix, least-loaded, imbalance, pow2,
   round-robin), counted per replica in the metrics.
 """
@@ -142,7 +145,11 @@ class CacheAwarePolicy:
         if key is not None and key.session is not None and balanced:
             r = self.sessions.get(key.session)
             if r in loads:
-                return Choice(r, "session", self.index.match(r, key.hashes))
+                # A session stays where its conversation is, unless another replica holds more of
+                # this prompt (a user's next request under a prefix that lives elsewhere).
+                held = self.index.match(r, key.hashes)
+                if held >= max(self.index.match(x, key.hashes) for x in replicas):
+                    return Choice(r, "session", held)
         if not balanced:
             pair = self.rng.sample(list(replicas), 2) if len(replicas) > 1 else list(replicas)
             r = min(pair, key=lambda x: loads[x])
