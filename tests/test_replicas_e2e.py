@@ -63,7 +63,15 @@ def test_same_prefix_and_same_session_stay_on_one_replica(server):
     def replica_counts() -> dict:
         return {r["replica"]: r["calls"] for r in stats(b)["replicas"][0]["replicas"]}
 
-    before = replica_counts()
+    def decisions() -> dict:
+        """Routing decisions by reason, summed over replicas (earlier tests of the module add to them)."""
+        out: dict = {}
+        for m in re.finditer(r'^tuili_replica_route_decisions_total\{[^}]*reason="([^"]+)"[^}]*\} (\S+)$',
+                             httpx.get(b + "/metrics").text, re.M):
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+        return out
+
+    before, reasons = replica_counts(), decisions()
     for i in range(4):
         r = httpx.post(b + "/v1/chat/completions", timeout=60, json={
             "model": base.MODEL, "max_tokens": 2,
@@ -76,10 +84,9 @@ def test_same_prefix_and_same_session_stay_on_one_replica(server):
         r = httpx.post(b + "/v1/completions", timeout=60, headers={"X-Session-Id": "s-1"},
                        json={"model": base.MODEL, "prompt": f"unrelated text {i} " * (i + 1), "max_tokens": 2})
         assert r.status_code == 200
-    metrics = httpx.get(b + "/metrics").text
-    decisions = "\n".join(line for line in metrics.splitlines() if line.startswith("tuili_replica_route_decisions"))
-    assert re.search(r'tuili_replica_route_decisions_total\{[^}]*reason="session"[^}]*\} [2-9]', metrics), decisions
-    assert re.search(r'tuili_replica_route_decisions_total\{[^}]*reason="prefix"[^}]*\} [3-9]', metrics), decisions
+    now = decisions()
+    gained = {k: now.get(k, 0) - reasons.get(k, 0) for k in now}
+    assert gained.get("prefix", 0) >= 3 and gained.get("session", 0) >= 2, (reasons, now)
 
 
 def test_killed_replica_calls_retried_and_replica_restarted(server):
