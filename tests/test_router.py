@@ -258,9 +258,8 @@ def test_explain_shows_the_probe_by_default(default_model_folder, capsys):
     assert probe_line.endswith("-> fast")
 
 
-@pytest.mark.slow
 def test_shipped_probe_on_the_heldout_split(default_model_folder, capsys):
-    """The issue's measure (about 90 s on 2 cores): AUC >= 0.8, strong share 15-25% at a 20% target."""
+    """The issue's measure (about 10 s on 2 cores): AUC >= 0.8, strong share 15-25% at a 20% target."""
     from tuili.router.probe import DEFAULT_PROBE
 
     assert main(["router", "eval", str(HELDOUT), "--router-model", str(DEFAULT_PROBE)]) == 0
