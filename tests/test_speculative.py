@@ -31,7 +31,8 @@ def _ids(llm, prompts, params):
 
 def _pair(folder, **opts):
     base = LLM(str(folder), dtype="float32", **opts)
-    spec = LLM(str(folder), dtype="float32", speculative="ngram", speculative_tokens=4, **opts)
+    spec = LLM(str(folder), dtype="float32", speculative="ngram", speculative_tokens=4, speculative_max_batch=64,
+               **opts)
     return base, spec
 
 
@@ -175,3 +176,17 @@ def test_prometheus_counters_follow_engine_totals():
     text = metrics.render(models).decode()
     assert 'tuili_spec_draft_tokens_total{model="m"} 15.0' in text
     assert 'tuili_spec_accepted_tokens_total{model="m"} 10.0' in text
+
+
+def test_no_drafts_while_the_batch_is_fuller_than_max_batch(tiny_model):
+    folder = tiny_model.variant("llama-gqa-untied")
+    prompts = [list(range(10, 30)) * 2 for _ in range(3)]  # repetitive: n-gram drafts find matches
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    few = LLM(str(folder), dtype="float32", speculative="ngram", speculative_max_batch=2)
+    few.generate(prompts, params)  # three run together to the end: more than 2, never a draft
+    assert few.engine.proposer.drafted_tokens == 0
+    many = LLM(str(folder), dtype="float32", speculative="ngram", speculative_max_batch=3)
+    assert _ids(many, prompts, params) == _ids(few, prompts, params)
+    assert many.engine.proposer.drafted_tokens > 0
+    with pytest.raises(ValueError, match="speculative_max_batch"):
+        LLM(str(folder), dtype="float32", speculative="ngram", speculative_max_batch=0)

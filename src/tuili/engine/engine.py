@@ -92,7 +92,7 @@ class Engine:
         # The longest a sequence may grow: the context window, or the whole pool if smaller,
         # so that a sequence running alone can always finish.
         self.max_seq_len = min(self.max_model_len, num_blocks * cfg.block_size)
-        self.proposer = build_proposer(cfg.speculative, cfg.speculative_tokens)
+        self.proposer = build_proposer(cfg.speculative, cfg.speculative_tokens, cfg.speculative_max_batch)
         self.scheduler = Scheduler(cfg.scheduler_config(), self.blocks, self.proposer, self.max_seq_len)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.kv_dtype,
                                   Sampler(self.device, cfg.seed), self.eos_token_ids)

@@ -129,6 +129,8 @@ class Scheduler:
         tokens the sequence may still produce (a step emits up to drafts + 1)."""
         if self.proposer is None or n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
             return []
+        if self.proposer.max_batch is not None and len(self.running) > self.proposer.max_batch:
+            return []  # a full batch: the step is compute-bound, drafts would slow it (speculative.py)
         limit = budget - 1
         if seq.params.max_tokens is not None:
             limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)

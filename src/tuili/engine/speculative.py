@@ -39,6 +39,11 @@ nothing starts a back-off: the sequence does not draft for 1, 2, 4, ... up to 32
 so a request whose drafts keep failing stops paying for them (a failed verification
 costs extra rows in the step). Any accepted draft ends the back-off.
 
+Adaptation, per batch. With more than `max_batch` sequences running no one drafts: a step
+of many decode rows is no longer bound by reading the weights, so each verification row
+costs nearly what a sequence's own row does, and at the acceptance rates seen (about 60%)
+that loses (grounded workload at c=16: 0.86x with drafts for everyone; docs/BENCHMARKS.md).
+
 Grammars. A sequence carrying a guide (structured output) is never drafted for: its masks
 depend on the grammar state after each draft, and a wrong draft would have to be rolled
 back in the guide. It decodes one token per step as before.
@@ -67,10 +72,11 @@ class DraftState:
 class NgramProposer:
     """Drafts from n-gram matches in a sequence's own tokens, with a per-sequence adaptive length."""
 
-    def __init__(self, num_tokens: int, min_n: int = 1, max_n: int = 3):
+    def __init__(self, num_tokens: int, min_n: int = 1, max_n: int = 3, max_batch: int | None = None):
         if num_tokens < 1:
             raise ValueError(f"speculative_tokens: must be >= 1, got {num_tokens}")
         self.max_k = num_tokens
+        self.max_batch = max_batch  # no drafts while more sequences than this run (None: no limit)
         self.min_n = min_n
         self.max_n = max_n
         self.states: dict[int, DraftState] = {}
@@ -140,9 +146,9 @@ def num_accepted(drafts: list[int], sampled: list[int]) -> int:
     return a
 
 
-def build_proposer(method: str, num_tokens: int) -> NgramProposer | None:
+def build_proposer(method: str, num_tokens: int, max_batch: int | None = None) -> NgramProposer | None:
     if method in (None, "", "none"):
         return None
     if method == "ngram":
-        return NgramProposer(num_tokens)
+        return NgramProposer(num_tokens, max_batch=max_batch)
     raise ValueError(f"speculative: unknown method {method!r}; use one of {', '.join(SPECULATIVE_METHODS)}")
