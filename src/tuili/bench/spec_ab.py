@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from ..config import DEFAULT_MODEL
 from .client import run_benchmark
 from .grounded import grounded_prompt_texts
 from .launch import free_port, launch, tuili_serve_cmd
+from .results import append_jsonl, cpu_model
 from .stats import duration_of, summarize
 from .workload import load_tokenizer, random_prompt_texts
 
@@ -77,13 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             a, b = statistics.median(r["plain"]), statistics.median(r["spec"])
             print(f"{w:>16}: plain {a:7.2f}  spec {b:7.2f}  ratio {b / a:5.2f}x  same text: {same[w]}")
             record["results"][w] = {"plain": r["plain"], "spec": r["spec"], "ratio": b / a, "same_text": same[w]}
-        cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
-        record["cpu"] = cpu
-        print(cpu)
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        record["cpu"] = cpu_model()
+        print(record["cpu"])
+        append_jsonl(args.output, record)
     finally:
         for s in servers.values():
             s.stop()

@@ -18,7 +18,6 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import httpx
 
 from .client import RequestResult, send_request
 from .launch import free_port, launch, tuili_serve_cmd
-from .results import append_jsonl
+from .results import append_jsonl, cpu_model
 
 WORDS = ("harbour ledger invoice tariff vessel cargo manifest berth crane pilot customs quay tide draft "
          "container tonnage schedule anchor buoy dredge permit inspector freight broker warehouse").split()
@@ -120,7 +119,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         mib = int(args.kv_per_replica.removesuffix("MiB")) * args.replicas
         rows.append(measure("single", ["--kv-cache-memory", f"{mib}MiB", "--max-num-seqs", str(args.concurrency)],
                             args, bodies))
-    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+    cpu = cpu_model()
     by = {r["config"]: r for r in rows}
     ca = by.get("cache-aware")
     print(f"\n{cpu}\n{'config':<12} {'TTFT p50 (s)':>12} {'tok/s':>8} {'prefix hit':>10} {'errors':>6}")

@@ -96,13 +96,18 @@ class RouterClassifier:
             raise ValueError(f"{path}: not a router file (format {FORMAT!r} expected)")
         names = list(data.get("feature_names") or [])
         if (data.get("info") or {}).get("signal") == "probe":  # one weight per hidden dimension (probe.py)
-            if names != [f"h{i}" for i in range(len(names))] or len(data["weights"]) != len(names):
+            if names != hidden_feature_names(len(names)) or len(data["weights"]) != len(names):
                 raise ValueError(f"{path}: a probe router's features must be h0..h<n> with one weight each")
         elif names != list(FEATURE_NAMES):
             raise ValueError(f"{path}: trained on other features than this tuili computes; retrain it "
                              "with `tuili router train`")
         return cls(list(data["feature_names"]), data["mean"], data["std"], data["weights"], data["bias"],
                    data["score_quantiles"], data["strong_share"], data["threshold"], data.get("info", {}))
+
+
+def hidden_feature_names(width: int) -> list[str]:
+    """Feature names of a probe router: one per hidden dimension (router/probe.py)."""
+    return [f"h{i}" for i in range(width)]
 
 
 def threshold_for_share(quantiles: list[float], share: float) -> float:

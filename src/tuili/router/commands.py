@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from . import load_router
-from .classifier import RouterClassifier, auc, fit, share_above
+from .classifier import RouterClassifier, auc, fit, hidden_feature_names, share_above
 from .data import load_examples
 from .features import features_of
 from . import probe as P
@@ -75,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         x = P.hidden_states(llm, _rows(examples), args.layer, progress=True)
         info.update(signal=P.SIGNAL, model=args.model, layer=args.layer, dtype=args.dtype,
                     model_shape=P.shape_of(llm.engine.model_config))
-        names = P.feature_names(len(x[0]))
+        names = hidden_feature_names(len(x[0]))
     else:
         x = [e.features() for e in examples]
     best = None

@@ -1,10 +1,11 @@
 """The probe signal: a linear read-out of the fast model's own hidden state.
 
-The fast model reads the request first (one prefill, one token), and the router scores the
-residual stream after `layer` layers at the prompt's last token with a logistic regression
-(classifier.py, one weight per hidden dimension). The prefill is not wasted: its KV blocks
-stay in the fast engine's prefix cache, so when the request stays on the fast model its
-own prefill finds every full block cached and computes only the last partial one.
+The router scores the fast model's residual stream after `layer` layers at the prompt's last
+token with a logistic regression (classifier.py, one weight per hidden dimension). In the
+server the request itself starts on the fast model asking for that state
+(`SamplingParams.hidden_layer`); it comes with the first token, so a request the probe keeps
+on the fast model computes its prompt once (serve/router.py, serve/routes.py). Offline
+(`tuili router train/eval/explain`) each row is one prefill and one token through `LLM`.
 
 Decisions:
 - The last token, not a mean over the prompt: it is always computed (a prefix hit leaves
@@ -38,10 +39,6 @@ def probe_params(layer: int):
     from ..sampling import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=1, hidden_layer=layer)
-
-
-def feature_names(width: int) -> list[str]:
-    return [f"h{i}" for i in range(width)]
 
 
 def shape_of(config) -> dict[str, int]:
