@@ -22,7 +22,33 @@ def test_crossover_is_the_last_row_count_before_the_first_loss():
     assert paths.crossover([(1, 1.0, 2.0), (2048, 1.0, 1.0)]) == paths.NEVER
 
 
+def test_widening_starts_where_it_wins_at_every_larger_row_count():
+    # (rows, vdpbf16ps ms, widened ms)
+    assert paths.widen_from([(1, 1.0, 1.1), (8, 2.0, 1.5), (64, 9.0, 6.0)]) == 8
+    assert paths.widen_from([(1, 1.0, 0.9), (8, 2.0, 2.5), (64, 9.0, 6.0)]) == 64  # a loss at 8 ends it there
+    assert paths.widen_from([(1, 1.0, 1.02), (8, 2.0, 1.5)]) == 1  # within 3%: a tie, widened
+    assert paths.widen_from([(1, 1.0, 0.5), (64, 9.0, 9.5)]) == paths.NEVER  # lost at the largest
+
+
+def test_env_fixes_the_widening(monkeypatch):
+    monkeypatch.delenv("TUILI_PACKED_MAX_ROWS", raising=False)
+    monkeypatch.setenv("TUILI_BF16_WIDEN_ROWS", "16")
+    choice = paths.bf16_paths([(64, 32)])
+    assert (choice.widen_min_rows, choice.packed_max_rows, choice.source) == (16, paths.PACKED_MAX_ROWS, "env")
+    assert choice.path_for(8) == "packed" and choice.path_for(9) == "torch"  # widening starts above the packed range
+    monkeypatch.setenv("TUILI_PACKED_MAX_ROWS", "64")
+    choice = paths.bf16_paths([(64, 32)])
+    assert choice.path_for(16) == "packed (widened)" and choice.path_for(65) == "torch"
+    if cpu_kernels() is not None and cpu_kernels().gemm_available():
+        assert cpu_kernels().bf16_widen_rows() == 16  # handed to the kernels
+    monkeypatch.setenv("TUILI_BF16_WIDEN_ROWS", "0")
+    assert paths.bf16_paths([(64, 32)]).widen_min_rows == paths.NEVER
+    if cpu_kernels() is not None and cpu_kernels().gemm_available():
+        assert cpu_kernels().bf16_widen_rows() == paths.NEVER
+
+
 def test_env_fixes_the_crossover(monkeypatch):
+    monkeypatch.delenv("TUILI_BF16_WIDEN_ROWS", raising=False)
     monkeypatch.setenv("TUILI_PACKED_MAX_ROWS", "24")
     choice = paths.bf16_paths([(64, 32)])
     assert (choice.packed_max_rows, choice.source) == (24, "env")
@@ -35,6 +61,7 @@ def test_env_fixes_the_crossover(monkeypatch):
 @needs_gemm
 def test_measured_once_then_cached(monkeypatch, tmp_path):
     monkeypatch.delenv("TUILI_PACKED_MAX_ROWS", raising=False)
+    monkeypatch.delenv("TUILI_BF16_WIDEN_ROWS", raising=False)
     monkeypatch.setattr(paths, "_cache_file", lambda: tmp_path / "paths.json")
     monkeypatch.setattr(paths, "_choices", {})
     monkeypatch.setattr(paths, "ROW_GRID", (1, 4, 16))
@@ -49,6 +76,13 @@ def test_measured_once_then_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(paths, "measure", lambda *a, **k: pytest.fail("timed again despite the cache"))
     again = paths.bf16_paths([(32, 64), (48, 32)])
     assert again.source == "cached" and again.packed_max_rows == first.packed_max_rows
+    if paths._widen_applies(cpu_kernels()):  # vdpbf16ps against widening timed too, and kept
+        assert [t[0] for t in first.widen_timings] == [1, 4, 16]
+        assert first.widen_min_rows == paths.widen_from(first.widen_timings)
+        assert (again.widen_min_rows, again.widen_timings) == (first.widen_min_rows, first.widen_timings)
+    else:
+        assert first.widen_min_rows == paths.NEVER and not first.widen_timings
+    assert cpu_kernels().bf16_widen_rows() == again.widen_min_rows
 
 
 @needs_gemm
@@ -66,6 +100,7 @@ def test_packed_weight_takes_torch_above_its_max_rows():
 
 
 def test_timings_that_do_not_grow_with_rows_are_not_trusted(monkeypatch, tmp_path):
+    monkeypatch.delenv("TUILI_BF16_WIDEN_ROWS", raising=False)
     busy = [(1, 80.0, 79.0), (16, 81.0, 80.0), (64, 79.0, 82.0)]
     quiet = [(1, 0.26, 0.47), (64, 3.0, 3.4), (512, 24.7, 22.5)]
     assert not paths.plausible(busy) and paths.plausible(quiet)
@@ -76,6 +111,8 @@ def test_timings_that_do_not_grow_with_rows_are_not_trusted(monkeypatch, tmp_pat
     monkeypatch.setattr(paths, "_cache_file", lambda: tmp_path / "paths.json")
     monkeypatch.setattr(paths, "_choices", {})
     monkeypatch.setattr(paths, "measure", lambda *a, **k: busy)
+    monkeypatch.setattr(paths, "measure_widen", lambda *a, **k: busy)
     choice = paths.bf16_paths([(64, 32)])
     assert choice.packed_max_rows == paths._fallback(cpu_kernels()) and choice.source.startswith("default")
+    assert choice.widen_min_rows == paths.NEVER and cpu_kernels().bf16_widen_rows() == paths.NEVER
     assert not (tmp_path / "paths.json").exists()  # measured again at the next start

@@ -140,17 +140,28 @@ def test_packed_linear_matches_float32_product(wdtype, rows):
     torch.testing.assert_close(got_bf16.float(), want_bf16, atol=1e-3 * want_bf16.abs().max().item(), rtol=2 ** -8)
 
 
+@pytest.fixture
+def widen_rows():
+    """Sets the row count from which bf16 products widen to float32 (ext.set_bf16_widen_rows)
+    for one test, and puts the process's setting back after it."""
+    before = ext.bf16_widen_rows()
+    yield ext.set_bf16_widen_rows
+    ext.set_bf16_widen_rows(before)
+
+
 @pytest.mark.skipif(ext is None or not ext.gemm_bf16_pairs(), reason="pair-packed bf16 needs AVX512-BF16")
-@pytest.mark.parametrize("amx", ["1", "0"])
-@pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("path", ["amx", "vdpbf16ps", "widened"])
+@pytest.mark.parametrize("rows", [1, 11, 12, 13, 15, 16, 17, 32, 33, 70])
 @pytest.mark.parametrize("k", [200, 256])
-def test_bf16_pair_products_amx_tiles_and_vector_tiles(monkeypatch, amx, rows, k):
+def test_bf16_pair_products_amx_tiles_and_vector_tiles(monkeypatch, widen_rows, path, rows, k):
     """bf16 products from the pair-packed weight, on AMX tiles (16-row tiles, 32 rows x 2
-    panels at a time: remainders of rows and an odd panel count) and, with TUILI_AMX=0, on
-    the vdpbf16ps tiles: a float32 product of the same bf16 values, up to summation order."""
-    if amx == "1" and not ext.gemm_amx_available():
+    panels at a time: remainders of rows and an odd panel count), and with TUILI_AMX=0 on
+    the vdpbf16ps tiles or widened to float32 FMAs (tiles of up to 12 rows, balanced): a
+    float32 product of the same bf16 values, up to summation order."""
+    if path == "amx" and not ext.gemm_amx_available():
         pytest.skip("no AMX tiles on this CPU")
-    monkeypatch.setenv("TUILI_AMX", amx)
+    monkeypatch.setenv("TUILI_AMX", "1" if path == "amx" else "0")
+    widen_rows(1 if path == "widened" else 1 << 40)
     torch.manual_seed(4)
     n = 40  # three panels of 16
     w = torch.randn(n, k).bfloat16()

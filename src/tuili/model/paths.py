@@ -10,8 +10,22 @@ products are timed on one decoder layer's weight shapes at the row counts a step
 and the result is kept beside the compiled kernels (`$TUILI_CACHE/kernels/<build key>/`),
 so it is redone when the CPU, torch or the kernels change, and for another thread count.
 
+The packed product itself has two kernels on CPUs with AVX512-BF16 and no AMX: vdpbf16ps
+(bf16 pairs multiplied in one instruction) and widening the same packed weight to float32
+in registers for 16-wide FMAs. Which is faster is a property of the core, not of the
+instruction set: on the AVX512-BF16 Xeon without AMX one vdpbf16ps retires every other
+cycle while two FMAs retire every cycle, so widening wins 1.3-1.7x from 8 rows up; on a
+core that runs vdpbf16ps at the FMA rate it loses. So the two are timed first, at the same
+row counts, and products from the smallest row count at which widening wins (and keeps
+winning above) take it (`widen_min_rows`, handed to the kernels with
+`set_bf16_widen_rows`; one setting per process, from the last model prepared). Then the
+packed-vs-torch crossover is timed with that choice in place.
+
 `TUILI_PACKED_MAX_ROWS=N` fixes the crossover instead (0: torch's matmul above 0 rows, i.e.
-always once a plain copy is kept; a large N: the packed product always).
+always once a plain copy is kept; a large N: the packed product always), and
+`TUILI_BF16_WIDEN_ROWS=N` fixes the widening (0: never; N: from N rows up). With either
+set, nothing is timed (the one not set takes its rule from before measurement: packed up
+to 8 rows, no widening).
 """
 from __future__ import annotations
 
@@ -19,7 +33,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +47,7 @@ ROW_GRID = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # was per machine).
 PACKED_MAX_ROWS = 8
 NEVER = 1 << 30  # packed_max_rows when the packed product won at every row count timed
-_VERSION = 3
+_VERSION = 4
 _choices: dict[str, "PathChoice"] = {}
 
 
@@ -46,18 +60,23 @@ class PathChoice:
     packed_max_rows: int
     source: str  # "measured", "cached", "env" or "default"
     timings: list[tuple[int, float, float]]
+    widen_min_rows: int = NEVER  # packed bf16 products of at least this many rows widen to float32 FMAs
+    widen_timings: list[tuple[int, float, float]] = field(default_factory=list)  # (rows, vdpbf16ps ms, widened ms)
 
     @property
     def keeps_dense(self) -> bool:
         return self.packed_max_rows < NEVER
 
     def path_for(self, rows: int) -> str:
-        return "packed" if rows <= self.packed_max_rows else "torch"
+        if rows > self.packed_max_rows:
+            return "torch"
+        return "packed (widened)" if rows >= self.widen_min_rows else "packed"
 
     def describe(self) -> str:
+        widen = "" if self.widen_min_rows >= NEVER else f"; from {self.widen_min_rows} rows widened to float32 FMAs"
         if not self.keeps_dense:
-            return f"bf16 products: packed kernel at every row count ({self.source})"
-        return (f"bf16 products: packed kernel up to {self.packed_max_rows} rows, torch's matmul above "
+            return f"bf16 products: packed kernel at every row count{widen} ({self.source})"
+        return (f"bf16 products: packed kernel up to {self.packed_max_rows} rows{widen}, torch's matmul above "
                 f"({self.source})")
 
 
@@ -75,6 +94,18 @@ def crossover(timings: list[tuple[int, float, float]]) -> int:
             return best
         best = rows
     return NEVER
+
+
+def widen_from(timings: list[tuple[int, float, float]]) -> int:
+    """The smallest row count from which widening was never slower than vdpbf16ps by more
+    than TIE at any larger row count timed ((rows, vdpbf16ps ms, widened ms)); NEVER when it
+    lost at the largest."""
+    start = NEVER
+    for rows, dp_ms, wide_ms in sorted(timings, reverse=True):
+        if wide_ms > dp_ms * TIE:
+            break
+        start = rows
+    return start
 
 
 def _paired_ms(fa, fb, repeats: int) -> tuple[float, float, float]:
@@ -127,6 +158,37 @@ def measure(shapes: list[tuple[int, int]], max_rows: int = ROW_GRID[-1], repeats
     return timings
 
 
+def measure_widen(shapes: list[tuple[int, int]], repeats: int = 5,
+                  budget_s: float = 3.0) -> list[tuple[int, float, float]]:
+    """Times the packed bf16 products over `shapes` with vdpbf16ps and widened to float32, at
+    each row count of ROW_GRID: (rows, vdpbf16ps ms, widened ms), the widened time as the
+    vdpbf16ps time over the median ratio of paired timings. Leaves widening off."""
+    from .kernels import cpu_kernels
+
+    ext = cpu_kernels()
+    gen = torch.Generator().manual_seed(1)
+    dense = [(torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16) for n, k in shapes]
+    packed = [ext.pack_weight(w) for w in dense]
+    empty = torch.empty(0)
+
+    def run(xs, widen_rows):
+        ext.set_bf16_widen_rows(widen_rows)
+        for w, p in zip(dense, packed):
+            ext.packed_linear(xs[w.shape[1]], p, w.shape[0], empty, empty, False)
+
+    timings, start = [], time.perf_counter()
+    try:
+        for rows in ROW_GRID:
+            xs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for _, k in shapes}
+            t_dp, _, ratio = _paired_ms(lambda: run(xs, NEVER), lambda: run(xs, 1), repeats)
+            timings.append((rows, round(t_dp, 3), round(t_dp / ratio, 3)))
+            if time.perf_counter() - start > budget_s:
+                break
+    finally:
+        ext.set_bf16_widen_rows(NEVER)
+    return timings
+
+
 def plausible(timings: list[tuple[int, float, float]]) -> bool:
     """Whether timings measured the products rather than the machine's load: on a quiet
     machine the largest row count timed (at least 64) takes several times as long as one row
@@ -151,47 +213,76 @@ def _cache_file():
     return cache_dir() / "kernels" / _build_key() / "paths.json"
 
 
+def _env_rows(name: str) -> int | None:
+    env = os.environ.get(name)
+    if env is None:
+        return None
+    try:
+        value = int(env)
+    except ValueError:
+        raise ValueError(f"{name}: expected a number of rows, got {env!r}") from None
+    if value < 0:
+        raise ValueError(f"{name}: expected a number of rows >= 0, got {env!r}")
+    return value
+
+
+def _widen_applies(ext) -> bool:
+    """Widening is a choice only where bf16 weights are pair-packed and AMX does not take them."""
+    return bool(ext.gemm_bf16_pairs()) and not ext.gemm_amx_available()
+
+
+def _use(ext, choice: PathChoice) -> PathChoice:
+    if ext is not None and ext.gemm_available():
+        ext.set_bf16_widen_rows(choice.widen_min_rows)
+    return choice
+
+
 def bf16_paths(shapes: list[tuple[int, int]] | None = None) -> PathChoice:
-    """The crossover for these weight shapes on this machine and thread count: from
-    TUILI_PACKED_MAX_ROWS, else from the cache, else measured now (about a second for a
-    small model) and cached. Without shapes (or without the kernels), the rule that held
-    before measurement existed: packed up to 8 rows."""
-    env = os.environ.get("TUILI_PACKED_MAX_ROWS")
-    if env is not None:
-        try:
-            value = int(env)
-        except ValueError:
-            raise ValueError(f"TUILI_PACKED_MAX_ROWS: expected a number of rows, got {env!r}") from None
-        if value < 0:
-            raise ValueError(f"TUILI_PACKED_MAX_ROWS: expected a number of rows >= 0, got {env!r}")
-        return PathChoice(min(value, NEVER), "env", [])
+    """The kernel choices for these weight shapes on this machine and thread count, and
+    hands the widening choice to the kernels: from TUILI_PACKED_MAX_ROWS /
+    TUILI_BF16_WIDEN_ROWS, else from the cache, else measured now (a few seconds for a small
+    model) and cached. Without shapes (or without the kernels), the rule that held before
+    measurement existed: packed up to 8 rows, no widening."""
     from .kernels import cpu_kernels
 
+    env_rows, env_widen = _env_rows("TUILI_PACKED_MAX_ROWS"), _env_rows("TUILI_BF16_WIDEN_ROWS")
     ext = cpu_kernels()
+    if env_rows is not None or env_widen is not None:
+        return _use(ext, PathChoice(PACKED_MAX_ROWS if env_rows is None else min(env_rows, NEVER), "env", [],
+                                    NEVER if not env_widen else min(env_widen, NEVER)))
     if not shapes or ext is None or not ext.gemm_available():
-        return PathChoice(PACKED_MAX_ROWS, "default", [])
+        return _use(ext, PathChoice(PACKED_MAX_ROWS, "default", []))
     key = f"v{_VERSION}:threads={torch.get_num_threads()}:" + ",".join(f"{n}x{k}" for n, k in sorted(set(shapes)))
     if key in _choices:
-        return _choices[key]
+        return _use(ext, _choices[key])
     path = _cache_file()
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         stored = {}
     if key in stored:
-        choice = PathChoice(stored[key]["packed_max_rows"], "cached",
-                            [tuple(t) for t in stored[key]["timings"]])
+        entry = stored[key]
+        choice = PathChoice(entry["packed_max_rows"], "cached", [tuple(t) for t in entry["timings"]],
+                            entry.get("widen_min_rows", NEVER), [tuple(t) for t in entry.get("widen_timings", [])])
     else:
+        widen, widen_timings = NEVER, []
+        if _widen_applies(ext):
+            log.info("timing the packed bf16 products with vdpbf16ps and widened to float32 at %s rows "
+                     "(once per machine)...", ",".join(map(str, ROW_GRID)))
+            widen_timings = measure_widen(sorted(set(shapes)))
+            if plausible(widen_timings):
+                widen = widen_from(widen_timings)
+        ext.set_bf16_widen_rows(widen)
         log.info("timing the packed and torch bf16 products at %s rows (once per machine)...",
                  ",".join(map(str, ROW_GRID)))
         timings = measure(sorted(set(shapes)))
-        if not plausible(timings):
+        if not plausible(timings) or (widen_timings and not plausible(widen_timings)):
             choice = PathChoice(_fallback(ext), "default: the machine was too busy to measure", timings)
             log.warning("kernel paths: timings did not grow with the row count (%s); the machine is "
                         "too busy to measure, so the fixed rule holds until the next start", timings[:4])
             _choices[key] = choice
-            return choice
-        choice = PathChoice(crossover(timings), "measured", timings)
+            return _use(ext, choice)
+        choice = PathChoice(crossover(timings), "measured", timings, widen, widen_timings)
         stored[key] = {k: v for k, v in asdict(choice).items() if k != "source"}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,4 +292,4 @@ def bf16_paths(shapes: list[tuple[int, int]] | None = None) -> PathChoice:
         except OSError as e:
             log.warning("could not cache the kernel path choice in %s: %s", path, e)
     _choices[key] = choice
-    return choice
+    return _use(ext, choice)

@@ -14,6 +14,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_available", &gemm_available, "whether packed_linear was built (AVX2)", kNoGil);
   m.def("gemm_bf16_pairs", &gemm_bf16_pairs, "whether bf16 products take bf16 activations (AVX512-BF16)", kNoGil);
   m.def("gemm_amx_available", &gemm_amx_available, "whether bf16 products can run on AMX tiles", kNoGil);
+  m.def("set_bf16_widen_rows", &set_bf16_widen_rows,
+        "bf16 products of at least this many rows widen to float32 FMAs instead of vdpbf16ps", py::arg("rows"));
+  m.def("bf16_widen_rows", &bf16_widen_rows, "the row count from which bf16 products widen to float32");
   m.def("pack_weight", &pack_weight, "repack a [N, K] weight into panels of 16 output columns", kNoGil);
   m.def("packed_linear", &packed_linear, "x @ w.T from a packed bf16/int8/fp32 weight (CPU)", kNoGil,
         py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("scales"), py::arg("bias"), py::arg("out_float"));

@@ -37,6 +37,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -96,13 +97,18 @@ struct NoPanelStep {
 // scratch)` runs first (scratch: a buffer of the thread's own); per tile,
 // `tile(p, m, rows, scratch, acc)` leaves the tile's sums in acc [rows][16], which are then
 // written out with `scales` and `bias` (store_rows).
-template <int TileRows, typename Out, typename Tile, typename PanelStep = NoPanelStep>
+template <int TileRows, typename Out, typename Tile, typename PanelStep = NoPanelStep, bool Balanced = false>
 void for_each_tile(int64_t M, int64_t N, int64_t row_bytes, const float* scales, const float* bias, Out* out,
                    Tile tile, PanelStep panel_step = {}) {
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int64_t row_block = std::max<int64_t>(TileRows, (kRowBlockBytes / row_bytes) / TileRows * TileRows);
   for (int64_t m0 = 0; m0 < M; m0 += row_block) {
     const int64_t m1 = std::min(M, m0 + row_block);
+    // Balanced: the block's rows in tiles of equal size (16 rows as 8 + 8, not 12 + 4), for
+    // kernels whose short tiles cost nearly what full ones do.
+    const int64_t tile_rows =
+        Balanced ? (m1 - m0 + (m1 - m0 + TileRows - 1) / TileRows - 1) / ((m1 - m0 + TileRows - 1) / TileRows)
+                 : TileRows;
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
       alignas(64) float acc[TileRows * kPanel];
       std::vector<float> scratch;
@@ -110,8 +116,8 @@ void for_each_tile(int64_t M, int64_t N, int64_t row_bytes, const float* scales,
         const int64_t n0 = p * kPanel;
         const int64_t width = std::min(kPanel, N - n0);
         panel_step(p, m1 - m0, scratch);
-        for (int64_t m = m0; m < m1; m += TileRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(TileRows, m1 - m));
+        for (int64_t m = m0; m < m1; m += tile_rows) {
+          const int rows = static_cast<int>(std::min<int64_t>(tile_rows, m1 - m));
           tile(p, m, rows, scratch, acc);
           store_rows(acc, rows, n0, width, N, scales, bias, out + m * N);
         }
@@ -591,6 +597,50 @@ void gemm_bf16x2(const uint16_t* x, int64_t M, int64_t K2, const uint16_t* packe
   for_each_tile<kBf16Rows>(M, N, K2 * 2, nullptr, bias, out, run);
 }
 
+// The same pair-packed weight, widened to float32 in registers and multiplied with float32
+// FMAs (zmm), for CPUs where vdpbf16ps issues at a fraction of the FMA rate: on the
+// AVX512-BF16 Xeon without AMX one vdpbf16ps (32 multiply-adds) retires every other cycle
+// while two 16-wide FMAs retire every cycle, so widening does 2x the multiply-adds per cycle
+// once a product is bound by arithmetic (a few rows up); on CPUs where vdpbf16ps runs at
+// the FMA rate it loses. Which one a product takes is measured per machine
+// (src/tuili/model/paths.py) and set with set_bf16_widen_rows. A 64-byte pair line gives
+// both inputs of the pair for 16 columns: the low halves shifted up are input k, the high
+// halves masked are input k + 1, exactly as float32. Activations are float32 [M][K2].
+constexpr int kWideRows = 12;  // 2 x 12 sums + 2 weight vectors + broadcasts: 28 of 32 registers
+
+template <int MR>
+inline void tile_bf16w(const float* x, int64_t ldx, const uint16_t* panel, int64_t K2, float* acc) {
+  __m512 c[MR], d[MR];  // even and odd inputs: two chains per row, so short tiles do not wait on FMA latency
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) c[r] = d[r] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k = 0; k < K2; k += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(panel + (k + 2 * kBf16Ahead) * kPanel), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(panel + k * kPanel);
+    const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      c[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), w0, c[r]);
+      d[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k + 1]), w1, d[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(acc + r * kPanel, _mm512_add_ps(c[r], d[r]));
+}
+
+// x float32 [M][K2] (zero-padded), packed as above.
+template <typename Out>
+void gemm_bf16w(const float* x, int64_t M, int64_t K2, const uint16_t* packed, int64_t N, const float* bias,
+                Out* out) {
+  auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
+    with_rows<kWideRows>(rows, [&](auto mr) {
+      tile_bf16w<decltype(mr)::value>(x + m * K2, K2, packed + p * K2 * kPanel, K2, acc);
+    });
+  };
+  for_each_tile<kWideRows, Out, decltype(run), NoPanelStep, true>(M, N, K2 * 4, nullptr, bias, out, run);
+}
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // ---- bf16 weights on CPUs with AMX ---------------------------------------------------------
 // An AMX tile multiply (tdpbf16ps) takes a 16-row x 32-input tile of activations and a
@@ -694,6 +744,14 @@ constexpr bool kAmxBuilt = false;
 
 #endif  // __AVX2__
 
+// bf16 products of at least this many rows widen the weight to float32 (gemm_bf16w) instead
+// of vdpbf16ps (gemm_bf16x2); never by default, set from the measurement in paths.py.
+static std::atomic<int64_t> g_bf16_widen_rows{INT64_MAX};
+
+void set_bf16_widen_rows(int64_t rows) { g_bf16_widen_rows.store(rows < 1 ? 1 : rows); }
+
+int64_t bf16_widen_rows() { return g_bf16_widen_rows.load(); }
+
 bool gemm_available() {
 #ifdef __AVX2__
   return true;
@@ -783,6 +841,14 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, to
     // AMX from a single row up: measured faster than the vdpbf16ps tiles at every row count
     // (docs/BENCHMARKS.md, "The full peers run with AMX products", step 2).
     const bool amx = kAmxBuilt && gemm_amx_available();
+    if (!amx && M >= g_bf16_widen_rows.load(std::memory_order_relaxed)) {
+      auto xw = x.to(torch::kBFloat16).to(torch::kFloat32);  // the same bf16 activations as vdpbf16ps takes
+      if (k_want != K) xw = torch::constant_pad_nd(xw, {0, k_want - K});
+      xw = xw.contiguous();
+      if (out_dtype == torch::kFloat32) gemm_bf16w<float>(xw.data_ptr<float>(), M, k_want, wp, N, b, out.data_ptr<float>());
+      else gemm_bf16w<at::BFloat16>(xw.data_ptr<float>(), M, k_want, wp, N, b, out.data_ptr<at::BFloat16>());
+      return out;
+    }
     const int64_t m_pad = amx ? (M + 15) / 16 * 16 - M : 0;
     auto xb = x.to(torch::kBFloat16);
     if (k_want != K || m_pad) xb = torch::constant_pad_nd(xb, {0, k_want - K, 0, m_pad});

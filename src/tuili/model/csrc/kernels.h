@@ -10,6 +10,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 bool gemm_available();
 bool gemm_bf16_pairs();
 bool gemm_amx_available();
+void set_bf16_widen_rows(int64_t rows);
+int64_t bf16_widen_rows();
 torch::Tensor pack_weight(torch::Tensor w);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, torch::Tensor scales,
                             torch::Tensor bias, bool out_float);
