@@ -17,6 +17,9 @@ The environment switches it reads (the README's "Switches" lists them too):
   product, because it picks the tile loop; `amx_allowed` is its Python reading.
 - `TUILI_PACKED_MAX_ROWS=N`: bf16 products of up to N rows take the packed kernel, larger
   ones torch's matmul (on the plain copy). Unset: measured once per machine, `model/paths.py`.
+- `TUILI_BF16_WIDEN_ROWS=N`: packed bf16 products of at least N rows widen the weight to
+  float32 FMAs instead of vdpbf16ps (0: never; AVX512-BF16 without AMX). Unset: measured with
+  the crossover above, `model/paths.py`.
 
 It imports nothing from `tuili.model`: the kernels report what they were built with
 (`gemm_available`, `gemm_amx_available`) and the policy here takes those as arguments.
