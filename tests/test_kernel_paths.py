@@ -116,3 +116,68 @@ def test_timings_that_do_not_grow_with_rows_are_not_trusted(monkeypatch, tmp_pat
     assert choice.packed_max_rows == paths._fallback(cpu_kernels()) and choice.source.startswith("default")
     assert choice.widen_min_rows == paths.NEVER and cpu_kernels().bf16_widen_rows() == paths.NEVER
     assert not (tmp_path / "paths.json").exists()  # measured again at the next start
+
+
+@pytest.fixture
+def int8_env(monkeypatch, tmp_path):
+    """A fresh cache and memo for int8_paths, and the kernels' int8 setting put back after."""
+    monkeypatch.delenv("TUILI_INT8_AMX_ROWS", raising=False)
+    monkeypatch.setattr(paths, "_cache_file", lambda: tmp_path / "paths.json")
+    monkeypatch.setattr(paths, "_choices", {})
+    ext = cpu_kernels()
+    before = ext.int8_amx_rows() if ext is not None and ext.gemm_available() else None
+    yield tmp_path / "paths.json"
+    if before is not None:
+        ext.set_int8_amx_rows(before)
+
+
+needs_amx_int8 = pytest.mark.skipif(cpu_kernels() is None or not cpu_kernels().gemm_amx_int8_available(),
+                                    reason="no AMX int8 tiles on this CPU")
+
+
+def test_int8_choice_without_amx_is_the_vnni_tiles(int8_env, monkeypatch):
+    ext = cpu_kernels()
+    if ext is not None and ext.gemm_available() and ext.gemm_amx_int8_available():
+        monkeypatch.setenv("TUILI_AMX", "0")  # the switch turns the choice off as it turns the tiles off
+    choice = paths.int8_paths([(64, 32)])
+    assert choice.amx_min_rows == paths.NEVER and choice.source == "no AMX"
+    assert choice.path_for(4096) == "packed" and "VNNI" in choice.describe()
+    assert not int8_env.exists()
+
+
+@needs_amx_int8
+def test_int8_env_fixes_the_amx_rows(int8_env, monkeypatch):
+    monkeypatch.setenv("TUILI_INT8_AMX_ROWS", "24")
+    choice = paths.int8_paths([(64, 32)])
+    assert (choice.amx_min_rows, choice.source) == (24, "env") and cpu_kernels().int8_amx_rows() == 24
+    assert choice.path_for(23) == "packed" and choice.path_for(24) == "packed (AMX)"
+    monkeypatch.setenv("TUILI_INT8_AMX_ROWS", "0")
+    assert paths.int8_paths([(64, 32)]).amx_min_rows == paths.NEVER
+    assert cpu_kernels().int8_amx_rows() == paths.NEVER
+    monkeypatch.setenv("TUILI_INT8_AMX_ROWS", "x")
+    with pytest.raises(ValueError, match="TUILI_INT8_AMX_ROWS"):
+        paths.int8_paths([(64, 32)])
+    assert not int8_env.exists()  # nothing timed, nothing cached
+
+
+@needs_amx_int8
+def test_int8_amx_rows_measured_once_then_cached(int8_env, monkeypatch):
+    monkeypatch.setattr(paths, "ROW_GRID", (1, 4, 16))
+    monkeypatch.setattr(paths, "plausible", lambda timings: True)
+    first = paths.int8_paths([(48, 64), (32, 64)])
+    assert first.source == "measured" and [t[0] for t in first.timings] == [1, 4, 16]
+    assert first.amx_min_rows == paths.widen_from(first.timings)
+    assert cpu_kernels().int8_amx_rows() == first.amx_min_rows
+    monkeypatch.setattr(paths, "_choices", {})  # a new process: from the file
+    monkeypatch.setattr(paths, "measure_int8_amx", lambda *a, **k: pytest.fail("timed again despite the cache"))
+    again = paths.int8_paths([(32, 64), (48, 64)])
+    assert (again.source, again.amx_min_rows, again.timings) == ("cached", first.amx_min_rows, first.timings)
+
+
+@needs_amx_int8
+def test_int8_busy_timings_keep_the_fixed_rule(int8_env, monkeypatch):
+    busy = [(1, 80.0, 79.0), (16, 81.0, 80.0), (64, 79.0, 82.0)]
+    monkeypatch.setattr(paths, "measure_int8_amx", lambda *a, **k: busy)
+    choice = paths.int8_paths([(64, 32)])
+    assert choice.amx_min_rows == paths.INT8_AMX_ROWS and choice.source.startswith("default")
+    assert cpu_kernels().int8_amx_rows() == paths.INT8_AMX_ROWS and not int8_env.exists()

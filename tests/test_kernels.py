@@ -205,6 +205,44 @@ def test_int8_packed_linear_is_the_product_of_int8_activations(rows, k):
     torch.testing.assert_close(got_bf16.float(), want_bf16, atol=1e-3 * want_bf16.abs().max().item(), rtol=2 ** -8)
 
 
+@pytest.fixture
+def int8_amx_rows():
+    """Sets the row count from which int8 products run on AMX tiles (ext.set_int8_amx_rows)
+    for one test, and puts the process's setting back after it."""
+    before = ext.int8_amx_rows()
+    yield ext.set_int8_amx_rows
+    ext.set_int8_amx_rows(before)
+
+
+@pytest.mark.skipif(ext is None or not ext.gemm_amx_int8_available(), reason="no AMX int8 tiles on this CPU")
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("k", [200, 576])
+@pytest.mark.parametrize("blocks", [True, False])
+def test_int8_products_on_amx_tiles_equal_the_vnni_tiles(int8_amx_rows, rows, k, blocks):
+    """int8 products on AMX tiles (gemm_amx_a8: 32 rows x 2 panels per step, remainders of
+    rows, an odd panel count, K not a multiple of 32) give exactly the VNNI tiles' results,
+    with scales per block of 32 inputs and per column, bias, float32 and bf16 output."""
+    torch.manual_seed(5)
+    n = 40
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    packed = ext.pack_weight(w)
+    scales = (torch.rand(packed.shape[0], -(-k // 32), 16) + 0.5 if blocks else torch.rand(n) + 0.5)
+    bias = torch.randn(n)
+    x = torch.randn(rows, k)
+    x[0, :7] *= 50
+    results = {}
+    for path, from_rows in (("vnni", 1 << 40), ("amx", 1)):
+        int8_amx_rows(from_rows)
+        results[path] = (ext.packed_linear(x, packed, n, scales, bias, True),
+                         ext.packed_linear(x.bfloat16(), packed, n, scales, NONE, False))
+    assert torch.equal(results["amx"][0], results["vnni"][0])
+    assert torch.equal(results["amx"][1], results["vnni"][1])
+    wf = w.double() * (scales.double()[:, None] if not blocks else
+                       scales.transpose(1, 2).reshape(-1, scales.shape[1])[:n].double().repeat_interleave(32, 1)[:, :k])
+    want = int8_activations(x) @ wf.T + bias.double()
+    torch.testing.assert_close(results["amx"][0].double(), want, atol=2e-6 * want.abs().max().item(), rtol=1e-5)
+
+
 @gemm
 def test_packed_linear_rejects_a_mismatched_weight():
     with pytest.raises(RuntimeError, match="does not match"):

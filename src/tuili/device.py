@@ -12,14 +12,16 @@ The environment switches it reads (the README's "Switches" lists them too):
 - `TUILI_PACKED=auto|0|1`: whether weights are repacked for the kernels' matrix products
   (`model/csrc/gemm.cpp`). `auto` (default) follows `weight_packing` below; `1` packs every
   weight and never keeps a second, plain bf16 copy; `0` never packs.
-- `TUILI_AMX=0`: bf16 products do not use AMX tiles on a CPU that has them (the AVX512-BF16
-  tiles take every row count). The compiled kernel reads this switch itself, at each
+- `TUILI_AMX=0`: bf16 and int8 products do not use AMX tiles on a CPU that has them (the
+  AVX512-BF16 and VNNI tiles take every row count). The compiled kernel reads this switch itself, at each
   product, because it picks the tile loop; `amx_allowed` is its Python reading.
 - `TUILI_PACKED_MAX_ROWS=N`: bf16 products of up to N rows take the packed kernel, larger
   ones torch's matmul (on the plain copy). Unset: measured once per machine, `model/paths.py`.
 - `TUILI_BF16_WIDEN_ROWS=N`: packed bf16 products of at least N rows widen the weight to
   float32 FMAs instead of vdpbf16ps (0: never; AVX512-BF16 without AMX). Unset: measured with
   the crossover above, `model/paths.py`.
+- `TUILI_INT8_AMX_ROWS=N`: on CPUs with AMX, int8 products of at least N rows run on AMX
+  tiles instead of the VNNI tiles (0: never). Unset: measured once per machine, `model/paths.py`.
 
 It imports nothing from `tuili.model`: the kernels report what they were built with
 (`gemm_available`, `gemm_amx_available`) and the policy here takes those as arguments.

@@ -23,7 +23,7 @@ import torch
 from ..model.kernels import cpu_kernels
 from ..model.layers import linear
 from ..model.quant import pack_weight, quantize_int4, quantize_int4_packed, quantize_int8, quantize_int8_packed
-from ..model.paths import bf16_paths
+from ..model.paths import bf16_paths, int8_paths
 from .machine import median_time
 from .results import append_jsonl
 
@@ -55,6 +55,9 @@ def run_from_args(args) -> int:
           f"medians of {args.repeats}")
     choice = bf16_paths(layer_shapes(shapes))
     print(f"  the engine's choice here: {choice.describe()}")
+    int8_choice = int8_paths(layer_shapes(shapes)) if "int8" in formats or "int4" in formats else None
+    if int8_choice is not None:
+        print(f"  the engine's choice here: {int8_choice.describe()}")
     for fmt in formats:
         to_torch, to_kernel = convert[fmt]
         print(f"  preparing {fmt} weights...", flush=True)
@@ -70,7 +73,8 @@ def run_from_args(args) -> int:
             t_kernel = median_time(run(kernel_w), args.repeats) * 1000
             record = {"bench": "matmul", "format": fmt, "rows": rows, "torch_ms": round(t_torch, 2),
                       "kernel_ms": round(t_kernel, 2), "ratio": round(t_torch / t_kernel, 2),
-                      "engine_path": choice.path_for(rows) if fmt == "bf16" else "packed",
+                      "engine_path": (choice.path_for(rows) if fmt == "bf16" else
+                                      int8_choice.path_for(rows) if fmt == "int8" else "packed"),
                       "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             print(f"  {fmt:5s} rows {rows:4d}: torch {t_torch:8.1f} ms  kernel {t_kernel:8.1f} ms  "

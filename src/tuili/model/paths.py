@@ -99,7 +99,8 @@ def crossover(timings: list[tuple[int, float, float]]) -> int:
 def widen_from(timings: list[tuple[int, float, float]]) -> int:
     """The smallest row count from which widening was never slower than vdpbf16ps by more
     than TIE at any larger row count timed ((rows, vdpbf16ps ms, widened ms)); NEVER when it
-    lost at the largest."""
+    lost at the largest. The same rule picks where int8 products move to AMX tiles
+    ((rows, VNNI ms, AMX ms))."""
     start = NEVER
     for rows, dp_ms, wide_ms in sorted(timings, reverse=True):
         if wide_ms > dp_ms * TIE:
@@ -158,35 +159,64 @@ def measure(shapes: list[tuple[int, int]], max_rows: int = ROW_GRID[-1], repeats
     return timings
 
 
-def measure_widen(shapes: list[tuple[int, int]], repeats: int = 5,
-                  budget_s: float = 3.0) -> list[tuple[int, float, float]]:
-    """Times the packed bf16 products over `shapes` with vdpbf16ps and widened to float32, at
-    each row count of ROW_GRID: (rows, vdpbf16ps ms, widened ms), the widened time as the
-    vdpbf16ps time over the median ratio of paired timings. Leaves widening off."""
+def _measure_switch(shapes: list[tuple[int, int]], packed: list, set_rows, x_dtype: torch.dtype, seed: int,
+                    repeats: int, budget_s: float) -> list[tuple[int, float, float]]:
+    """Times the packed products of `packed` (one per shape, as pack_weight made them, with
+    their scales) with a kernel switch off (`set_rows(NEVER)`) and on (`set_rows(1)`), at each
+    row count of ROW_GRID: (rows, off ms, on ms), the on time as the off time over the median
+    ratio of paired timings. Leaves the switch off."""
     from .kernels import cpu_kernels
 
     ext = cpu_kernels()
-    gen = torch.Generator().manual_seed(1)
-    dense = [(torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16) for n, k in shapes]
-    packed = [ext.pack_weight(w) for w in dense]
+    gen = torch.Generator().manual_seed(seed)
     empty = torch.empty(0)
 
-    def run(xs, widen_rows):
-        ext.set_bf16_widen_rows(widen_rows)
-        for w, p in zip(dense, packed):
-            ext.packed_linear(xs[w.shape[1]], p, w.shape[0], empty, empty, False)
+    def run(xs, rows):
+        set_rows(rows)
+        for (n, k), (p, scales) in zip(shapes, packed):
+            ext.packed_linear(xs[k], p, n, scales, empty, False)
 
     timings, start = [], time.perf_counter()
     try:
         for rows in ROW_GRID:
-            xs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for _, k in shapes}
-            t_dp, _, ratio = _paired_ms(lambda: run(xs, NEVER), lambda: run(xs, 1), repeats)
-            timings.append((rows, round(t_dp, 3), round(t_dp / ratio, 3)))
+            xs = {k: torch.randn(rows, k, generator=gen).to(x_dtype) for _, k in shapes}
+            t_off, _, ratio = _paired_ms(lambda: run(xs, NEVER), lambda: run(xs, 1), repeats)
+            timings.append((rows, round(t_off, 3), round(t_off / ratio, 3)))
             if time.perf_counter() - start > budget_s:
                 break
     finally:
-        ext.set_bf16_widen_rows(NEVER)
+        set_rows(NEVER)
     return timings
+
+
+def measure_widen(shapes: list[tuple[int, int]], repeats: int = 5,
+                  budget_s: float = 3.0) -> list[tuple[int, float, float]]:
+    """Times the packed bf16 products over `shapes` with vdpbf16ps and widened to float32, at
+    each row count of ROW_GRID: (rows, vdpbf16ps ms, widened ms). Leaves widening off."""
+    from .kernels import cpu_kernels
+
+    ext = cpu_kernels()
+    gen = torch.Generator().manual_seed(1)
+    packed = [(ext.pack_weight((torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)), torch.empty(0))
+              for n, k in shapes]
+    return _measure_switch(shapes, packed, ext.set_bf16_widen_rows, torch.bfloat16, 1, repeats, budget_s)
+
+
+def measure_int8_amx(shapes: list[tuple[int, int]], repeats: int = 5,
+                     budget_s: float = 3.0) -> list[tuple[int, float, float]]:
+    """Times the packed int8 products (scales per block of 32) over `shapes` on the VNNI / AVX2
+    tiles and on AMX tiles, at each row count of ROW_GRID: (rows, VNNI ms, AMX ms). Leaves AMX
+    off for int8."""
+    from .kernels import cpu_kernels
+
+    ext = cpu_kernels()
+    gen = torch.Generator().manual_seed(2)
+    packed = []
+    for n, k in shapes:
+        codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        scales = torch.rand(-(-n // 16), -(-k // 32), 16, generator=gen) * 1e-3
+        packed.append((ext.pack_weight(codes), scales))
+    return _measure_switch(shapes, packed, ext.set_int8_amx_rows, torch.bfloat16, 2, repeats, budget_s)
 
 
 def plausible(timings: list[tuple[int, float, float]]) -> bool:
@@ -211,6 +241,32 @@ def _cache_file():
     from .kernels import _build_key
 
     return cache_dir() / "kernels" / _build_key() / "paths.json"
+
+
+def _key(prefix: str, shapes: list[tuple[int, int]]) -> str:
+    return f"{prefix}:threads={torch.get_num_threads()}:" + ",".join(f"{n}x{k}" for n, k in sorted(set(shapes)))
+
+
+def _load_cache() -> dict:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_cache(key: str, entry: dict) -> None:
+    """Adds one entry to the cached choices (written whole, by rename, so a reader never sees
+    half a file)."""
+    path = _cache_file()
+    stored = _load_cache()
+    stored[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored, indent=1))
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("could not cache the kernel path choice in %s: %s", path, e)
 
 
 def _env_rows(name: str) -> int | None:
@@ -252,14 +308,10 @@ def bf16_paths(shapes: list[tuple[int, int]] | None = None) -> PathChoice:
                                     NEVER if not env_widen else min(env_widen, NEVER)))
     if not shapes or ext is None or not ext.gemm_available():
         return _use(ext, PathChoice(PACKED_MAX_ROWS, "default", []))
-    key = f"v{_VERSION}:threads={torch.get_num_threads()}:" + ",".join(f"{n}x{k}" for n, k in sorted(set(shapes)))
+    key = _key(f"v{_VERSION}", shapes)
     if key in _choices:
         return _use(ext, _choices[key])
-    path = _cache_file()
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        stored = {}
+    stored = _load_cache()
     if key in stored:
         entry = stored[key]
         choice = PathChoice(entry["packed_max_rows"], "cached", [tuple(t) for t in entry["timings"]],
@@ -283,13 +335,68 @@ def bf16_paths(shapes: list[tuple[int, int]] | None = None) -> PathChoice:
             _choices[key] = choice
             return _use(ext, choice)
         choice = PathChoice(crossover(timings), "measured", timings, widen, widen_timings)
-        stored[key] = {k: v for k, v in asdict(choice).items() if k != "source"}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(stored, indent=1))
-            tmp.replace(path)
-        except OSError as e:
-            log.warning("could not cache the kernel path choice in %s: %s", path, e)
+        _store_cache(key, {k: v for k, v in asdict(choice).items() if k != "source"})
     _choices[key] = choice
     return _use(ext, choice)
+
+
+# int8 products from this many rows run on AMX tiles when nothing was measured (the
+# crossover against the VNNI tiles on the AMX Xeon, docs/BENCHMARKS.md, "int8 on AMX tiles").
+INT8_AMX_ROWS = 16
+_INT8_VERSION = 1
+
+
+@dataclass
+class Int8Choice:
+    """int8 products (per-32 block scales) of at least `amx_min_rows` rows run on AMX tiles,
+    fewer on the VNNI / AVX2 tiles (NEVER: AMX never). `timings` holds (rows, VNNI ms, AMX
+    ms) as measured."""
+
+    amx_min_rows: int
+    source: str  # "measured", "cached", "env", "default" or "no AMX"
+    timings: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def path_for(self, rows: int) -> str:
+        return "packed (AMX)" if rows >= self.amx_min_rows else "packed"
+
+    def describe(self) -> str:
+        if self.amx_min_rows >= NEVER:
+            return f"int8 products: VNNI / AVX2 tiles at every row count ({self.source})"
+        return f"int8 products: AMX tiles from {self.amx_min_rows} rows, VNNI tiles below ({self.source})"
+
+
+def int8_paths(shapes: list[tuple[int, int]] | None = None) -> Int8Choice:
+    """Where the CPU has AMX: from which row count int8 products take the AMX tiles, from
+    TUILI_INT8_AMX_ROWS (0: never), else the cache, else measured now against the VNNI tiles
+    on these weight shapes (a few seconds) and cached beside the kernels; handed to the
+    kernels (`set_int8_amx_rows`). Without shapes: INT8_AMX_ROWS."""
+    from .kernels import cpu_kernels
+
+    ext = cpu_kernels()
+    if ext is None or not ext.gemm_available() or not ext.gemm_amx_int8_available():
+        return Int8Choice(NEVER, "no AMX")
+    env = _env_rows("TUILI_INT8_AMX_ROWS")
+    key = _key(f"int8-v{_INT8_VERSION}", shapes or [])
+    if env is not None:
+        choice = Int8Choice(NEVER if not env else min(env, NEVER), "env")
+    elif not shapes:
+        choice = Int8Choice(INT8_AMX_ROWS, "default")
+    elif key in _choices:
+        choice = _choices[key]
+    elif key in (stored := _load_cache()):
+        choice = Int8Choice(stored[key]["amx_min_rows"], "cached", [tuple(t) for t in stored[key]["timings"]])
+    else:
+        log.info("timing the int8 products on VNNI and AMX tiles at %s rows (once per machine)...",
+                 ",".join(map(str, ROW_GRID)))
+        timings = measure_int8_amx(sorted(set(shapes)))
+        if plausible(timings):
+            choice = Int8Choice(widen_from(timings), "measured", timings)
+            _store_cache(key, {"amx_min_rows": choice.amx_min_rows, "timings": timings})
+        else:
+            choice = Int8Choice(INT8_AMX_ROWS, "default: the machine was too busy to measure", timings)
+            log.warning("kernel paths: int8 timings did not grow with the row count (%s); the fixed rule "
+                        "holds until the next start", timings[:4])
+    if shapes and env is None:
+        _choices[key] = choice
+    ext.set_int8_amx_rows(choice.amx_min_rows)
+    return choice

@@ -14,15 +14,20 @@ torch's op (`Int8Weight`, CUDA and no kernels) takes only per-column scales.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..config import INT4_GROUP_SIZES, QUANT_MODES, parse_quantization  # noqa: F401 - re-exported
 from ..device import weight_packing
 from .kernels import cpu_kernels
+from .paths import int8_paths
 from .packed import (PACKED_MAX_ROWS, bf16_dense_rows, PackedInt4Weight, PackedWeight, int8_activations,  # noqa: F401
                      pack_weight, quantize_int4_packed)
 from .quant_ops import (DEQUANT_MIN_ROWS, INT8_CLIP_RATIOS, Int4Weight, Int8Weight,  # noqa: F401
                         dequantize_int4_codes, int4_codes, quantize_int4, quantize_int8)
+
+log = logging.getLogger("tuili.kernels")
 
 INT8_GROUP = 32  # inputs per int8 scale on the CPU kernels (gemm.cpp's activation block too)
 QuantWeight = Int8Weight | Int4Weight | PackedWeight | PackedInt4Weight
@@ -96,6 +101,8 @@ def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> No
     embedding lookup keeps its own table)."""
     mode, group = quantization
     packing, dense = packing_plan(model.device)
+    if mode in ("int8", "int4") and packing:  # int8 products (int4 models: the head) on AMX from a measured row count
+        log.info("kernel paths: %s", int8_paths([tuple(getattr(model.layers[0], n).shape) for n in LINEARS]).describe())
     if mode == "int4" and packing:  # straight to the packed codes
         _convert_linears(model, lambda w: quantize_int4_packed(w, group), f"quantizing to {mode}",
                          head=quantize_int8_packed)

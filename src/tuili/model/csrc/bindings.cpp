@@ -17,6 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_bf16_widen_rows", &set_bf16_widen_rows,
         "bf16 products of at least this many rows widen to float32 FMAs instead of vdpbf16ps", py::arg("rows"));
   m.def("bf16_widen_rows", &bf16_widen_rows, "the row count from which bf16 products widen to float32");
+  m.def("gemm_amx_int8_available", &gemm_amx_int8_available, "whether int8 products can run on AMX tiles", kNoGil);
+  m.def("set_int8_amx_rows", &set_int8_amx_rows, "int8 products of at least this many rows run on AMX tiles",
+        py::arg("rows"));
+  m.def("int8_amx_rows", &int8_amx_rows, "the row count from which int8 products run on AMX tiles");
   m.def("pack_weight", &pack_weight, "repack a [N, K] weight into panels of 16 output columns", kNoGil);
   m.def("packed_linear", &packed_linear, "x @ w.T from a packed bf16/int8/fp32 weight (CPU)", kNoGil,
         py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("scales"), py::arg("bias"), py::arg("out_float"));

@@ -45,6 +45,10 @@
 #include <type_traits>
 #include <vector>
 
+// int8 products of at least this many rows run on AMX tiles where the CPU has them
+// (gemm_amx_a8), fewer on the VNNI / AVX2 tiles; set from the measurement in paths.py.
+static std::atomic<int64_t> g_int8_amx_rows{16};
+
 #ifdef __AVX2__
 namespace {
 
@@ -398,12 +402,146 @@ constexpr bool kVnni = true;
 constexpr bool kVnni = false;
 #endif  // AVX512-VNNI
 
+#ifdef __AMX_TILE__
+// ---- AMX tiles: shared by the int8 and bf16 products below ---------------------------------
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands out the AMX register state only to processes that ask for it.
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+#endif
+
+// TUILI_AMX=0 turns the AMX products off (documented and read on the Python side in
+// src/tuili/device.py, amx_allowed); read here at each product so that it acts on every
+// caller of the extension.
+inline bool amx_env_allows() {
+  const char* env = std::getenv("TUILI_AMX");
+  return !(env && std::string(env) == "0");
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
+// ---- int8 weights x int8 activations on AMX tiles -----------------------------------------
+// tdpbssd multiplies a 16-row x 32-byte tile of int8 activations by an 8-row x 64-byte
+// tile of int8 weights (8 steps of 4 inputs x 16 columns) into 16 x 16 int32 sums: exactly
+// one block of 32 inputs of a panel in gemm_a8's layout (8 consecutive 64-byte lines), so
+// the same packed weight serves the VNNI tiles and these. Both operands are signed: no
+// offset. The per-block scales (activation row x weight column) cannot enter the integer
+// sum, so each block's sums are stored and folded into float32 with AVX512, in the same
+// order and with the same operations as tile_vnni (fma(float(sum), xs * ws, acc)): the two
+// paths give identical results. Eight tile registers: four sums (32 rows x 2 panels), two
+// activation tiles, two weight tiles. Activations are zero-padded to 16 rows by the caller.
+constexpr bool kAmxA8Built = true;
+
+template <typename Out>
+void gemm_amx_a8(const int8_t* xq, const float* xs, int64_t M, int64_t M16, int64_t K32, const int8_t* packed,
+                 int64_t N, const float* scales, const float* wscales, const float* bias, Out* out) {
+  constexpr int64_t kRows = 16;
+  const int64_t panels = (N + kPanel - 1) / kPanel, pairs = (panels + 1) / 2, nb = K32 / kQBlock;
+  at::parallel_for(0, pairs, 1, [&](int64_t q0, int64_t q1) {
+    TileConfig cfg;
+    for (int t = 0; t < 4; ++t) cfg.rows[t] = kRows, cfg.colsb[t] = 64;  // int32 sums
+    for (int t = 4; t < 6; ++t) cfg.rows[t] = kRows, cfg.colsb[t] = kQBlock;  // activations: 32 inputs
+    for (int t = 6; t < 8; ++t) cfg.rows[t] = kQBlock / 4, cfg.colsb[t] = 64;  // weights: 8 steps x 16 x 4
+    _tile_loadconfig(&cfg);
+    alignas(64) int32_t sums[2][4][kRows * kPanel];  // two blocks' sums: one being folded, one being written
+    alignas(64) float acc[4][kRows * kPanel];
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t p = 2 * q;
+      const bool two = p + 1 < panels;
+      const int8_t* b0 = packed + p * K32 * kPanel;
+      const int8_t* b1 = two ? b0 + K32 * kPanel : b0;
+      const float* ws[2] = {wscales ? wscales + p * nb * kPanel : nullptr,
+                            wscales && two ? wscales + (p + 1) * nb * kPanel : nullptr};
+      for (int64_t m = 0; m < M16; m += 2 * kRows) {
+        const bool rows2 = m + kRows < M16;
+        const int64_t live[2] = {std::min(kRows, M - m), rows2 ? std::min(kRows, M - m - kRows) : 0};
+        for (int t = 0; t < 4; ++t) std::memset(acc[t], 0, sizeof(acc[t]));
+        // Block b's tile products are issued before block b - 1 is folded, so the tile unit and
+        // the vector units work side by side, and the fold reads sums stored a block earlier.
+        auto fold = [&](int64_t b) {
+          for (int c = 0; c < (two ? 2 : 1); ++c) {
+            const __m512 wsv = ws[c] ? _mm512_loadu_ps(ws[c] + b * kPanel) : _mm512_set1_ps(1.f);
+            for (int h = 0; h < 2; ++h) {
+              const int32_t* si = sums[b & 1][2 * h + c];
+              float* a = acc[2 * h + c];
+              const float* xsr = xs + (m + h * kRows) * nb + b;
+              for (int64_t r = 0; r < live[h]; ++r) {
+                const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(xsr[r * nb]), wsv);
+                _mm512_store_ps(a + r * kPanel, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(si + r * kPanel)),
+                                                                 sc, _mm512_load_ps(a + r * kPanel)));
+              }
+            }
+          }
+        };
+        for (int64_t b = 0; b < nb; ++b) {
+          int32_t(*out_sums)[kRows * kPanel] = sums[b & 1];
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_loadd(4, xq + m * K32 + b * kQBlock, K32);
+          _tile_loadd(6, b0 + b * kQBlock * kPanel, 64);
+          _tile_loadd(7, b1 + b * kQBlock * kPanel, 64);
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbssd(1, 4, 7);
+          if (rows2) {
+            _tile_zero(2);
+            _tile_zero(3);
+            _tile_loadd(5, xq + (m + kRows) * K32 + b * kQBlock, K32);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+          }
+          if (b > 0) fold(b - 1);
+          _tile_stored(0, out_sums[0], 64);
+          _tile_stored(1, out_sums[1], 64);
+          if (rows2) {
+            _tile_stored(2, out_sums[2], 64);
+            _tile_stored(3, out_sums[3], 64);
+          }
+        }
+        fold(nb - 1);
+        for (int h = 0; h < 2; ++h) {
+          if (live[h] <= 0) continue;
+          for (int c = 0; c < (two ? 2 : 1); ++c) {
+            const int64_t n0 = (p + c) * kPanel;
+            store_rows(acc[2 * h + c], live[h], n0, std::min(kPanel, N - n0), N, scales, bias,
+                       out + (m + h * kRows) * N);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#else
+constexpr bool kAmxA8Built = false;
+#endif  // AMX int8
+
 // scales: [N] per column (applied at the write-out), or null with wscales [panels][K32/32][16]
 // per column and block of 32 inputs (applied per block, as the activations' scales are).
 template <typename Out>
 void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t N, const float* scales,
              const float* wscales, const float* bias, Out* out) {
   const int64_t K32 = round_up(K, kQBlock), nb = K32 / kQBlock;
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
+  if (M >= g_int8_amx_rows.load(std::memory_order_relaxed) && amx_env_allows() && amx_permitted()) {
+    const int64_t M16 = round_up(M, 16);
+    std::vector<int8_t> xq(M16 * K32, 0);  // rows past M stay zero
+    std::vector<float> xs(M16 * nb, 0.f);
+    quantize_rows(x, M, K, xq.data(), xs.data());
+    gemm_amx_a8(xq.data(), xs.data(), M, M16, K32, packed, N, scales, wscales, bias, out);
+    return;
+  }
+#endif
   std::vector<int8_t> xq(M * K32);
   std::vector<float> xs(M * nb);
   std::vector<int32_t> comp(kVnni ? M * nb : 0);
@@ -654,23 +792,6 @@ void gemm_bf16w(const float* x, int64_t M, int64_t K2, const uint16_t* packed, i
 constexpr int64_t kAmxRows = 16;  // rows of a tile
 constexpr int64_t kAmxK = 32;  // bf16 inputs of a tile row (64 bytes)
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Linux hands out the AMX register state only to processes that ask for it.
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
-  }();
-  return ok;
-}
-
 // x bf16 [M16][K2] (M16 a multiple of 16, rows past M zero), packed as for gemm_bf16x2.
 template <typename Out>
 void gemm_amx(const uint16_t* x, int64_t M, int64_t M16, int64_t K2, const uint16_t* packed, int64_t N,
@@ -752,6 +873,19 @@ void set_bf16_widen_rows(int64_t rows) { g_bf16_widen_rows.store(rows < 1 ? 1 : 
 
 int64_t bf16_widen_rows() { return g_bf16_widen_rows.load(); }
 
+void set_int8_amx_rows(int64_t rows) { g_int8_amx_rows.store(rows < 1 ? 1 : rows); }
+
+int64_t int8_amx_rows() { return g_int8_amx_rows.load(); }
+
+// Whether int8 products can run on AMX tiles (built for them, allowed, and permitted).
+bool gemm_amx_int8_available() {
+#if defined(__AVX2__) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
+  return amx_env_allows() && amx_permitted();
+#else
+  return false;
+#endif
+}
+
 bool gemm_available() {
 #ifdef __AVX2__
   return true;
@@ -767,8 +901,7 @@ bool gemm_available() {
 // here again, at each product, so that it acts on every caller of the extension.
 bool gemm_amx_available() {
 #if defined(__AVX2__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-  const char* env = std::getenv("TUILI_AMX");
-  return !(env && std::string(env) == "0") && amx_permitted();
+  return amx_env_allows() && amx_permitted();
 #else
   return false;
 #endif

@@ -12,6 +12,9 @@ bool gemm_bf16_pairs();
 bool gemm_amx_available();
 void set_bf16_widen_rows(int64_t rows);
 int64_t bf16_widen_rows();
+bool gemm_amx_int8_available();
+void set_int8_amx_rows(int64_t rows);
+int64_t int8_amx_rows();
 torch::Tensor pack_weight(torch::Tensor w);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N, torch::Tensor scales,
                             torch::Tensor bias, bool out_float);
