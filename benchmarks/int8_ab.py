@@ -19,6 +19,7 @@ from tuili.bench.decode import decode_once
 from tuili.bench.workload import random_prompts
 from tuili.engine.engine import Engine
 from tuili.engine.evaluate import DEFAULT_TEXT
+from tuili.model.kernels import cpu_kernels
 from tuili.model.layers import linear
 from tuili.model.quant import LINEARS
 
@@ -48,18 +49,29 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rows", default="1,8,32,128,256")
-    ap.add_argument("--quant", default="none,int8", help="weight modes; the first is the baseline")
+    ap.add_argument("--quant", default="none,int8",
+                    help="weight modes; the first is the baseline. int8/vnni: int8 with its products kept off "
+                         "AMX tiles (the VNNI tiles at every row count), for an A/B on a CPU with AMX")
     args = ap.parse_args()
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split(":")[-1].strip()
-    engines = {q: Engine("smollm2-135m-instruct", dtype="bfloat16", quantization=q, num_kv_blocks=80) for q in args.quant.split(",")}
+    engines = {q: Engine("smollm2-135m-instruct", dtype="bfloat16", quantization=q.split("/")[0], num_kv_blocks=80)
+               for q in args.quant.split(",")}
+    ext = cpu_kernels()
+    amx_rows = ext.int8_amx_rows() if ext is not None and ext.gemm_available() else None
+
+    def select(q: str) -> None:  # the int8 AMX setting is one per process: set before each mode runs
+        if amx_rows is not None:
+            ext.set_int8_amx_rows(1 << 40 if q.endswith("/vnni") else amx_rows)
     ids = engines["none"].encode(DEFAULT_TEXT.read_text())[:1024]
     prompt = random_prompts(engines["none"].tokenizer, 1, 100, 100, seed=0)[0]
     res: dict[str, dict[str, list[float]]] = {q: {} for q in engines}
     for q, e in engines.items():  # warm-up
+        select(q)
         decode_once(e, prompt[:16], 4)
         prefill_tok_s(e, ids[:256])
     for r in range(args.runs):
         for q, e in engines.items():
+            select(q)
             for rows in map(int, args.rows.split(",")):
                 res[q].setdefault(f"matmul_ms_{rows}", []).append(matmul_ms(e, rows, 3))
             res[q].setdefault("prefill_tok_s", []).append(prefill_tok_s(e, ids))
