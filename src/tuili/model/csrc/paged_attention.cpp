@@ -214,7 +214,7 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
   const int64_t tasks = seq_tasks * chunks;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
-    std::vector<float> scores;
+    std::vector<float> scores, norm;
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t c = task % chunks;
       const int64_t b = order[task / chunks / splits_used];
@@ -325,14 +325,21 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
           }
         }
       });
-      // Softmax per query head, in place.
+      // Softmax per query head, in place, left unnormalised: the output passes scale each
+      // head's sums by 1 / sum once (norm), instead of every score.
+      norm.assign(nq, 1.f);
       for (int64_t g = 0; g < nq; ++g) {
         float* sg = scores.data() + g * len;
-        float m = -INFINITY;
-        for (int64_t t = 0; t < len; ++t) m = sg[t] > m ? sg[t] : m;
+        __m256 mx = _mm256_set1_ps(-INFINITY);
+        int64_t t = 0;
+        for (; t + 8 <= len; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sg + t));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+        for (; t < len; ++t) m = sg[t] > m ? sg[t] : m;
         const __m256 mv = _mm256_set1_ps(m);
         __m256 sv = _mm256_setzero_ps();
-        int64_t t = 0;
+        t = 0;
         for (; t + 8 <= len; t += 8) {
           const __m256 e = tuili::exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + t), mv));
           _mm256_storeu_ps(sg + t, e);
@@ -348,8 +355,7 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
           part_l[part + g] = sum;
           continue;
         }
-        const float inv = 1.f / sum;
-        for (t = 0; t < len; ++t) sg[t] *= inv;
+        norm[g] = 1.f / sum;
       }
       // Output: the weighted sum of V rows. With G known, a slice of 16 dims of the G heads'
       // outputs stays in registers over all positions (one pass per slice; the rows stay in
@@ -383,7 +389,9 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
               });
 #pragma GCC unroll 8
               for (int g = 0; g < G; ++g)
-                for (int j = 0; j < 4; ++j) _mm512_storeu_ps(ok + g * dim + d + 16 * j, acc[g][j]);
+                for (int j = 0; j < 4; ++j)
+                  _mm512_storeu_ps(ok + g * dim + d + 16 * j,
+                                   _mm512_mul_ps(acc[g][j], _mm512_set1_ps(norm[(kvh - h0) * G + g])));
             }
           }
           continue;
@@ -413,8 +421,9 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
             });
 #pragma GCC unroll 8
             for (int g = 0; g < G; ++g) {
-              _mm256_storeu_ps(ok + g * dim + d, a0[g]);
-              _mm256_storeu_ps(ok + g * dim + d + 8, a1[g]);
+              const __m256 f = _mm256_set1_ps(norm[(kvh - h0) * G + g]);
+              _mm256_storeu_ps(ok + g * dim + d, _mm256_mul_ps(a0[g], f));
+              _mm256_storeu_ps(ok + g * dim + d + 8, _mm256_mul_ps(a1[g], f));
             }
           }
         }
@@ -437,6 +446,8 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
             }
           }
         });
+        for (int64_t g = 0; g < nq; ++g)
+          for (int64_t d = 0; d < dim; ++d) ob[g * dim + d] *= norm[g];
       }
     }
   });
