@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grounded-len", type=int, default=160, help="max_tokens of grounded requests")
     p.add_argument("--open-len", type=int, default=96)
     p.add_argument("--speculative-tokens", type=int, default=5)
+    p.add_argument("--speculative-max-batch", type=int, default=None,
+                   help="the spec server's --speculative-max-batch (default: the server's own)")
     p.add_argument("--c16", type=int, default=16, help="concurrency of the grounded batch run (0: skip)")
     p.add_argument("--output", default="bench-results/spec_ab.jsonl")
     args = p.parse_args(argv)
@@ -50,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     servers = {}
     logs = Path("bench-results")
     try:
-        for name, extra in (("plain", []), ("spec", ["--speculative", "ngram", "--speculative-tokens",
-                                                      str(args.speculative_tokens)])):
+        spec = ["--speculative", "ngram", "--speculative-tokens", str(args.speculative_tokens)]
+        if args.speculative_max_batch is not None:
+            spec += ["--speculative-max-batch", str(args.speculative_max_batch)]
+        for name, extra in (("plain", []), ("spec", spec)):
             port = free_port()
             servers[name] = launch(tuili_serve_cmd(port, *extra), port, logs / f"spec_ab-{name}.log")
         rates: dict[str, dict[str, list[float]]] = {w: {"plain": [], "spec": []} for w in work}
