@@ -187,7 +187,12 @@ def test_int8_kv_pool_holds_about_twice_the_tokens(default_model_folder):
     # France is Paris." / "L'Étoile, la Cité, le Régime (French"): its quality is held by the
     # perplexity test above, not by one answer.
     ("int4", "auto", None),
-    ("int8", "int8", "France"),  # "The capital of France is Paris." / "L'Étoile (...) is the capital of France"
+    # int8 weights with an int8 KV cache gave "The capital of France is Paris." / "L'Étoile (...) is
+    # the capital of France" on the Xeons without AMX, and "L'Étoile, la Cité, le Régime, le" (no
+    # "France" within 16 tokens) on the AMX Xeon with the same code at 7b7f773 and after: torch's
+    # flash attention (the prefill) multiplies on AMX tiles there and rounds differently. So this
+    # answer is not asserted either; the int8 / int8-KV quality is held by the perplexity tests.
+    ("int8", "int8", None),
 ])
 def test_quantized_engine_generates_in_a_batch(default_model_folder, quantization, kv, answer):
     """Batched decode with quantized weights, and with an int8 KV cache (prefill and decode products)."""

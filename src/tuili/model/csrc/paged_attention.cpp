@@ -325,8 +325,8 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
           }
         }
       });
-      // Softmax per query head, in place, left unnormalised: the output passes scale each
-      // head's sums by 1 / sum once (norm), instead of every score.
+      // Softmax per query head, in place; in the bf16 loops left unnormalised: the output pass
+      // scales each head's sums by 1 / sum once (norm), instead of every score.
       norm.assign(nq, 1.f);
       for (int64_t g = 0; g < nq; ++g) {
         float* sg = scores.data() + g * len;
@@ -355,7 +355,12 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
           part_l[part + g] = sum;
           continue;
         }
-        norm[g] = 1.f / sum;
+        if (fast) {
+          norm[g] = 1.f / sum;
+        } else {  // the float32 and int8 loops keep normalised scores (their results as before)
+          const float inv = 1.f / sum;
+          for (t = 0; t < len; ++t) sg[t] *= inv;
+        }
       }
       // Output: the weighted sum of V rows. With G known, a slice of 16 dims of the G heads'
       // outputs stays in registers over all positions (one pass per slice; the rows stay in
@@ -421,9 +426,8 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
             });
 #pragma GCC unroll 8
             for (int g = 0; g < G; ++g) {
-              const __m256 f = _mm256_set1_ps(norm[(kvh - h0) * G + g]);
-              _mm256_storeu_ps(ok + g * dim + d, _mm256_mul_ps(a0[g], f));
-              _mm256_storeu_ps(ok + g * dim + d + 8, _mm256_mul_ps(a1[g], f));
+              _mm256_storeu_ps(ok + g * dim + d, a0[g]);
+              _mm256_storeu_ps(ok + g * dim + d + 8, a1[g]);
             }
           }
         }
@@ -446,8 +450,6 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
             }
           }
         });
-        for (int64_t g = 0; g < nq; ++g)
-          for (int64_t d = 0; d < dim; ++d) ob[g * dim + d] *= norm[g];
       }
     }
   });
