@@ -1,4 +1,4 @@
-"""Which matrix product a bf16 linear takes at each row count, measured on the machine at hand.
+"""Which matrix product a bf16 or int8 linear takes at each row count, measured on the machine at hand.
 
 A bf16 weight packed for the CPU kernel (`PackedWeight`) can also keep its plain form, so
 that batches above some row count go through torch's matmul (oneDNN) instead. Where the
@@ -20,6 +20,11 @@ row counts, and products from the smallest row count at which widening wins (and
 winning above) take it (`widen_min_rows`, handed to the kernels with
 `set_bf16_widen_rows`; one setting per process, from the last model prepared). Then the
 packed-vs-torch crossover is timed with that choice in place.
+
+int8 products (scales per block of 32) have two kernels on CPUs with AMX: the VNNI tiles and
+AMX tiles (`gemm_amx_a8`), with identical results; `int8_paths` times them the same way when
+an int8 or int4 model is prepared and hands the row count from which AMX wins to the kernels
+(`set_int8_amx_rows`; `TUILI_INT8_AMX_ROWS=N` fixes it, 0: never).
 
 `TUILI_PACKED_MAX_ROWS=N` fixes the crossover instead (0: torch's matmul above 0 rows, i.e.
 always once a plain copy is kept; a large N: the packed product always), and
