@@ -16,15 +16,16 @@
 //
 // Every product walks row blocks, panels and tiles through one loop (for_each_tile) and
 // writes its sums out through one function (store_rows); what differs is only the
-// micro-kernel of a tile. The AMX product keeps a loop of its own: its unit is two panels
-// x 32 rows held in tile registers configured once per thread.
+// micro-kernel of a tile. The AMX products (bf16, and int8 from a measured row count) keep
+// loops of their own: their unit is two panels x 32 rows held in tile registers configured
+// once per thread.
 //
 // Why this file stays whole (over 600 lines): its parts share one anonymous namespace of
 // compile-time constants, the tile loop and the write-out, all inlined into each product,
 // and they are picked at compile time by the CPU's instruction sets (AVX2, AVX512-BF16,
 // AMX) in one dispatch (packed_linear). Split into files, each would need those shared
 // templates in a header and its own #if guards repeated, for no file shorter to read on
-// its own: each section below (float32 widening, int8, int4, bf16 pairs, AMX) is one
+// its own: each section below (float32 widening, int8, int8 on AMX, int4, bf16 pairs, AMX) is one
 // block that reads top to bottom.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
