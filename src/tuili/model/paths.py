@@ -164,16 +164,12 @@ def measure(shapes: list[tuple[int, int]], max_rows: int = ROW_GRID[-1], repeats
     return timings
 
 
-def _measure_switch(shapes: list[tuple[int, int]], packed: list, set_rows, x_dtype: torch.dtype, seed: int,
+def _measure_switch(ext, gen: torch.Generator, shapes: list[tuple[int, int]], packed: list, set_rows,
                     repeats: int, budget_s: float) -> list[tuple[int, float, float]]:
-    """Times the packed products of `packed` (one per shape, as pack_weight made them, with
-    their scales) with a kernel switch off (`set_rows(NEVER)`) and on (`set_rows(1)`), at each
-    row count of ROW_GRID: (rows, off ms, on ms), the on time as the off time over the median
-    ratio of paired timings. Leaves the switch off."""
-    from .kernels import cpu_kernels
-
-    ext = cpu_kernels()
-    gen = torch.Generator().manual_seed(seed)
+    """Times the packed products of `packed` (one (weight, scales) per shape, as pack_weight
+    made them) on bf16 rows with a kernel switch off (`set_rows(NEVER)`) and on (`set_rows(1)`),
+    at each row count of ROW_GRID: (rows, off ms, on ms), the on time as the off time over the
+    median ratio of paired timings. Leaves the switch off."""
     empty = torch.empty(0)
 
     def run(xs, rows):
@@ -184,7 +180,7 @@ def _measure_switch(shapes: list[tuple[int, int]], packed: list, set_rows, x_dty
     timings, start = [], time.perf_counter()
     try:
         for rows in ROW_GRID:
-            xs = {k: torch.randn(rows, k, generator=gen).to(x_dtype) for _, k in shapes}
+            xs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for _, k in shapes}
             t_off, _, ratio = _paired_ms(lambda: run(xs, NEVER), lambda: run(xs, 1), repeats)
             timings.append((rows, round(t_off, 3), round(t_off / ratio, 3)))
             if time.perf_counter() - start > budget_s:
@@ -200,11 +196,10 @@ def measure_widen(shapes: list[tuple[int, int]], repeats: int = 5,
     each row count of ROW_GRID: (rows, vdpbf16ps ms, widened ms). Leaves widening off."""
     from .kernels import cpu_kernels
 
-    ext = cpu_kernels()
-    gen = torch.Generator().manual_seed(1)
+    ext, gen = cpu_kernels(), torch.Generator().manual_seed(1)
     packed = [(ext.pack_weight((torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)), torch.empty(0))
               for n, k in shapes]
-    return _measure_switch(shapes, packed, ext.set_bf16_widen_rows, torch.bfloat16, 1, repeats, budget_s)
+    return _measure_switch(ext, gen, shapes, packed, ext.set_bf16_widen_rows, repeats, budget_s)
 
 
 def measure_int8_amx(shapes: list[tuple[int, int]], repeats: int = 5,
@@ -214,14 +209,10 @@ def measure_int8_amx(shapes: list[tuple[int, int]], repeats: int = 5,
     off for int8."""
     from .kernels import cpu_kernels
 
-    ext = cpu_kernels()
-    gen = torch.Generator().manual_seed(2)
-    packed = []
-    for n, k in shapes:
-        codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-        scales = torch.rand(-(-n // 16), -(-k // 32), 16, generator=gen) * 1e-3
-        packed.append((ext.pack_weight(codes), scales))
-    return _measure_switch(shapes, packed, ext.set_int8_amx_rows, torch.bfloat16, 2, repeats, budget_s)
+    ext, gen = cpu_kernels(), torch.Generator().manual_seed(2)
+    packed = [(ext.pack_weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)),
+               torch.rand(-(-n // 16), -(-k // 32), 16, generator=gen) * 1e-3) for n, k in shapes]
+    return _measure_switch(ext, gen, shapes, packed, ext.set_int8_amx_rows, repeats, budget_s)
 
 
 def plausible(timings: list[tuple[int, float, float]]) -> bool:
