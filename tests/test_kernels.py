@@ -31,10 +31,13 @@ def test_small_batches_split_the_context_into_chunks_and_merge_them(dtype, heads
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 1, 256), (8, 2, 128), (4, 4, 32)])
 @pytest.mark.parametrize("lens,window,block_size", [([1, 17, 70, 33, 160], 0, 16), ([300], 0, 16), ([500, 7], 0, 32),
                                                     ([300, 41], 100, 16), ([90, 3], 0, 8)])
-def test_bf16_queries_on_a_bf16_cache(heads, kv_heads, dim, lens, window, block_size):
+@pytest.mark.parametrize("amx", ["1", "0"])
+def test_bf16_queries_on_a_bf16_cache(heads, kv_heads, dim, lens, window, block_size, amx, monkeypatch):
     """bf16 queries on a bf16 cache take the AVX512-BF16 loops where they apply (16 positions
-    of a block per vdpbf16ps pass, 64-dim output slices; not for 32 dims or 8-row blocks):
-    the same attention as the PyTorch path on the float32 values."""
+    of a block per vdpbf16ps pass, 64-dim output slices; not for 32 dims or 8-row blocks), and
+    on AMX CPUs the score tiles unless TUILI_AMX=0 (read at each call): either way the same
+    attention as the PyTorch path on the float32 values."""
+    monkeypatch.setenv("TUILI_AMX", amx)
     torch.manual_seed(6)
     check_against_torch(torch.bfloat16, heads, kv_heads, dim, lens, num_blocks=80, window=window,
                         block_size=block_size, q_dtype=torch.bfloat16)

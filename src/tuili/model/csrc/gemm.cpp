@@ -46,12 +46,17 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
 // int8 products of at least this many rows run on AMX tiles where the CPU has them
 // (gemm_amx_a8), fewer on the VNNI / AVX2 tiles; set from the measurement in paths.py.
 static std::atomic<int64_t> g_int8_amx_rows{16};
 
 #ifdef __AVX2__
 namespace {
+#ifdef __AMX_TILE__
+using tuili::TileConfig;
+#endif
 
 constexpr int64_t kPanel = 16;
 constexpr int64_t kStreamAhead = 32;  // k steps (rows of a panel) requested ahead by the few-row tiles
@@ -405,14 +410,7 @@ constexpr bool kVnni = false;
 
 #ifdef __AMX_TILE__
 // ---- AMX tiles: shared by the int8 and bf16 products below ---------------------------------
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
+// (TileConfig: vec.h, shared with the decode attention's score tiles)
 // Linux hands out the AMX register state only to processes that ask for it.
 bool amx_permitted() {
   static const bool ok = [] {

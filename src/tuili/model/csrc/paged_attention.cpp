@@ -8,6 +8,10 @@
 // are processed together so every K/V row is read once. Scores go to a per-task buffer
 // (two-pass softmax in float32), then V rows are accumulated with those weights.
 // window > 0 (sliding-window layers): only the last `window` positions are read.
+// bf16 queries on a bf16 cache (a bf16 model) take AVX512-BF16 loops, and on AMX CPUs
+// (unless TUILI_AMX=0) the scores come from AMX tiles: 16 K rows as they lie in the block
+// times the G queries, one tdpbf16ps per 32 dims, no sums across vector lanes (benchmarks/
+// decode_attention.py --ab-amx: 1.18x with the caches in L3, 1.09x from memory at batch 32).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -19,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
 #include "vec.h"
 
 namespace {
@@ -118,6 +123,9 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
 // (docs/BENCHMARKS.md, "The full peers run with AMX products", step 3): 6% less time than
 // the AVX2 loops; both wait on memory latency more than on arithmetic.
 constexpr bool kBf16Attention = true;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define TUILI_AMX_SCORES 1
+#endif
 
 // The 16 lane-sums of a[0..15], in lane order.
 inline __m512 sum16(__m512* a) {
@@ -159,6 +167,62 @@ inline void scores16(const uint16_t* q, const uint16_t* k, int64_t stride, int64
     _mm512_mask_storeu_ps(out + g * out_stride, mask, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
   }
 }
+
+#ifdef TUILI_AMX_SCORES
+// Softmax over the scores of `heads_kv` kv heads laid out position-major, as the AMX tiles
+// store them: x[(kv * len + pos) * G + g], the unscaled q . k. Each is replaced by
+// exp(scale * (x - max)) with the max of its query head; per query head (kv * G + g) the
+// scaled max and the sum go to part_m / part_l when given (chunks merged later), else 1 / sum
+// to norm. 16 G values (16 positions) at a time: lane l of the i-th vector is head (16 i + l) % G.
+template <int G>
+void softmax_interleaved(float* scores, int64_t len, int64_t heads_kv, float scale, float* part_m, float* part_l,
+                         float* norm) {
+  const int64_t total = G * len, body = total / (16 * G) * (16 * G);
+  alignas(64) float lanes[16 * G];
+  for (int64_t kv = 0; kv < heads_kv; ++kv) {
+    float* x = scores + kv * total;
+    __m512 v[G];
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) v[i] = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < body; t += 16 * G)
+#pragma GCC unroll 8
+      for (int i = 0; i < G; ++i) v[i] = _mm512_max_ps(v[i], _mm512_loadu_ps(x + t + 16 * i));
+    float m[G], sum[G];
+    for (int g = 0; g < G; ++g) m[g] = -INFINITY, sum[g] = 0.f;
+    for (int i = 0; i < G; ++i) _mm512_store_ps(lanes + 16 * i, v[i]);
+    for (int l = 0; l < 16 * G; ++l) m[l % G] = std::max(m[l % G], lanes[l]);
+    for (int64_t t = body; t < total; ++t) m[t % G] = std::max(m[t % G], x[t]);  // body: a multiple of G
+    for (int l = 0; l < 16 * G; ++l) lanes[l] = m[l % G] * scale;
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) v[i] = _mm512_load_ps(lanes + 16 * i);  // the scaled maxima, lane by lane
+    __m512 s[G];
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) s[i] = _mm512_setzero_ps();
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int64_t t = 0; t < body; t += 16 * G)
+#pragma GCC unroll 8
+      for (int i = 0; i < G; ++i) {
+        const __m512 e = tuili::exp16(_mm512_fmsub_ps(_mm512_loadu_ps(x + t + 16 * i), sv, v[i]));
+        _mm512_storeu_ps(x + t + 16 * i, e);
+        s[i] = _mm512_add_ps(s[i], e);
+      }
+    for (int i = 0; i < G; ++i) _mm512_store_ps(lanes + 16 * i, s[i]);
+    for (int l = 0; l < 16 * G; ++l) sum[l % G] += lanes[l];
+    for (int64_t t = body; t < total; ++t) {
+      x[t] = std::exp(x[t] * scale - m[t % G] * scale);
+      sum[t % G] += x[t];
+    }
+    for (int g = 0; g < G; ++g) {
+      if (part_m != nullptr) {
+        part_m[kv * G + g] = m[g] * scale;
+        part_l[kv * G + g] = sum[g];
+      } else {
+        norm[kv * G + g] = 1.f / sum[g];
+      }
+    }
+  }
+}
+#endif
 
 inline __m512 load16_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(
@@ -212,9 +276,29 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
   for (int64_t b = 0; b < batch; ++b) order[b] = b;
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lens[a] > lens[b]; });
   const int64_t tasks = seq_tasks * chunks;
+  // Scores on AMX tiles where the CPU has them (and TUILI_AMX allows): a tile of 16 K rows,
+  // as they lie in the block, times the G queries laid out in pairs of dims, gives the 16
+  // positions' G scores in one tdpbf16ps per 32 dims, with no sums across lanes. The scores
+  // then lie position-major (scores[pos * G + g]) instead of head-major.
+#ifdef TUILI_AMX_SCORES
+  const bool amx = fast && G <= 16 && dim % 32 == 0 && gemm_amx_available();
+#else
+  constexpr bool amx = false;
+#endif
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> scores, norm;
+#ifdef TUILI_AMX_SCORES
+    std::vector<uint16_t> qt;  // the task's queries as B tiles: [kv head][32-dim chunk][16 pairs][G x 2]
+    alignas(64) float tile_out[16 * 16];
+    if (amx) {
+      tuili::TileConfig cfg;
+      cfg.rows[0] = 16, cfg.colsb[0] = G * 4;  // scores: 16 positions x G heads, float32
+      cfg.rows[1] = 16, cfg.colsb[1] = 64;     // K: 16 rows x 32 dims, bf16
+      cfg.rows[2] = 16, cfg.colsb[2] = G * 4;  // queries: 16 pairs of dims x G heads
+      _tile_loadconfig(&cfg);
+    }
+#endif
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t c = task % chunks;
       const int64_t b = order[task / chunks / splits_used];
@@ -274,9 +358,55 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
         k_ahead = ahead_row(k_cache, t0);
         if (t0 < start_block + kAhead * block_size) prefetch_block(v_cache, t0);
       };
+#ifdef TUILI_AMX_SCORES
+      if constexpr (kFastType) {
+        if (amx) {
+          const int64_t c32 = dim / 32;
+          qt.assign(static_cast<size_t>((h1 - h0) * c32 * 32 * G), 0);
+          for (int64_t kvh = h0; kvh < h1; ++kvh)
+            for (int64_t n = 0; n < G; ++n) {
+              const uint16_t* qn = q16 + (b * heads + kvh * G + n) * dim;
+              for (int64_t d = 0; d < dim; ++d)
+                qt[(((kvh - h0) * c32 + d / 32) * 16 + d % 32 / 2) * 2 * G + 2 * n + d % 2] = qn[d];
+            }
+          const int64_t row_bytes2 = row_stride * 2;
+          for (int64_t t0 = start_block; t0 < end_pos; t0 += block_size) {
+            next_block(t0);
+            const int64_t slot0 = table[t0 / block_size] * block_size;
+            const int64_t n = std::min(end_pos - t0, block_size), i0 = std::max<int64_t>(0, first - t0);
+            // whole tiles of 16 rows from a multiple of 16 (block_size is one): rows before
+            // `first` or past the end are read (they lie in the block) and their scores dropped
+            for (int64_t i = i0 - i0 % 16; i < n; i += 16) {
+              const int64_t lo = std::max(i, i0), hi = std::min(i + 16, n);
+              for (int64_t kvh = h0; kvh < h1; ++kvh) {
+                if (k_ahead != nullptr) {
+                  const char* pa = k_ahead + (i * row_stride + (kvh - h0) * dim) * 2;
+                  for (int64_t r = 0; r < 16; ++r)
+                    for (int64_t off = 0; off < dim * 2; off += 64) _mm_prefetch(pa + r * row_bytes2 + off, _MM_HINT_T0);
+                }
+                _tile_zero(0);
+                const T* kp = k_cache + ((slot0 + i) * kv_heads + kvh) * dim;
+                for (int64_t c = 0; c < c32; ++c) {
+                  _tile_loadd(1, kp + 32 * c, row_bytes2);
+                  _tile_loadd(2, qt.data() + ((kvh - h0) * c32 + c) * 32 * G, G * 4);
+                  _tile_dpbf16ps(0, 1, 2);
+                }
+                float* dst = scores.data() + (kvh - h0) * G * len + (t0 + lo - first) * G;
+                if (lo == i && hi == i + 16) {
+                  _tile_stored(0, dst, G * 4);
+                } else {
+                  _tile_stored(0, tile_out, G * 4);
+                  std::memcpy(dst, tile_out + (lo - i) * G, (hi - lo) * G * sizeof(float));
+                }
+              }
+            }
+          }
+        }
+      }
+#endif
 #ifdef __AVX512BF16__
       if constexpr (kFastType) {
-        if (fast) {  // 16 positions of a block at a time
+        if (fast && !amx) {  // 16 positions of a block at a time
           for (int64_t t0 = start_block; t0 < end_pos; t0 += block_size) {
             next_block(t0);
             const int64_t slot0 = table[t0 / block_size] * block_size;
@@ -328,7 +458,15 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
       // Softmax per query head, in place; in the bf16 loops left unnormalised: the output pass
       // scales each head's sums by 1 / sum once (norm), instead of every score.
       norm.assign(nq, 1.f);
-      for (int64_t g = 0; g < nq; ++g) {
+#if defined(TUILI_AMX_SCORES)
+      if constexpr (kFastType) {
+        if (amx) {
+          softmax_interleaved<G>(scores.data(), len, h1 - h0, scale, chunks > 1 ? part_m.data() + part : nullptr,
+                                 chunks > 1 ? part_l.data() + part : nullptr, norm.data());
+        }
+      }
+#endif
+      for (int64_t g = 0; g < (amx ? 0 : nq); ++g) {
         float* sg = scores.data() + g * len;
         __m256 mx = _mm256_set1_ps(-INFINITY);
         int64_t t = 0;
@@ -370,6 +508,7 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
 #ifdef __AVX512BF16__
       if constexpr (kFastType) {
         if (fast) {  // 64 dims of the G heads' outputs in registers, one pass per slice
+          const int64_t gs = amx ? 1 : len, ps = amx ? G : 1;  // a weight's index: g * gs + pos * ps
           for (int64_t kvh = h0; kvh < h1; ++kvh) {
             const float* sk = sc + (kvh - h0) * G * len;
             float* ok = ob + (kvh - h0) * G * dim;
@@ -385,7 +524,7 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
                              v3 = load16_bf16(vp + 48);
 #pragma GCC unroll 8
                 for (int g = 0; g < G; ++g) {
-                  const __m512 w = _mm512_set1_ps(sk[g * len + pos]);
+                  const __m512 w = _mm512_set1_ps(sk[g * gs + pos * ps]);
                   acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);
                   acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);
                   acc[g][2] = _mm512_fmadd_ps(w, v2, acc[g][2]);
@@ -452,6 +591,9 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
         });
       }
     }
+#ifdef TUILI_AMX_SCORES
+    if (amx) _tile_release();
+#endif
   });
   if (chunks > 1) {
     for (int64_t b = 0; b < batch; ++b)

@@ -112,5 +112,16 @@ inline __m512 round16(__m512 v, const at::BFloat16*) {
 }
 #endif  // __AVX512F__
 
+#ifdef __AMX_TILE__
+// The 64-byte operand of ldtilecfg (palette 1): rows and bytes per row of each tile register.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+#endif
+
 }  // namespace tuili
 #endif
