@@ -130,3 +130,47 @@ def test_prefix_reuse_in_admission():
     assert got == {"a": 1, "b": 4}  # b reuses 2 of a's 3 full blocks
     assert b.num_cached_prompt_tokens == 8
     assert b.block_table[:2] == a.block_table[:2]
+
+
+def test_shortest_policy_admits_the_shortest_prompt_first():
+    """With the "shortest" policy the budget goes to the shortest waiting prompts first; with
+    fcfs (the default) to the oldest."""
+    for policy, want in (("fcfs", [("long", 12), ("short", 4)]), ("shortest", [("short", 5), ("mid", 8), ("long", 3)])):
+        bm = BlockManager(32, 4)
+        s = Scheduler(SchedulerConfig(8, 16, None, policy, 60.0), bm)
+        for n, rid in ((12, "long"), (5, "short"), (8, "mid")):
+            s.add(seq(n, rid))
+        out = run_step(s)
+        assert [(x.seq.request_id, x.num_new_tokens) for x in out.scheduled] == want, policy
+
+
+def test_shortest_policy_puts_the_oldest_first_after_max_wait_and_after_preemption():
+    bm = BlockManager(32, 4)
+    s = Scheduler(SchedulerConfig(8, 12, None, "shortest", 0.5), bm)
+    old, short = seq(12, "old"), seq(4, "short")
+    s.add(old)
+    s.add(short)
+    old.arrival_time -= 0.6  # waited past max_wait_s
+    out = run_step(s)
+    assert [x.seq.request_id for x in out.scheduled] == ["old"]
+    # a preempted sequence goes back to the front and is readmitted before shorter ones
+    bm = BlockManager(32, 4)
+    s = Scheduler(SchedulerConfig(8, 12, None, "shortest", 60.0), bm)
+    a, b = seq(10, "a"), seq(3, "b")
+    s.add(a)
+    a.num_preemptions = 1
+    s.add(b)
+    out = run_step(s)
+    assert [x.seq.request_id for x in out.scheduled][0] == "a"
+
+
+def test_scheduling_policy_is_checked():
+    import pytest
+
+    from tuili.config import EngineConfig
+
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        EngineConfig(scheduling_policy="lifo")
+    with pytest.raises(ValueError, match="scheduling_max_wait"):
+        EngineConfig(scheduling_max_wait=-1)
+    assert EngineConfig(scheduling_policy="shortest").scheduler_config().policy == "shortest"

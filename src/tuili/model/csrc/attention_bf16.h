@@ -1,0 +1,134 @@
+// The decode attention's AVX512-BF16 and AMX pieces (paged_attention.cpp): bf16 score tiles
+// with their lane sums, the AMX scores' softmax, and bf16 rows widened 16 at a time. Kept
+// apart so that file stays one readable kernel; included by it alone.
+#pragma once
+#ifdef __AVX2__
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "vec.h"
+
+namespace {
+#ifdef __AVX512BF16__
+// ---- bf16 caches with bf16 queries on AVX512-BF16 CPUs --------------------------------------
+// A bf16 cache belongs to a bf16 model, whose queries are bf16 too: q . k then is a sum of
+// exact bf16 x bf16 products, which vdpbf16ps forms 32 at a time. Scores are made for 16
+// positions at once (16 sums, folded into one vector), and the weighted sum of V rows keeps
+// G heads x 64 dims of float32 sums in registers. Measured with the step's KV out of cache
+// (docs/BENCHMARKS.md, "The full peers run with AMX products", step 3): 6% less time than
+// the AVX2 loops; both wait on memory latency more than on arithmetic.
+constexpr bool kBf16Attention = true;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define TUILI_AMX_SCORES 1
+#endif
+
+// The 16 lane-sums of a[0..15], in lane order.
+inline __m512 sum16(__m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xdd));
+}
+
+// out[g * out_stride + r] = scale * q[g] . k[r] for rows r < rows (<= 16) of K, stride apart.
+// ahead (or null): 16 rows (ahead_stride bytes apart) of a block read later, ahead_lines
+// 64-byte lines each, requested one line per row at each 32-dim step of the first heads, so
+// the requests are spread over the work (see decode_kernel_avx2).
+template <int G>
+inline void scores16(const uint16_t* q, const uint16_t* k, int64_t stride, int64_t dim, int64_t rows, float scale,
+                     float* out, int64_t out_stride, const char* ahead, int64_t ahead_stride, int64_t ahead_lines) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
+  int64_t line = 0;
+  for (int g = 0; g < G; ++g) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 32, ++line) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + g * dim + d);
+      const bool pf = ahead != nullptr && line < ahead_lines;
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        if (pf) _mm_prefetch(ahead + r * ahead_stride + line * 64, _MM_HINT_T0);
+        if (r < rows) acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_loadu_si512(k + r * stride + d));
+      }
+    }
+    _mm512_mask_storeu_ps(out + g * out_stride, mask, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+  }
+}
+
+#ifdef TUILI_AMX_SCORES
+// Softmax over the scores of `heads_kv` kv heads laid out position-major, as the AMX tiles
+// store them: x[(kv * len + pos) * G + g], the unscaled q . k. Each is replaced by
+// exp(scale * (x - max)) with the max of its query head; per query head (kv * G + g) the
+// scaled max and the sum go to part_m / part_l when given (chunks merged later), else 1 / sum
+// to norm. 16 G values (16 positions) at a time: lane l of the i-th vector is head (16 i + l) % G.
+template <int G>
+void softmax_interleaved(float* scores, int64_t len, int64_t heads_kv, float scale, float* part_m, float* part_l,
+                         float* norm) {
+  const int64_t total = G * len, body = total / (16 * G) * (16 * G);
+  alignas(64) float lanes[16 * G];
+  for (int64_t kv = 0; kv < heads_kv; ++kv) {
+    float* x = scores + kv * total;
+    __m512 v[G];
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) v[i] = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < body; t += 16 * G)
+#pragma GCC unroll 8
+      for (int i = 0; i < G; ++i) v[i] = _mm512_max_ps(v[i], _mm512_loadu_ps(x + t + 16 * i));
+    float m[G], sum[G];
+    for (int g = 0; g < G; ++g) m[g] = -INFINITY, sum[g] = 0.f;
+    for (int i = 0; i < G; ++i) _mm512_store_ps(lanes + 16 * i, v[i]);
+    for (int l = 0; l < 16 * G; ++l) m[l % G] = std::max(m[l % G], lanes[l]);
+    for (int64_t t = body; t < total; ++t) m[t % G] = std::max(m[t % G], x[t]);  // body: a multiple of G
+    for (int l = 0; l < 16 * G; ++l) lanes[l] = m[l % G] * scale;
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) v[i] = _mm512_load_ps(lanes + 16 * i);  // the scaled maxima, lane by lane
+    __m512 s[G];
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) s[i] = _mm512_setzero_ps();
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int64_t t = 0; t < body; t += 16 * G)
+#pragma GCC unroll 8
+      for (int i = 0; i < G; ++i) {
+        const __m512 e = tuili::exp16(_mm512_fmsub_ps(_mm512_loadu_ps(x + t + 16 * i), sv, v[i]));
+        _mm512_storeu_ps(x + t + 16 * i, e);
+        s[i] = _mm512_add_ps(s[i], e);
+      }
+    for (int i = 0; i < G; ++i) _mm512_store_ps(lanes + 16 * i, s[i]);
+    for (int l = 0; l < 16 * G; ++l) sum[l % G] += lanes[l];
+    for (int64_t t = body; t < total; ++t) {
+      x[t] = std::exp(x[t] * scale - m[t % G] * scale);
+      sum[t % G] += x[t];
+    }
+    for (int g = 0; g < G; ++g) {
+      if (part_m != nullptr) {
+        part_m[kv * G + g] = m[g] * scale;
+        part_l[kv * G + g] = sum[g];
+      } else {
+        norm[kv * G + g] = 1.f / sum[g];
+      }
+    }
+  }
+}
+#endif
+
+inline __m512 load16_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#else
+constexpr bool kBf16Attention = false;
+#endif  // __AVX512BF16__
+
+}  // namespace
+#endif  // __AVX2__
