@@ -39,11 +39,8 @@ ENGINE_HELP: dict[str, str] = {
     "speculative": "speculative decoding: none (default) or ngram (drafts from n-gram matches in prompt and output)",
     "speculative_tokens": "most draft tokens per sequence and step (with --speculative ngram)",
     "speculative_max_batch": "draft only while at most this many sequences run (with --speculative ngram)",
-    "scheduling_policy": "admission order of waiting requests: fcfs, or shortest (shortest prompt first)",
-    "scheduling_max_wait": "with --scheduling-policy shortest: seconds after which the oldest waiting request goes first",
 }
-ENGINE_CHOICES: dict[str, list[str]] = {"kv_cache_dtype": ["auto", "int8"], "speculative": ["none", "ngram"],
-                                         "scheduling_policy": ["fcfs", "shortest"]}
+ENGINE_CHOICES: dict[str, list[str]] = {"kv_cache_dtype": ["auto", "int8"], "speculative": ["none", "ngram"]}
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:

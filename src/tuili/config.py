@@ -166,25 +166,14 @@ def _gemma3_fields(cfg: dict[str, Any], len_layers: int) -> dict[str, Any]:
                 final_logit_softcapping=cfg.get("final_logit_softcapping"))
 
 
-SCHEDULING_POLICIES = ("fcfs", "shortest")
-
-
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     # Largest chunk one prefill may take in a step (None: the whole budget).
     long_prefill_token_threshold: int | None = None
-    # Which waiting request is admitted next: "fcfs" (arrival order) or "shortest" (the
-    # shortest prompt first, unless the oldest has waited `max_wait_s` or was preempted).
-    policy: str = "fcfs"
-    max_wait_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.policy not in SCHEDULING_POLICIES:
-            raise ValueError(f"scheduling_policy: unknown value {self.policy!r}; use {' or '.join(SCHEDULING_POLICIES)}")
-        if not self.max_wait_s >= 0:
-            raise ValueError(f"scheduling_max_wait: must be >= 0 seconds, got {self.max_wait_s!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -225,10 +214,6 @@ class EngineConfig:
     # Draft only while at most this many sequences run: a fuller batch already fills a step's
     # compute, and verification rows cost more than the drafts they accept there.
     speculative_max_batch: int = 8
-    # Admission order of waiting requests (engine/scheduler.py): fcfs, or shortest prompt
-    # first with the oldest request put first once it has waited scheduling_max_wait seconds.
-    scheduling_policy: str = "fcfs"
-    scheduling_max_wait: float = 1.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -252,7 +237,6 @@ class EngineConfig:
             raise ValueError(f"speculative: unknown value {self.speculative!r}; use none or ngram")
         if not isinstance(self.speculative_tokens, int) or self.speculative_tokens < 1:
             raise ValueError(f"speculative_tokens: must be an integer >= 1, got {self.speculative_tokens!r}")
-        SchedulerConfig(policy=self.scheduling_policy, max_wait_s=self.scheduling_max_wait)  # checks both
         if not isinstance(self.speculative_max_batch, int) or self.speculative_max_batch < 1:
             raise ValueError(f"speculative_max_batch: must be an integer >= 1, got {self.speculative_max_batch!r}")
 
@@ -262,5 +246,4 @@ class EngineConfig:
             from .device import resolve_device  # torch only once an engine is being built
 
             budget = 2048 if resolve_device(self.device).type == "cuda" else 512
-        return SchedulerConfig(self.max_num_seqs, budget, self.long_prefill_token_threshold,
-                               self.scheduling_policy, self.scheduling_max_wait)
+        return SchedulerConfig(self.max_num_seqs, budget, self.long_prefill_token_threshold)

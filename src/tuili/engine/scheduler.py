@@ -12,13 +12,6 @@ running sequence is preempted: its blocks are freed, and it goes back to the fro
 waiting queue to be recomputed (prompt and generated tokens alike) when room returns.
 No new sequence is admitted in a step that preempted.
 
-With the "shortest" policy the next waiting sequence admitted is the one with the fewest
-tokens (the least prefill), not the oldest: a burst of requests then gets its short prompts'
-first tokens after less of the burst's prefill, which lowers the median time to first token
-(docs/BENCHMARKS.md). The oldest goes first again once it has waited `max_wait_s`, and a
-preempted sequence (back at the front) always does, so no request waits behind a stream of
-shorter ones for long.
-
 With a draft proposer (speculative.py), a decoding sequence may take 1 + k tokens: its
 last token and k draft tokens, limited by the budget, by what `max_tokens` and the longest
 sequence still allow, and by the free blocks (drafts never preempt anyone: without room
@@ -27,7 +20,6 @@ that only rejected drafts needed go back to the pool.
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -148,14 +140,13 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            pick = self._next_waiting()
-            seq = self.waiting[pick]
+            seq = self.waiting[0]
             hits = self.blocks.match_prefix(seq)
             computed = len(hits) * self.blocks.block_size
             n = self._chunk(seq, computed, budget)
             if not self.blocks.can_admit(seq, hits, computed + n):
                 break
-            del self.waiting[pick]
+            self.waiting.popleft()
             self.blocks.admit(seq, hits, computed + n)
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt_tokens = min(computed, seq.num_prompt_tokens)
@@ -163,14 +154,6 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-
-    def _next_waiting(self) -> int:
-        """Index in `waiting` of the sequence to admit next (see the module docstring)."""
-        head = self.waiting[0]
-        if (self.config.policy == "fcfs" or len(self.waiting) == 1 or head.num_preemptions
-                or time.monotonic() - head.arrival_time >= self.config.max_wait_s):
-            return 0
-        return min(range(len(self.waiting)), key=lambda i: self.waiting[i].num_tokens)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
