@@ -1,6 +1,7 @@
 """`python -m benchmarks.peers run`: tuili and every installed peer, one at a time, on one workload.
 
-For each server in turn: start it on 127.0.0.1 (time to ready is recorded), send a few
+For each server in turn (or, with --interleave, all servers started first and each repeat
+and concurrency run on one after the other, alternating which goes first): start it on 127.0.0.1 (time to ready is recorded), send a few
 warm-up requests (not measured: first-request costs such as lazy compilation would
 otherwise land in the c=1 run), then for each repeat and each concurrency run the
 `tuili bench serve` client (tuili.bench.client.run_benchmark: same requests, same measurements
@@ -74,6 +75,9 @@ def add_arguments(p) -> None:
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--repeats", type=int, default=2, help="runs per server and concurrency (medians reported)")
     p.add_argument("--warmup", type=int, default=4, help="unmeasured requests after a server is ready")
+    p.add_argument("--interleave", action="store_true",
+                   help="start every server first, then run each repeat and concurrency on one server after "
+                        "the other (a noisy host then weighs on all servers alike)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 4 requests at c=1 and c=4, 32 output tokens, one repeat, 2 warm-ups")
     p.add_argument("--cold-start", type=int, default=0, metavar="N",
@@ -118,37 +122,82 @@ def server_specs(args, layout: Layout, folder: Path) -> list[tuple[ServerSpec, i
     return specs
 
 
+def warm_up(spec: ServerSpec, server, args, source: PromptSource) -> None:
+    if args.warmup:
+        warm = source.texts(-1, args.warmup)
+        asyncio.run(run_benchmark(server.base_url, server.model, warm, args.output_len, len(warm),
+                                  endpoint=args.endpoint, extras=spec.endpoint_extras, progress=False))
+
+
+def measure(spec: ServerSpec, server, args, source: PromptSource, c: int, repeat: int, run_index: int, n: int,
+            tokenizer, base: dict) -> dict:
+    """One measured run of `n` requests at concurrency c on a started server: its JSON record."""
+    prompts = source.texts(run_index, n)
+    log(f"{spec.name}: c={c} repeat {repeat + 1}/{args.repeats}, {len(prompts)} requests")
+    results = asyncio.run(run_benchmark(server.base_url, server.model, prompts, args.output_len, c,
+                                        math.inf, args.endpoint, spec.endpoint_extras, run_index,
+                                        tokenizer=tokenizer, progress=False))
+    summary = summarize(results, duration_of(results))
+    expected = args.output_len * summary["completed"]
+    if summary["total_output_tokens"] != expected:
+        log(f"{spec.name}: WARNING {summary['total_output_tokens']} output tokens, expected {expected} "
+            "(the server stopped early or counts differently)")
+    log(f"{spec.name}: c={c}: {summary['output_throughput']:.1f} output tok/s, "
+        f"TTFT p50 {summary['ttft_ms']['p50'] or 0:.0f} ms, {summary['failed']} failed")
+    return {**base, "server": spec.name, "label": spec.label, "kind": "serve", "cmd": spec.cmd, "env": spec.env,
+            "model": server.model, "start_s": server.start_s, "concurrency": c, "repeat": repeat,
+            "text_seed": run_index, "num_prompts": len(prompts), **summary}
+
+
 def bench_server(spec: ServerSpec, port: int, args, source: PromptSource, concurrencies: list[int],
                  num_prompts: dict[int, int], tokenizer, log_dir: Path, base: dict) -> list[dict]:
     server = start(spec, port, log_dir, args.ready_timeout)
     records = []
     try:
-        if args.warmup:
-            warm = source.texts(-1, args.warmup)
-            asyncio.run(run_benchmark(server.base_url, server.model, warm, args.output_len, len(warm),
-                                      endpoint=args.endpoint, extras=spec.endpoint_extras, progress=False))
+        warm_up(spec, server, args, source)
         for repeat in range(args.repeats):
             for ci, c in enumerate(concurrencies):
                 run_index = repeat * len(concurrencies) + ci
-                prompts = source.texts(run_index, num_prompts[c])
-                log(f"{spec.name}: c={c} repeat {repeat + 1}/{args.repeats}, {len(prompts)} requests")
-                results = asyncio.run(run_benchmark(server.base_url, server.model, prompts, args.output_len, c,
-                                                    math.inf, args.endpoint, spec.endpoint_extras, run_index,
-                                                    tokenizer=tokenizer, progress=False))
-                summary = summarize(results, duration_of(results))
-                expected = args.output_len * summary["completed"]
-                if summary["total_output_tokens"] != expected:
-                    log(f"{spec.name}: WARNING {summary['total_output_tokens']} output tokens, expected {expected} "
-                        "(the server stopped early or counts differently)")
-                log(f"{spec.name}: c={c}: {summary['output_throughput']:.1f} output tok/s, "
-                    f"TTFT p50 {summary['ttft_ms']['p50'] or 0:.0f} ms, {summary['failed']} failed")
-                records.append({**base, "server": spec.name, "label": spec.label, "kind": "serve",
-                                "cmd": spec.cmd, "env": spec.env, "model": server.model,
-                                "start_s": server.start_s, "concurrency": c, "repeat": repeat,
-                                "text_seed": run_index, "num_prompts": len(prompts), **summary})
+                records.append(measure(spec, server, args, source, c, repeat, run_index, num_prompts[c],
+                                       tokenizer, base))
     finally:
         server.stop()
     return records
+
+
+def bench_interleaved(specs: list[tuple[ServerSpec, int]], args, source: PromptSource, concurrencies: list[int],
+                      num_prompts: dict[int, int], tokenizer, log_dir: Path, base: dict,
+                      append, failed: list[str]) -> None:
+    """--interleave: every server started (and warmed up) first, then each (repeat, concurrency)
+    run on one server after the other, so a busy spell of the host lands on all servers' runs
+    alike instead of on one server's whole series. The idle servers stay up meanwhile."""
+    servers = []
+    try:
+        for spec, port in specs:
+            try:
+                server = start(spec, port, log_dir, args.ready_timeout)
+            except RuntimeError as e:
+                log(f"{spec.name}: FAILED: {e}")
+                failed.append(spec.name)
+                continue
+            servers.append((spec, server))
+            warm_up(spec, server, args, source)
+        for repeat in range(args.repeats):
+            for ci, c in enumerate(concurrencies):
+                run_index = repeat * len(concurrencies) + ci
+                order = servers if repeat % 2 == 0 else servers[::-1]  # neither always first
+                for spec, server in order:
+                    if spec.name in failed:
+                        continue
+                    try:
+                        append([measure(spec, server, args, source, c, repeat, run_index, num_prompts[c],
+                                        tokenizer, base)])
+                    except RuntimeError as e:
+                        log(f"{spec.name}: FAILED: {e}")
+                        failed.append(spec.name)
+    finally:
+        for _, server in servers:
+            server.stop()
 
 
 def bench_openvino(args, layout: Layout, source: PromptSource, n: int, base: dict) -> list[dict]:
@@ -206,8 +255,10 @@ def run_from_args(args, layout: Layout) -> int:
         for r in records:
             append_jsonl(out, r)
 
-    failed = []
-    for spec, port in specs:
+    failed: list[str] = []
+    if args.interleave:
+        bench_interleaved(specs, args, source, concurrencies, num_prompts, tokenizer, log_dir, base, append, failed)
+    for spec, port in [] if args.interleave else specs:
         try:
             append(bench_server(spec, port, args, source, concurrencies, num_prompts, tokenizer, log_dir, base))
         except RuntimeError as e:
