@@ -1,5 +1,5 @@
 // The decode attention's AVX512-BF16 and AMX pieces (paged_attention.cpp): bf16 score tiles
-// with their lane sums, the AMX scores' softmax, and bf16 rows widened 16 at a time. Kept
+// with their lane sums and the AMX scores' softmax (bf16 rows are widened by vec.h's load16). Kept
 // apart so that file stays one readable kernel; included by it alone.
 #pragma once
 #ifdef __AVX2__
@@ -122,10 +122,6 @@ void softmax_interleaved(float* scores, int64_t len, int64_t heads_kv, float sca
 }
 #endif
 
-inline __m512 load16_bf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
 #else
 constexpr bool kBf16Attention = false;
 #endif  // __AVX512BF16__

@@ -403,9 +403,9 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
               auto pf = [&](int64_t t0) { v_ahead = kvh == h0 && d == 0 ? ahead_row(v_cache, t0) : nullptr; };
               for_each_position(table, block_size, first, end_pos, pf, [&](int64_t slot, int64_t pos) {
                 prefetch_row(v_ahead, slot % block_size);
-                const auto* vp = reinterpret_cast<const uint16_t*>(v_cache + (slot * kv_heads + kvh) * dim + d);
-                const __m512 v0 = load16_bf16(vp), v1 = load16_bf16(vp + 16), v2 = load16_bf16(vp + 32),
-                             v3 = load16_bf16(vp + 48);
+                const T* vp = v_cache + (slot * kv_heads + kvh) * dim + d;
+                const __m512 v0 = tuili::load16(vp), v1 = tuili::load16(vp + 16), v2 = tuili::load16(vp + 32),
+                             v3 = tuili::load16(vp + 48);
 #pragma GCC unroll 8
                 for (int g = 0; g < G; ++g) {
                   const __m512 w = _mm512_set1_ps(sk[g * gs + pos * ps]);
