@@ -24,7 +24,9 @@ from ..config import cache_dir
 from ..device import kernels_enabled
 
 log = logging.getLogger("tuili.kernels")
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_attention.cpp", "gemm.cpp", "fused.cpp", "decoder.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("bindings.cpp", "paged_attention.cpp", "prefill_attention.cpp", "gemm.cpp", "fused.cpp",
+                         "decoder.cpp")]
 _HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vec.h", "kernels.h", "attention_bf16.h")]
 # -ffp-contract=off: a * b + c is never fused into one rounding, so the fused element-wise
 # steps round as PyTorch's ops do (the matrix products use explicit FMA instructions).

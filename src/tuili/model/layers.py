@@ -280,9 +280,23 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int, dtype:
     return (rows.float() * s[..., None]).to(dtype)
 
 
+def _amx_prefill_kernels(q: torch.Tensor, k_cache: torch.Tensor, kv_scales: KVScales | None):
+    """The CPU kernels when a chunk's attention can run on their AMX tiles (bf16 queries on a
+    bf16 cache, head dims a multiple of 32, a CPU with AMX-BF16 and TUILI_AMX not 0), else None."""
+    if q.dtype is not torch.bfloat16 or k_cache.dtype is not torch.bfloat16 or kv_scales is not None:
+        return None
+    if q.device.type != "cpu" or q.shape[-1] % 32:
+        return None
+    ext = cpu_kernels()
+    return ext if ext is not None and ext.prefill_attention_available() else None
+
+
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        span: PrefillSpan, scale: float, kv_scales: KVScales | None,
                        window: int | None = None) -> torch.Tensor:
+    ext = _amx_prefill_kernels(q, k_cache, kv_scales)
+    if ext is not None:  # bf16 on AMX tiles, K/V read out of the blocks in place (model/csrc/prefill_attention.cpp)
+        return ext.paged_prefill_attention(q, k_cache, v_cache, span.block_table, span.ctx_len, scale, window or 0)
     ks, vs = kv_scales if kv_scales is not None else (None, None)
     k = _gather(k_cache, span.block_table, span.ctx_len, q.dtype, ks)
     v = _gather(v_cache, span.block_table, span.ctx_len, q.dtype, vs)

@@ -7,6 +7,9 @@
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor tables, torch::Tensor lens, double scale,
                                      torch::Tensor k_scales, torch::Tensor v_scales, int64_t window);
+bool prefill_attention_available();
+torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                      torch::Tensor table, int64_t ctx_len, double scale, int64_t window);
 bool gemm_available();
 bool gemm_bf16_pairs();
 bool gemm_amx_available();
