@@ -30,6 +30,7 @@ def case(heads, kv_heads, dim, q_len, ctx_len, window, block_size, seed=0):
     (64, 700, 0, 32),    # blocks longer than a tile
     (120, 120, 50, 16),  # sliding window within the chunk
     (90, 500, 100, 16),  # sliding window, a later chunk
+    (16, 2000, 64, 16),  # a window far behind: positions before it are not staged
 ])
 def test_matches_the_pytorch_path(heads, kv_heads, dim, q_len, ctx_len, window, block_size, monkeypatch):
     """Same result as torch's flash attention up to bf16 rounding of the output, and no further

@@ -12,8 +12,9 @@ The environment switches it reads (the README's "Switches" lists them too):
 - `TUILI_PACKED=auto|0|1`: whether weights are repacked for the kernels' matrix products
   (`model/csrc/gemm.cpp`). `auto` (default) follows `weight_packing` below; `1` packs every
   weight and never keeps a second, plain bf16 copy; `0` never packs.
-- `TUILI_AMX=0`: bf16 and int8 products, and the decode attention's bf16 scores, do not use AMX
-  tiles on a CPU that has them (the AVX512-BF16 and VNNI tiles take every row count). The compiled
+- `TUILI_AMX=0`: bf16 and int8 products, the decode attention's bf16 scores and the prefill
+  attention do not use AMX tiles on a CPU that has them (the AVX512-BF16 and VNNI tiles take
+  every row count; prefill chunks go to torch's flash attention). The compiled
   kernel reads this switch itself, at each call, because it picks the tile loop; `amx_allowed`
   is its Python reading.
 - `TUILI_PACKED_MAX_ROWS=N`: bf16 products of up to N rows take the packed kernel, larger

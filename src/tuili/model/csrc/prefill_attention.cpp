@@ -124,10 +124,12 @@ void prefill_kernel(const uint16_t* q, const uint16_t* k_cache, const uint16_t* 
   const int64_t G = heads / kv_heads, past = ctx - L;
   const int64_t ctx32 = (ctx + 31) / 32 * 32, dchunks = dim / 32, dgroups = dim / 16;
   const int64_t row = kv_heads * dim;  // elements between two positions of a block
-  // Kp[h][t16][dc][r][c * 2 + e] = K[16 t16 + c][32 dc + 2 r + e]: B tiles of 16 dim pairs x 16 positions.
-  // Vp[h][t32][dg][r][c * 2 + e] = V[32 t32 + 2 r + e][16 dg + c]: B tiles of 16 position pairs x 16 dims.
-  std::unique_ptr<uint16_t[]> kp(new uint16_t[kv_heads * ctx32 * dim]), vp(new uint16_t[kv_heads * ctx32 * dim]);
-  const int64_t t32s = ctx32 / 32;
+  // Positions before `base` are seen by no query of the chunk (sliding windows): not staged.
+  const int64_t base = first_visible(past, window) / 32 * 32, staged = ctx32 - base;
+  // Kp[h][t16][dc][r][c * 2 + e] = K[base + 16 t16 + c][32 dc + 2 r + e]: B tiles of 16 dim pairs x 16 positions.
+  // Vp[h][t32][dg][r][c * 2 + e] = V[base + 32 t32 + 2 r + e][16 dg + c]: B tiles of 16 position pairs x 16 dims.
+  std::unique_ptr<uint16_t[]> kp(new uint16_t[kv_heads * staged * dim]), vp(new uint16_t[kv_heads * staged * dim]);
+  const int64_t t32s = staged / 32;
   at::parallel_for(0, kv_heads * t32s, 1, [&](int64_t begin, int64_t end) {
     const __m512i zero = _mm512_setzero_si512();
     for (int64_t task = begin; task < end; ++task) {
@@ -135,12 +137,12 @@ void prefill_kernel(const uint16_t* q, const uint16_t* k_cache, const uint16_t* 
       const uint16_t* krow[32];  // the 32 positions' K and V rows of this head (null past ctx)
       const uint16_t* vrow[32];
       for (int64_t i = 0; i < 32; ++i) {
-        const int64_t pos = 32 * t32 + i;
+        const int64_t pos = base + 32 * t32 + i;
         const int64_t slot = pos < ctx ? table[pos / block_size] * block_size + pos % block_size : -1;
         krow[i] = slot < 0 ? nullptr : k_cache + slot * row + h * dim;
         vrow[i] = slot < 0 ? nullptr : v_cache + slot * row + h * dim;
       }
-      uint16_t* kd = kp.get() + (h * ctx32 + 32 * t32) * dim;
+      uint16_t* kd = kp.get() + (h * staged + 32 * t32) * dim;
       for (int64_t half = 0; half < 2; ++half)  // two tiles of 16 positions
         for (int64_t dc = 0; dc < dim / 32; ++dc) {
           __m512i m[16];
@@ -151,7 +153,7 @@ void prefill_kernel(const uint16_t* q, const uint16_t* k_cache, const uint16_t* 
           transpose16x16(m);  // row r: dim pair 16 dc + r of the 16 positions
           for (int64_t r = 0; r < 16; ++r) _mm512_storeu_si512(kd + (half * 16 * dim + dc * 512 + r * 32), m[r]);
         }
-      uint16_t* vd = vp.get() + (h * ctx32 + 32 * t32) * dim;
+      uint16_t* vd = vp.get() + (h * staged + 32 * t32) * dim;
       for (int64_t r = 0; r < 16; ++r)  // row r: positions 2r and 2r + 1, interleaved dim by dim
         for (int64_t dg = 0; dg < dim / 16; ++dg) {
           const uint16_t *v0 = vrow[2 * r], *v1 = vrow[2 * r + 1];
@@ -165,8 +167,8 @@ void prefill_kernel(const uint16_t* q, const uint16_t* k_cache, const uint16_t* 
   const int64_t qtiles = (L + 15) / 16;
   at::parallel_for(0, kv_heads * G * qtiles, 1, [&](int64_t begin, int64_t end) {
     load_tile_config();
-    std::vector<float> s(16 * ctx32);
-    std::vector<uint16_t> pr(16 * ctx32), qt(16 * dim);
+    std::vector<float> s(16 * staged);
+    std::vector<uint16_t> pr(16 * staged), qt(16 * dim);
     alignas(64) float o[16 * 16];
     float inv[16];
     for (int64_t task = begin; task < end; ++task) {
@@ -179,21 +181,21 @@ void prefill_kernel(const uint16_t* q, const uint16_t* k_cache, const uint16_t* 
         if (r < rows) std::memcpy(qt.data() + r * dim, q + ((i0 + r) * heads + hq) * dim, dim * 2);
         else std::memset(qt.data() + r * dim, 0, dim * 2);
       }
-      const uint16_t* kh = kp.get() + h * ctx32 * dim;
+      const uint16_t* kh = kp.get() + h * staged * dim;  // position base + t at kh + t * dim
       switch (dchunks) {  // the queries held in tiles 0-3 where they fit (dim <= 128)
-        case 1: scores_held<1>(qt.data(), kh, lo, hi32, dim, s.data(), span); break;
-        case 2: scores_held<2>(qt.data(), kh, lo, hi32, dim, s.data(), span); break;
-        case 3: scores_held<3>(qt.data(), kh, lo, hi32, dim, s.data(), span); break;
-        case 4: scores_held<4>(qt.data(), kh, lo, hi32, dim, s.data(), span); break;
+        case 1: scores_held<1>(qt.data(), kh, lo - base, hi32 - base, dim, s.data(), span); break;
+        case 2: scores_held<2>(qt.data(), kh, lo - base, hi32 - base, dim, s.data(), span); break;
+        case 3: scores_held<3>(qt.data(), kh, lo - base, hi32 - base, dim, s.data(), span); break;
+        case 4: scores_held<4>(qt.data(), kh, lo - base, hi32 - base, dim, s.data(), span); break;
         default:
           for (int64_t t = lo; t < hi32; t += 32) {  // scores of 32 positions: tiles 6 and 7
             _tile_zero(6);
             _tile_zero(7);
             for (int64_t dc = 0; dc < dchunks; ++dc) {
               _tile_loadd(4, qt.data() + 32 * dc, dim * 2);
-              _tile_loadd(5, kh + (t * dim + dc * 512), 64);
+              _tile_loadd(5, kh + ((t - base) * dim + dc * 512), 64);
               _tile_dpbf16ps(6, 4, 5);
-              _tile_loadd(5, kh + ((t + 16) * dim + dc * 512), 64);
+              _tile_loadd(5, kh + ((t - base + 16) * dim + dc * 512), 64);
               _tile_dpbf16ps(7, 4, 5);
             }
             _tile_stored(6, s.data() + (t - lo), span * 4);
@@ -227,7 +229,7 @@ void prefill_kernel(const uint16_t* q, const uint16_t* k_cache, const uint16_t* 
         }
         inv[r] = 1.f / _mm512_reduce_add_ps(sum);
       }
-      const uint16_t* vh = vp.get() + h * ctx32 * dim;
+      const uint16_t* vh = vp.get() + h * staged * dim;
       for (int64_t dg0 = 0; dg0 < dgroups; dg0 += 4) {  // outputs of 64 dims at a time: tiles 0-3
         const int64_t ng = std::min<int64_t>(4, dgroups - dg0);
         _tile_zero(0);
@@ -236,7 +238,7 @@ void prefill_kernel(const uint16_t* q, const uint16_t* k_cache, const uint16_t* 
         _tile_zero(3);
         for (int64_t t = lo; t < hi32; t += 32) {
           _tile_loadd(4, pr.data() + (t - lo), span * 2);
-          const uint16_t* vt = vh + t * dim + dg0 * 512;
+          const uint16_t* vt = vh + (t - base) * dim + dg0 * 512;
           _tile_loadd(5, vt, 64);
           _tile_dpbf16ps(0, 4, 5);
           if (ng > 1) { _tile_loadd(5, vt + 512, 64); _tile_dpbf16ps(1, 4, 5); }
