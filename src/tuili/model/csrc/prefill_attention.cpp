@@ -30,8 +30,9 @@
 namespace {
 #ifdef TUILI_AMX_SCORES
 
-// Tiles (all 16 rows x 64 bytes): 0-3 outputs (16 queries x 16 dims, float32), 4 the A
-// operand (queries or probabilities, bf16), 5 the B operand (K or V pairs), 6-7 scores.
+// Tiles (all 16 rows x 64 bytes): 0-3 outputs (16 queries x 16 dims, float32), and the
+// queries while the scores are made (head dims up to 128); 4 the A operand (queries or
+// probabilities, bf16) or a K tile; 5 the B operand (K or V pairs); 6-7 scores.
 void load_tile_config() {
   tuili::TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
@@ -102,7 +103,7 @@ inline __mmask16 lanes(int64_t j, int64_t a, int64_t b) {
   return static_cast<__mmask16>(((1u << to) - 1) & ~((1u << from) - 1));
 }
 
-// 2^t for t <= 0, to well within bf16's rounding (relative error under 4e-5; the probabilities
+// 2^t for t <= 0, to well within bf16's rounding (relative error under 6e-5; the probabilities
 // are rounded to bf16 next): 2^round(t) by vscalefps times a degree-4 polynomial of the rest.
 inline __m512 exp2_bf16(__m512 t) {
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
