@@ -18,18 +18,13 @@ import time
 
 import torch
 
+from tuili.bench.machine import median_time
 from tuili.model import layers
 from tuili.model.kernels import cpu_kernels
 
 
 def median_us(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e6
+    return median_time(fn, reps) * 1e6
 
 
 def kernel_table(ext, reps: int) -> None:
