@@ -349,3 +349,25 @@ def test_decode_stack_in_one_call_is_bit_identical_to_the_per_layer_path(small_m
             results.append([(o.outputs[0].token_ids, [(lp.logprob, lp.top) for lp in o.outputs[0].logprobs])
                             for o in outs])
         assert results[0] == results[1]
+
+
+def test_auto_dtype_is_bf16_where_the_packed_products_run_bf16_weights(monkeypatch):
+    """`auto` on a CPU without native bf16: bf16 when the compiled products take bf16 weights
+    (half the bytes, float32 arithmetic), float32 when they are off, missing or not built."""
+    import tuili.device as device
+    import tuili.model.kernels as kernels
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setenv("TUILI_PACKED", "auto")
+    built = cpu_kernels() is not None and cpu_kernels().gemm_available()
+    assert device.resolve_dtype("auto", cpu) is (torch.bfloat16 if built else torch.float32)
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
+    assert device.resolve_dtype("auto", cpu) is torch.float32
+    monkeypatch.undo()
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setenv("TUILI_PACKED", "0")
+    assert device.resolve_dtype("auto", cpu) is torch.float32
+    assert device.resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    assert device.resolve_dtype("auto", cpu) is torch.bfloat16

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from .config import DEFAULT_MODEL, EngineConfig, parse_size
 
 ENGINE_HELP: dict[str, str] = {
-    "dtype": "auto, float32 or bfloat16 (auto: bfloat16 where the CPU has it)",
+    "dtype": "auto, float32 or bfloat16 (auto: bfloat16 on CUDA and where the CPU or its compiled kernels run it)",
     "device": "auto, cpu or cuda",
     "block_size": "tokens per KV block (a power of two)",
     "kv_cache_memory": "KV pool budget, e.g. 512MiB, 2GiB",
