@@ -362,6 +362,7 @@ def test_auto_dtype_is_bf16_where_the_packed_products_run_bf16_weights(monkeypat
     monkeypatch.setenv("TUILI_PACKED", "auto")
     built = cpu_kernels() is not None and cpu_kernels().gemm_available()
     assert device.resolve_dtype("auto", cpu) is (torch.bfloat16 if built else torch.float32)
+    assert device.resolve_dtype("auto", cpu, kernels=False) is torch.float32  # the transformers baseline
     monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
     assert device.resolve_dtype("auto", cpu) is torch.float32
     monkeypatch.undo()

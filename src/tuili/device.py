@@ -99,17 +99,18 @@ def packed_bf16_products() -> bool:
     return ext is not None and ext.gemm_available()
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, kernels: bool = True) -> torch.dtype:
     """`auto`: bfloat16 on CUDA, on CPUs with native bf16, and on other CPUs where the compiled
     products take bf16 weights (`packed_bf16_products`); float32 otherwise (torch's emulated
     bf16 matmul). On the AVX2-only EPYC bf16 with the kernels decoded 3.7x and served 1.5-2x
-    the float32 model's tokens per second (docs/BENCHMARKS.md, "The AVX2 EPYC again")."""
+    the float32 model's tokens per second (docs/BENCHMARKS.md, "The AVX2 EPYC again").
+    `kernels=False`: for code that runs without tuili's products (the transformers baseline)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if cpu_has_fast_bf16() or packed_bf16_products() else torch.float32
+        return torch.bfloat16 if cpu_has_fast_bf16() or (kernels and packed_bf16_products()) else torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: unknown value {dtype!r}; use auto, float32, bfloat16 or float16")
     return _DTYPES[dtype]
