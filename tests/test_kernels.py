@@ -351,24 +351,27 @@ def test_decode_stack_in_one_call_is_bit_identical_to_the_per_layer_path(small_m
         assert results[0] == results[1]
 
 
-def test_auto_dtype_is_bf16_where_the_packed_products_run_bf16_weights(monkeypatch):
+def test_auto_dtype_is_bf16_where_the_packed_products_run_bf16_weights(monkeypatch, tiny_model):
     """`auto` on a CPU without native bf16: bf16 when the compiled products take bf16 weights
-    (half the bytes, float32 arithmetic), float32 when they are off, missing or not built."""
+    (half the bytes, float32 arithmetic), float32 when they are off or missing, and for code
+    without them (the transformers baseline)."""
     import tuili.device as device
-    import tuili.model.kernels as kernels
+    import tuili.model.quant as quant
+    from tuili.engine.engine import Engine
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    assert device.resolve_dtype("auto", cpu, packed_products=True) is torch.bfloat16
+    assert device.resolve_dtype("auto", cpu) is torch.float32
+    assert device.resolve_dtype("float32", cpu, packed_products=True) is torch.float32
+    folder = tiny_model("llama", vocab_size=300, intermediate_size=128, seed=5)
     monkeypatch.setenv("TUILI_PACKED", "auto")
     built = cpu_kernels() is not None and cpu_kernels().gemm_available()
-    assert device.resolve_dtype("auto", cpu) is (torch.bfloat16 if built else torch.float32)
-    assert device.resolve_dtype("auto", cpu, kernels=False) is torch.float32  # the transformers baseline
-    monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
-    assert device.resolve_dtype("auto", cpu) is torch.float32
-    monkeypatch.undo()
-    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    assert Engine(str(folder), num_kv_blocks=16).dtype is (torch.bfloat16 if built else torch.float32)
     monkeypatch.setenv("TUILI_PACKED", "0")
-    assert device.resolve_dtype("auto", cpu) is torch.float32
-    assert device.resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    assert Engine(str(folder), num_kv_blocks=16).dtype is torch.float32
+    monkeypatch.setenv("TUILI_PACKED", "auto")
+    monkeypatch.setattr(quant, "cpu_kernels", lambda: None)
+    assert Engine(str(folder), num_kv_blocks=16).dtype is torch.float32
     monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
     assert device.resolve_dtype("auto", cpu) is torch.bfloat16

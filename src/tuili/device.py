@@ -86,31 +86,20 @@ def cpu_bf16_is_slow(device: torch.device) -> bool:
     return device.type == "cpu" and not cpu_has_fast_bf16()
 
 
-def packed_bf16_products() -> bool:
-    """Whether bf16 weights take the compiled CPU products here (`model/csrc/gemm.cpp`): the
-    kernels are enabled, built, have the products, and packing is not turned off. On a CPU
-    without native bf16 they widen each bf16 weight to float32 in registers, so a bf16 model
-    reads half the bytes of a float32 one at the same float32 arithmetic."""
-    if packing_switch() == "0":
-        return False
-    from .model.kernels import cpu_kernels  # the kernels import this module
-
-    ext = cpu_kernels()
-    return ext is not None and ext.gemm_available()
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, kernels: bool = True) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, packed_products: bool = False) -> torch.dtype:
     """`auto`: bfloat16 on CUDA, on CPUs with native bf16, and on other CPUs where the compiled
-    products take bf16 weights (`packed_bf16_products`); float32 otherwise (torch's emulated
-    bf16 matmul). On the AVX2-only EPYC bf16 with the kernels decoded 3.7x and served 1.5-2x
-    the float32 model's tokens per second (docs/BENCHMARKS.md, "The AVX2 EPYC again").
-    `kernels=False`: for code that runs without tuili's products (the transformers baseline)."""
+    products take bf16 weights (`packed_products`: the engine asks `tuili.model.quant.packing_plan`;
+    they widen each bf16 weight to float32 in registers, so the model reads half the bytes at the
+    same float32 arithmetic); float32 otherwise (torch's emulated bf16 matmul, and code that runs
+    without tuili's products, such as the transformers baseline). On the AVX2-only EPYC bf16 with
+    the kernels decoded 3.7x and served 1.5-2x the float32 model's tokens per second
+    (docs/BENCHMARKS.md, "The AVX2 EPYC again")."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if cpu_has_fast_bf16() or (kernels and packed_bf16_products()) else torch.float32
+        return torch.bfloat16 if cpu_has_fast_bf16() or packed_products else torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: unknown value {dtype!r}; use auto, float32, bfloat16 or float16")
     return _DTYPES[dtype]

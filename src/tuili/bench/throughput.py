@@ -41,7 +41,7 @@ def run_transformers(model: str, prompts: list[list[int]], output_len: int, dtyp
     from ..model.loader import resolve_model_path
 
     device = resolve_device("auto")
-    torch_dtype = resolve_dtype(dtype, device, kernels=False)
+    torch_dtype = resolve_dtype(dtype, device)  # no tuili products here: auto is float32 without native bf16
     hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_path(model)), dtype=torch_dtype).to(device).eval()
     pad = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
 

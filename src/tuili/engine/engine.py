@@ -33,6 +33,7 @@ from ..device import resolve_device, resolve_dtype
 from ..model.kernels import cpu_kernels
 from ..model.registry import build_model
 from ..model.loader import LoadedModel, load_model
+from ..model.quant import packing_plan
 from ..sampling import SamplingParams
 from .cache_setup import build_tiers, prefix_salt, save_and_close
 from .kv_cache import BlockManager, cdiv
@@ -73,7 +74,7 @@ class Engine:
         self.model_folder = loaded.folder
         self.model_config = mc = loaded.config
         self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device, packed_products=packing_plan(self.device)[0])
         self.tokenizer = load_tokenizer(loaded.folder, loaded.name)
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_token_ids = self._eos_ids(loaded)
