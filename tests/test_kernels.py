@@ -375,3 +375,27 @@ def test_auto_dtype_is_bf16_where_the_packed_products_run_bf16_weights(monkeypat
     assert Engine(str(folder), num_kv_blocks=16).dtype is torch.float32
     monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
     assert device.resolve_dtype("auto", cpu) is torch.bfloat16
+
+
+def test_a_finished_build_loads_without_running_ninja_again(monkeypatch, tmp_path):
+    """Once built under its key, the extension is imported directly: torch's `load` (ninja, which
+    rebuilds everything when a different ninja made the build) is not called; a file that does not
+    import is handed to `load` to rebuild."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    import tuili.model.kernels as kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("no CPU kernels here")
+    assert kernels._load_built(tmp_path / "missing.so") is None
+    (tmp_path / "broken.so").write_bytes(b"not an ELF file")
+    assert kernels._load_built(tmp_path / "broken.so") is None
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("torch's load ran although the extension was built")
+
+    monkeypatch.setattr(cpp_extension, "load", no_build)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_ext", None)
+    ext = kernels.cpu_kernels()
+    assert ext is not None and ext.gemm_available() == cpu_kernels().gemm_available()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import logging
 import platform
 import sys
@@ -50,6 +51,24 @@ def _build_key() -> str:
     return h.hexdigest()[:16]
 
 
+def _load_built(path: Path) -> ModuleType | None:
+    """The extension from an earlier build under the same key (sources, flags, torch, CPU), imported
+    directly. torch's `load` would run ninja first, and ninja rebuilds everything when another
+    ninja made the build (the venv's pip ninja and a system one hash command lines differently:
+    a 2-minute rebuild at every start that alternates between them). None: no such build, or it
+    does not import (a build killed while linking), and torch's `load` rebuilds it."""
+    if not path.exists():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception as e:  # noqa: BLE001 - a broken build: rebuild it
+        log.warning("CPU kernels: %s does not load (%s); rebuilding", path.name, str(e).splitlines()[0][:200])
+        return None
+
+
 def cpu_kernels() -> ModuleType | None:
     """The compiled extension, or None when it is disabled or cannot be built here."""
     global _ext, _tried
@@ -71,6 +90,9 @@ def cpu_kernels() -> ModuleType | None:
         with open(build_dir / "tuili.lock", "w") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             (build_dir / "lock").unlink(missing_ok=True)
+            _ext = _load_built(build_dir / f"tuili_cpu_{key}.so")
+            if _ext is not None:
+                return _ext
             fresh = not any(build_dir.glob("*.so"))
             if fresh:
                 log.info("compiling the CPU kernels (once per machine)...")
