@@ -208,10 +208,12 @@ void gemm(const float* x, int64_t M, int64_t K, const T* packed, int64_t N, cons
   // buffer, instead of once per tile: the widening takes vector slots the FMAs need
   // (prefill). With few tiles the extra pass over the panel costs more than it saves
   // (8 rows: -25%). Widened or not, the tile sums the same float32 values in the same order.
+  // `wide` (one per thread and row block) stays empty, and the tiles read the packed panel, or
+  // holds the panel widened: the same choice for every panel of a block, so it is sized once
+  // (resizing it per panel zero-filled it first, a memset as large as the widened panel).
   auto widen = [&](int64_t p, int64_t block_rows, std::vector<float>& wide) {
-    wide.clear();
     if (std::is_same_v<T, float> || block_rows < 4 * kMaxRows) return;
-    wide.resize(K * kPanel);
+    if (wide.size() != static_cast<size_t>(K * kPanel)) wide.resize(K * kPanel);
     const T* panel = packed + p * K * kPanel;
     for (int64_t k = 0; k < K; ++k) {
       __m256 a, b;
