@@ -30,7 +30,6 @@ import torch
 
 from ..config import EngineConfig, parse_quantization, parse_size
 from ..device import resolve_device, resolve_dtype
-from ..model.kernels import cpu_kernels
 from ..model.registry import build_model
 from ..model.loader import LoadedModel, load_model
 from ..model.quant import packing_plan
@@ -74,6 +73,7 @@ class Engine:
         self.model_folder = loaded.folder
         self.model_config = mc = loaded.config
         self.device = resolve_device(cfg.device)
+        # packing_plan builds or loads the CPU kernels here, not in the middle of the first request
         self.dtype = resolve_dtype(cfg.dtype, self.device, packed_products=packing_plan(self.device)[0])
         self.tokenizer = load_tokenizer(loaded.folder, loaded.name)
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -81,8 +81,6 @@ class Engine:
         self.model = build_model(mc, self.dtype, self.device, max_positions=self.max_model_len,
                                  quantization=parse_quantization(cfg.quantization))
         self.model.load_weights(loaded.weights)
-        if self.device.type == "cpu":
-            cpu_kernels()  # build or load the attention kernel now, not in the middle of the first request
         self.kv_dtype = torch.int8 if cfg.kv_cache_dtype == "int8" else self.dtype
         self.kv_bytes_per_block = per_block = kv_bytes_per_block(self.model, cfg.block_size, self.kv_dtype)
         num_blocks = cfg.num_kv_blocks or parse_size(cfg.kv_cache_memory) // per_block
