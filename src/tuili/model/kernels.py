@@ -26,9 +26,10 @@ from ..device import kernels_enabled
 
 log = logging.getLogger("tuili.kernels")
 _SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("bindings.cpp", "paged_attention.cpp", "prefill_attention.cpp", "gemm.cpp", "fused.cpp",
-                         "decoder.cpp")]
-_HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vec.h", "kernels.h", "attention_bf16.h")]
+            for name in ("bindings.cpp", "paged_attention.cpp", "prefill_attention.cpp", "prefill_attention_avx2.cpp",
+                         "gemm.cpp", "fused.cpp", "decoder.cpp")]
+_HEADERS = [Path(__file__).parent / "csrc" / name
+            for name in ("vec.h", "kernels.h", "attention_bf16.h", "tile_f32.h")]
 # -ffp-contract=off: a * b + c is never fused into one rounding, so the fused element-wise
 # steps round as PyTorch's ops do (the matrix products use explicit FMA instructions).
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]

@@ -17,6 +17,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "causal attention of one sequence's chunk over its paged bf16 cache, on AMX tiles (CPU)", kNoGil,
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("table"), py::arg("ctx_len"), py::arg("scale"),
         py::arg("window") = 0);
+  m.def("prefill_attention_f32_available", &prefill_attention_f32_available,
+        "whether paged_prefill_attention_f32 runs here (AVX2)", kNoGil);
+  m.def("paged_prefill_attention_f32", &paged_prefill_attention_f32,
+        "causal attention of one sequence's chunk over its paged bf16 or float32 cache, in float32 (CPU)", kNoGil,
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("table"), py::arg("ctx_len"), py::arg("scale"),
+        py::arg("window") = 0);
   m.def("gemm_available", &gemm_available, "whether packed_linear was built (AVX2)", kNoGil);
   m.def("gemm_bf16_pairs", &gemm_bf16_pairs, "whether bf16 products take bf16 activations (AVX512-BF16)", kNoGil);
   m.def("gemm_amx_available", &gemm_amx_available, "whether bf16 products can run on AMX tiles", kNoGil);

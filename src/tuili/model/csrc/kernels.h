@@ -10,6 +10,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 bool prefill_attention_available();
 torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                       torch::Tensor table, int64_t ctx_len, double scale, int64_t window);
+bool prefill_attention_f32_available();
+torch::Tensor paged_prefill_attention_f32(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                          torch::Tensor table, int64_t ctx_len, double scale, int64_t window);
 bool gemm_available();
 bool gemm_bf16_pairs();
 bool gemm_amx_available();

@@ -1,0 +1,81 @@
+"""The AVX2 float32 prefill-attention kernel (model/csrc/prefill_attention_avx2.cpp) against the
+PyTorch path (gathered K/V, torch's scaled_dot_product_attention) and float64 attention, on random
+paged caches."""
+import pytest
+import torch
+
+from tuili.model import layers
+from tuili.model.kernels import cpu_kernels
+from tuili.model.layers import PrefillSpan, _f32_prefill_kernels, _prefill_attention
+
+ext = cpu_kernels()
+pytestmark = pytest.mark.skipif(ext is None or not ext.prefill_attention_f32_available(),
+                                reason="needs the C++ kernels built with AVX2")
+
+
+def case(heads, kv_heads, dim, q_len, ctx_len, block_size, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = (ctx_len + block_size - 1) // block_size + 7
+    k = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
+    v = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
+    table = torch.randperm(num_blocks, generator=g)[: (ctx_len + block_size - 1) // block_size]
+    q = torch.randn(q_len, heads, dim, generator=g)
+    return q, k, v, PrefillSpan(q_start=0, q_len=q_len, ctx_len=ctx_len, block_table=table)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 1, 256), (8, 2, 128), (4, 4, 32), (6, 2, 96)])
+@pytest.mark.parametrize("q_len,ctx_len,window,block_size", [
+    (200, 200, 0, 16),   # a whole prompt
+    (37, 300, 0, 16),    # a later chunk: 263 positions already cached
+    (1, 45, 0, 16),      # one query
+    (250, 250, 0, 8),    # blocks shorter than a 16-position panel
+    (64, 700, 0, 32),    # blocks longer than a panel
+    (120, 120, 50, 16),  # sliding window within the chunk
+    (90, 500, 100, 16),  # sliding window, a later chunk
+    (16, 2000, 64, 16),  # a window far behind: positions before it are not staged
+])
+def test_matches_the_pytorch_path(heads, kv_heads, dim, q_len, ctx_len, window, block_size, dtype, monkeypatch):
+    """The layer takes the kernel for float32 queries; its result agrees with torch's to float32
+    rounding and is no further from the float64 attention than torch's is."""
+    q, k, v, span = case(heads, kv_heads, dim, q_len, ctx_len, block_size, dtype)
+    scale = dim ** -0.5
+    assert _f32_prefill_kernels(q, k, None) is ext
+    got = _prefill_attention(q, k, v, span, scale, None, window or None)
+    monkeypatch.setattr(layers, "_f32_prefill_kernels", lambda *a: None)
+    want = _prefill_attention(q, k, v, span, scale, None, window or None)
+    exact = _prefill_attention(q.double(), k.double(), v.double(), span, scale, None, window or None)
+    assert got.shape == want.shape == (q_len, heads, dim) and got.dtype is torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    err_got, err_want = (got.double() - exact).abs().max(), (want.double() - exact).abs().max()
+    assert err_got <= 3 * err_want + 1e-6, (err_got, err_want)
+
+
+def test_positions_past_the_context_and_outside_the_window_weigh_nothing():
+    """Rows past ctx_len are never read (here NaN), and positions a query may not see, though
+    their scores are made in the same panel, get a weight of exactly 0 (here huge values)."""
+    q, k, v, span = case(9, 3, 64, 40, 150, 16, torch.bfloat16, seed=2)  # queries at 110..149 see 51 onward
+    clean = ext.paged_prefill_attention_f32(q, k, v, span.block_table, 150, 0.125, 60)
+    kk, vv = k.clone(), v.clone()
+    last = int(span.block_table[-1])
+    kk[last, 150 % 16:], vv[last, 150 % 16:] = float("nan"), float("nan")
+    hidden = int(span.block_table[3])  # positions 48-63: 48-50 lie before every query's window
+    kk[hidden, :3], vv[hidden, :3] = 1e30, -1e30
+    dirty = ext.paged_prefill_attention_f32(q, kk, vv, span.block_table, 150, 0.125, 60)
+    assert torch.equal(clean, dirty)
+
+
+def test_int8_caches_and_bf16_queries_keep_the_pytorch_path():
+    q, k, v, _ = case(9, 3, 64, 10, 20, 16, torch.bfloat16)
+    assert _f32_prefill_kernels(q.bfloat16(), k, None) is None
+    assert _f32_prefill_kernels(q, k.to(torch.int8), (torch.ones(1), torch.ones(1))) is None
+
+
+def test_bad_shapes_are_refused():
+    q, k, v, span = case(9, 3, 64, 10, 20, 16, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="ctx_len"):
+        ext.paged_prefill_attention_f32(q, k, v, span.block_table, 5, 0.125, 0)  # fewer positions than queries
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.paged_prefill_attention_f32(q.bfloat16(), k, v, span.block_table, 20, 0.125, 0)
+    with pytest.raises(RuntimeError, match="ctx_len"):
+        ext.paged_prefill_attention_f32(q, k, v, span.block_table[:1], 20, 0.125, 0)  # table too short
