@@ -6,7 +6,8 @@ import torch
 
 from tuili.model import layers
 from tuili.model.kernels import cpu_kernels
-from tuili.model.layers import PrefillSpan, _f32_prefill_kernels, _prefill_attention
+from tuili.device import cpu_bf16_is_slow
+from tuili.model.layers import PrefillSpan, _f32_prefill_kernels, _prefill_attention, attention_paths
 
 ext = cpu_kernels()
 pytestmark = pytest.mark.skipif(ext is None or not ext.prefill_attention_f32_available(),
@@ -79,3 +80,13 @@ def test_bad_shapes_are_refused():
         ext.paged_prefill_attention_f32(q.bfloat16(), k, v, span.block_table, 20, 0.125, 0)
     with pytest.raises(RuntimeError, match="ctx_len"):
         ext.paged_prefill_attention_f32(q, k, v, span.block_table[:1], 20, 0.125, 0)  # table too short
+
+
+def test_the_start_up_line_names_the_prefill_path():
+    cpu = torch.device("cpu")
+    line = attention_paths(torch.bfloat16, torch.bfloat16, cpu, 64)
+    if cpu_bf16_is_slow(cpu):  # a bf16 model's queries are float32 here
+        assert "prefill AVX2 float32 kernel (float32 queries)" in line
+    assert "prefill AVX2 float32 kernel" in attention_paths(torch.float32, torch.float32, cpu, 64)
+    assert "prefill PyTorch" in attention_paths(torch.float32, torch.int8, cpu, 64)  # int8 caches: not this kernel
+    assert "prefill PyTorch" in attention_paths(torch.float32, torch.float32, cpu, 40)  # head dim not a multiple of 16

@@ -31,6 +31,7 @@ import torch
 from ..config import EngineConfig, parse_quantization, parse_size
 from ..device import resolve_device, resolve_dtype
 from ..model.registry import build_model
+from ..model.layers import attention_paths
 from ..model.loader import LoadedModel, load_model
 from ..model.quant import packing_plan
 from ..sampling import SamplingParams
@@ -103,6 +104,7 @@ class Engine:
                  "kv_blocks=%d (%d tokens) max_model_len=%d", self.model_name, str(self.dtype).removeprefix("torch."),
                  cfg.quantization, str(self.kv_dtype).removeprefix("torch."), self.device,
                  self.model.weight_bytes() / 1e6, num_blocks, num_blocks * cfg.block_size, self.max_model_len)
+        log.info("kernel paths: %s", attention_paths(self.dtype, self.kv_dtype, self.device, mc.head_dim))
 
     def close(self) -> None:
         """Save cached KV blocks to the disk tier and wait for its writes (no-op without one)."""

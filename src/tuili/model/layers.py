@@ -303,6 +303,19 @@ def _f32_prefill_kernels(q: torch.Tensor, k_cache: torch.Tensor, kv_scales: KVSc
     return ext if ext is not None and ext.prefill_attention_f32_available() else None
 
 
+def attention_paths(dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device, head_dim: int) -> str:
+    """Which attention code a model of `dtype` with a `kv_dtype` cache runs here (start-up log)."""
+    q = torch.empty(1, 1, head_dim, dtype=dtype, device=device)
+    if q.dtype is torch.bfloat16 and cpu_bf16_is_slow(device):
+        q = q.float()
+    cache = torch.empty(1, 1, 1, head_dim, dtype=kv_dtype, device=device)
+    scales = (torch.empty(1), torch.empty(1)) if kv_dtype is torch.int8 else None
+    decode = "compiled kernel" if device.type == "cpu" and cpu_kernels() is not None else "PyTorch"
+    prefill = ("AMX tiles" if _amx_prefill_kernels(q, cache, scales) is not None else
+               "AVX2 float32 kernel" if _f32_prefill_kernels(q, cache, scales) is not None else "PyTorch")
+    return f"attention: decode {decode}, prefill {prefill} ({str(q.dtype).removeprefix('torch.')} queries)"
+
+
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        span: PrefillSpan, scale: float, kv_scales: KVScales | None,
                        window: int | None = None) -> torch.Tensor:
