@@ -11,13 +11,15 @@ pytestmark = pytest.mark.skipif(ext is None or not ext.prefill_attention_availab
                                 reason="needs the C++ kernels on a CPU with AMX-BF16")
 
 
-def case(heads, kv_heads, dim, q_len, ctx_len, window, block_size, seed=0):
+def case(heads, kv_heads, dim, q_len, ctx_len, window, block_size, seed=0, cache_dtype=torch.bfloat16,
+         q_dtype=torch.bfloat16):
+    """Random queries, a random paged cache and the chunk's span (also test_prefill_attention_f32.py's)."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = (ctx_len + block_size - 1) // block_size + 7
-    k = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).bfloat16()
-    v = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).bfloat16()
+    k = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(cache_dtype)
+    v = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(cache_dtype)
     table = torch.randperm(num_blocks, generator=g)[: (ctx_len + block_size - 1) // block_size]
-    q = torch.randn(q_len, heads, dim, generator=g).bfloat16()
+    q = torch.randn(q_len, heads, dim, generator=g).to(q_dtype)
     return q, k, v, PrefillSpan(q_start=0, q_len=q_len, ctx_len=ctx_len, block_table=table)
 
 

@@ -4,10 +4,11 @@ paged caches."""
 import pytest
 import torch
 
+from test_prefill_attention import case as random_case
+from tuili.device import cpu_bf16_is_slow
 from tuili.model import layers
 from tuili.model.kernels import cpu_kernels
-from tuili.device import cpu_bf16_is_slow
-from tuili.model.layers import PrefillSpan, _f32_prefill_kernels, _prefill_attention, attention_paths
+from tuili.model.layers import _f32_prefill_kernels, _prefill_attention, attention_paths
 
 ext = cpu_kernels()
 pytestmark = pytest.mark.skipif(ext is None or not ext.prefill_attention_f32_available(),
@@ -15,13 +16,7 @@ pytestmark = pytest.mark.skipif(ext is None or not ext.prefill_attention_f32_ava
 
 
 def case(heads, kv_heads, dim, q_len, ctx_len, block_size, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    num_blocks = (ctx_len + block_size - 1) // block_size + 7
-    k = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
-    v = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
-    table = torch.randperm(num_blocks, generator=g)[: (ctx_len + block_size - 1) // block_size]
-    q = torch.randn(q_len, heads, dim, generator=g)
-    return q, k, v, PrefillSpan(q_start=0, q_len=q_len, ctx_len=ctx_len, block_table=table)
+    return random_case(heads, kv_heads, dim, q_len, ctx_len, 0, block_size, seed, cache_dtype=dtype, q_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

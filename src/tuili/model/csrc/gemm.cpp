@@ -68,6 +68,11 @@ using tuili::tiles::with_rows;
 // widened panel is reused by more tiles): 10-15% more GFLOP/s at 64-512 rows.
 constexpr int64_t kRowBlockBytes = 256 * 1024;
 
+// Rows per block of a product whose activation rows take `row_bytes` each (a multiple of TileRows).
+inline int64_t row_block_rows(int64_t row_bytes, int64_t tile_rows) {
+  return std::max<int64_t>(tile_rows, (kRowBlockBytes / row_bytes) / tile_rows * tile_rows);
+}
+
 // out[m][n0 .. n0 + width) = sums (rows x 16 float32, row stride 16) * scales + bias, for
 // `rows` rows: the write-out of a tile's sums in every product. Per-column scales (int8
 // weights) and bias are optional (null).
@@ -102,7 +107,7 @@ template <int TileRows, typename Out, typename Tile, typename PanelStep = NoPane
 void for_each_tile(int64_t M, int64_t N, int64_t row_bytes, const float* scales, const float* bias, Out* out,
                    Tile tile, PanelStep panel_step = {}) {
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  const int64_t row_block = std::max<int64_t>(TileRows, (kRowBlockBytes / row_bytes) / TileRows * TileRows);
+  const int64_t row_block = row_block_rows(row_bytes, TileRows);
   for (int64_t m0 = 0; m0 < M; m0 += row_block) {
     const int64_t m1 = std::min(M, m0 + row_block);
     // Balanced: the block's rows in tiles of equal size (16 rows as 8 + 8, not 12 + 4), for
@@ -151,7 +156,7 @@ void gemm(const float* x, int64_t M, int64_t K, const T* packed, int64_t N, cons
   };
   // The first tile of each widened panel requests the next panel, widened after this one's tiles.
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  const int64_t wide_block = std::max<int64_t>(kMaxRows, (kRowBlockBytes / (K * 4)) / kMaxRows * kMaxRows);
+  const int64_t wide_block = row_block_rows(K * 4, kMaxRows);  // as for_each_tile splits the rows
   auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>& wide, float* acc) {
     with_rows<kMaxRows>(rows, [&](auto mr) {
       if (!wide.empty()) {

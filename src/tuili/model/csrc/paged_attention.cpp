@@ -352,26 +352,8 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
 #endif
       for (int64_t g = 0; g < (amx ? 0 : nq); ++g) {
         float* sg = scores.data() + g * len;
-        __m256 mx = _mm256_set1_ps(-INFINITY);
-        int64_t t = 0;
-        for (; t + 8 <= len; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sg + t));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
-        for (; t < len; ++t) m = sg[t] > m ? sg[t] : m;
-        const __m256 mv = _mm256_set1_ps(m);
-        __m256 sv = _mm256_setzero_ps();
-        t = 0;
-        for (; t + 8 <= len; t += 8) {
-          const __m256 e = tuili::exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + t), mv));
-          _mm256_storeu_ps(sg + t, e);
-          sv = _mm256_add_ps(sv, e);
-        }
-        float sum = tuili::hsum(sv);
-        for (; t < len; ++t) {
-          sg[t] = std::exp(sg[t] - m);
-          sum += sg[t];
-        }
+        float m;
+        const float sum = tuili::exp_minus_max(sg, len, &m);
         if (chunks > 1) {  // left unnormalised; the merge rescales
           part_m[part + g] = m;
           part_l[part + g] = sum;
@@ -381,7 +363,7 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
           norm[g] = 1.f / sum;
         } else {  // the float32 and int8 loops keep normalised scores (their results as before)
           const float inv = 1.f / sum;
-          for (t = 0; t < len; ++t) sg[t] *= inv;
+          for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
         }
       }
       // Output: the weighted sum of V rows. With G known, a slice of 16 dims of the G heads'

@@ -116,8 +116,7 @@ inline __m512 exp2_bf16(__m512 t) {
   return _mm512_scalef_ps(y, n);
 }
 
-// The visible positions of the query at absolute position p: [lo, p].
-inline int64_t first_visible(int64_t p, int64_t window) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0; }
+using tuili::first_visible;  // the visible positions of the query at position p: [first_visible, p]
 
 void prefill_kernel(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int64_t* table,
                     uint16_t* out, int64_t L, int64_t ctx, int64_t heads, int64_t kv_heads, int64_t dim,

@@ -43,8 +43,7 @@ inline float widen(float x) { return x; }
 
 inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
 
-// The visible positions of the query at absolute position p: [first_visible, p].
-inline int64_t first_visible(int64_t p, int64_t window) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0; }
+using tuili::first_visible;  // the visible positions of the query at position p: [first_visible, p]
 
 template <typename T>
 void prefill_f32(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, float* out, int64_t L,
@@ -99,7 +98,10 @@ void prefill_f32(const float* q, const T* k_cache, const T* v_cache, const int64
         constexpr int R = decltype(mr)::value;
         for (int64_t t16 = t_begin; t16 < t_end; ++t16) {
           tile<R>(qx, heads * dim, kp.get() + (h * t16s + t16) * dim * kPanel, dim, acc);
-          for (int r = 0; r < R; ++r) std::memcpy(s.data() + r * span + (t16 * kPanel - c0), acc + r * kPanel, kPanel * 4);
+          for (int r = 0; r < R; ++r) {
+            float* dst = s.data() + r * span + (t16 * kPanel - c0);
+            for (int64_t c = 0; c < kPanel; ++c) dst[c] = acc[r * kPanel + c] * scale;
+          }
         }
       });
       const int64_t width = c_end - c0;  // columns the product with V runs over
@@ -107,25 +109,8 @@ void prefill_f32(const float* q, const T* k_cache, const T* v_cache, const int64
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = s.data() + r * span;
         const int64_t lo = first_visible(p0 + r, window) - base - c0, hi = p0 + r - base - c0;  // visible: [lo, hi]
-        __m256 m8 = _mm256_set1_ps(-INFINITY);
-        int64_t j = lo;
-        for (; j + 8 <= hi + 1; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sr + j));
-        alignas(32) float mv[8];
-        _mm256_store_ps(mv, m8);
-        float m = *std::max_element(mv, mv + 8);
-        for (; j <= hi; ++j) m = std::max(m, sr[j]);
-        const __m256 ms = _mm256_set1_ps(m * scale), sc = _mm256_set1_ps(scale);
-        __m256 sum8 = _mm256_setzero_ps();
-        for (j = lo; j + 8 <= hi + 1; j += 8) {
-          const __m256 e = tuili::exp8(_mm256_fmsub_ps(_mm256_loadu_ps(sr + j), sc, ms));
-          _mm256_storeu_ps(sr + j, e);
-          sum8 = _mm256_add_ps(sum8, e);
-        }
-        float sum = tuili::hsum(sum8);
-        for (; j <= hi; ++j) {
-          sr[j] = std::exp(sr[j] * scale - m * scale);
-          sum += sr[j];
-        }
+        float m;
+        const float sum = tuili::exp_minus_max(sr + lo, hi - lo + 1, &m);
         std::fill(sr, sr + lo, 0.f);
         std::fill(sr + hi + 1, sr + width, 0.f);
         inv[r] = 1.f / sum;

@@ -3,6 +3,8 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include <c10/util/BFloat16.h>
@@ -45,6 +47,36 @@ inline __m256 exp8(__m256 x) {
   const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
 }
+
+// Softmax without the division, in place over s[0, n): the max m, then s[j] = exp(s[j] - m);
+// returns the sum of the exponentials and leaves m in *max_out.
+inline float exp_minus_max(float* s, int64_t n, float* max_out) {
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + t));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+  for (; t < n; ++t) m = s[t] > m ? s[t] : m;
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sv = _mm256_setzero_ps();
+  t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+    _mm256_storeu_ps(s + t, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = hsum(sv);
+  for (; t < n; ++t) {
+    s[t] = std::exp(s[t] - m);
+    sum += s[t];
+  }
+  *max_out = m;
+  return sum;
+}
+
+// The first position a query at position p sees: all from 0, or its last `window` (> 0).
+inline int64_t first_visible(int64_t p, int64_t window) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0; }
 
 // Round 8 float32 lanes to bfloat16 (to nearest even, as c10::BFloat16 does for finite
 // values) and store them.
