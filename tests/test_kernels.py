@@ -21,9 +21,10 @@ def test_kernel_matches_torch_path(dtype, heads, kv_heads, dim):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 1, 48), (12, 2, 40)])  # 40: G unknown to the template
 @pytest.mark.parametrize("lens,window", [([300], 0), ([65], 0), ([1000], 0), ([300], 100), ([500, 7], 0)])
-def test_small_batches_split_the_context_into_chunks_and_merge_them(dtype, heads, kv_heads, dim, lens, window):
-    """One or two sequences leave a thread idle unless each context is cut into chunks, merged
-    with their softmax maxima and sums; the merged result equals the PyTorch path."""
+def test_long_contexts_are_cut_into_chunks_and_merged(dtype, heads, kv_heads, dim, lens, window):
+    """A context longer than a chunk (64 positions) is cut into chunks, so that one or two
+    sequences still keep both threads busy, and merged with their softmax maxima and sums;
+    the merged result equals the PyTorch path."""
     torch.manual_seed(3)
     check_against_torch(dtype, heads, kv_heads, dim, lens, num_blocks=80, window=window)
 
@@ -41,6 +42,35 @@ def test_bf16_queries_on_a_bf16_cache(heads, kv_heads, dim, lens, window, block_
     torch.manual_seed(6)
     check_against_torch(torch.bfloat16, heads, kv_heads, dim, lens, num_blocks=80, window=window,
                         block_size=block_size, q_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype,q_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                           (torch.int8, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("heads,kv_heads,dim,window", [(9, 3, 64, 0), (9, 3, 64, 100), (8, 1, 48, 0)])
+def test_a_rows_attention_does_not_depend_on_the_batch(dtype, q_dtype, heads, kv_heads, dim, window):
+    """Each sequence's output has the same bits alone as in a batch of any size (the chunks of
+    a context follow its own length only): the k+1 rows of a verification and a plain decode
+    step attend alike, so greedy text does not change with speculative decoding."""
+    torch.manual_seed(8)
+    block_size, num_blocks = 16, 120
+    k_cache, v_cache = torch.randn(num_blocks, block_size, kv_heads, dim), torch.randn(num_blocks, block_size, kv_heads, dim)
+    scales = (NONE, NONE)
+    if dtype is torch.int8:
+        (k_cache, ks), (v_cache, vs) = quantize_kv(k_cache), quantize_kv(v_cache)
+        scales = (ks, vs)
+    k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+    lens = torch.tensor([1, 17, 64, 65, 130, 300, 377, 301, 302, 303, 304, 40])
+    width = int((lens.max() + block_size - 1) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens])
+    q = torch.randn(len(lens), heads, dim).to(q_dtype)
+
+    def run(rows):
+        return ext.paged_decode_attention(q[rows].contiguous(), k_cache, v_cache, tables[rows].contiguous(),
+                                          lens[rows].contiguous(), dim ** -0.5, *scales, window)
+
+    everything = run(list(range(len(lens))))
+    for rows in ([6], [5], [0], [6, 7, 8, 9, 10], [6, 7], [11, 5, 0, 6], list(range(len(lens)))[::-1]):
+        assert torch.equal(run(rows), everything[rows]), rows
 
 
 def check_against_torch(dtype, heads, kv_heads, dim, lens, num_blocks, window=0, block_size=16, q_dtype=torch.float32):
@@ -141,6 +171,27 @@ def test_packed_linear_matches_float32_product(wdtype, rows):
     assert got_bf16.dtype is torch.bfloat16
     want_bf16 = torch.nn.functional.linear(x.bfloat16().float(), w.float())
     torch.testing.assert_close(got_bf16.float(), want_bf16, atol=1e-3 * want_bf16.abs().max().item(), rtol=2 ** -8)
+
+
+@gemm
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
+def test_a_rows_product_does_not_depend_on_the_row_count(wdtype):
+    """Every tile size (1-6 rows), remainders and widened blocks (24 rows on) sum a row in the
+    same order: each row of an M-row product has the bits of its 1-row product. bf16 weights
+    only where they are widened to float32 at every row count (paths.bf16_rows_invariant)."""
+    from tuili.model.paths import PathChoice, NEVER, bf16_rows_invariant
+
+    if wdtype is torch.bfloat16 and not bf16_rows_invariant(PathChoice(NEVER, "default", [])):
+        pytest.skip("bf16 products here switch kernels with the row count (AVX512-BF16 or AMX)")
+    torch.manual_seed(5)
+    n, k = 100, 576
+    packed = ext.pack_weight(torch.randn(n, k).to(wdtype))
+    x = torch.randn(70, k)
+    if wdtype is torch.bfloat16:
+        x = x.bfloat16()
+    alone = torch.cat([ext.packed_linear(x[r:r + 1], packed, n, NONE, NONE, True) for r in range(len(x))])
+    for rows in (2, 3, 4, 5, 6, 7, 8, 13, 23, 24, 25, 31, 48, 70):
+        assert torch.equal(ext.packed_linear(x[:rows], packed, n, NONE, NONE, True), alone[:rows]), rows
 
 
 @pytest.fixture

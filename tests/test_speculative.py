@@ -29,16 +29,27 @@ def _ids(llm, prompts, params):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
 
-def _pair(folder, **opts):
-    base = LLM(str(folder), dtype="float32", **opts)
-    spec = LLM(str(folder), dtype="float32", speculative="ngram", speculative_tokens=4, speculative_max_batch=64,
+def _pair(folder, dtype="float32", **opts):
+    base = LLM(str(folder), dtype=dtype, **opts)
+    spec = LLM(str(folder), dtype=dtype, speculative="ngram", speculative_tokens=4, speculative_max_batch=64,
                **opts)
     return base, spec
 
 
-def test_greedy_identical_on_random_variants(tiny_variant, tiny_model):
+def _skip_unless_bf16_rows_invariant(dtype):
+    """bf16 greedy ids match only where a row's sums do not depend on how many rows share the
+    product (paths.bf16_rows_invariant: AVX2 without AVX512-BF16 or AMX); float32 everywhere."""
+    from tuili.model.paths import NEVER, PathChoice, bf16_rows_invariant
+
+    if dtype == "bfloat16" and not bf16_rows_invariant(PathChoice(NEVER, "default", [])):
+        pytest.skip("bf16 products here switch kernels with the row count (AVX512-BF16 or AMX)")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_identical_on_random_variants(tiny_variant, tiny_model, dtype):
+    _skip_unless_bf16_rows_invariant(dtype)
     prompts = _prompts(tiny_model, tiny_variant)
-    base, spec = _pair(tiny_variant, block_size=4, num_kv_blocks=256, max_num_batched_tokens=64)
+    base, spec = _pair(tiny_variant, dtype, block_size=4, num_kv_blocks=256, max_num_batched_tokens=64)
     greedy = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
     assert _ids(spec, prompts, greedy) == _ids(base, prompts, greedy)
     stats = spec.engine.stats()
@@ -99,12 +110,14 @@ def test_preemption_and_prefix_reuse(tiny_model):
     assert _ids(spec, follow, greedy) == _ids(base, follow, greedy)
 
 
-@pytest.mark.slow  # two float32 loads of the default model: about 20 s on a quiet machine, minutes on a busy one
-def test_default_model_greedy_identical(default_model_folder):
+@pytest.mark.slow  # two loads of the default model: about 20 s on a quiet machine, minutes on a busy one
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_default_model_greedy_identical(default_model_folder, dtype):
     from tuili.bench.grounded import grounded_prompt_texts
 
-    base = LLM("smollm2-135m-instruct", dtype="float32", kv_cache_memory="128MiB")
-    spec = LLM("smollm2-135m-instruct", dtype="float32", kv_cache_memory="128MiB", speculative="ngram")
+    _skip_unless_bf16_rows_invariant(dtype)
+    base = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_memory="128MiB")
+    spec = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_memory="128MiB", speculative="ngram")
     texts = grounded_prompt_texts(base.get_tokenizer(), 3, 60, 120, seed=3)
     prompts = [base.chat_prompt_ids([{"role": "user", "content": t}]) for t in texts]
     greedy = SamplingParams(temperature=0, max_tokens=40)

@@ -1,25 +1,20 @@
 """Which matrix product a bf16 or int8 linear takes at each row count, measured on the machine at hand.
 
 A bf16 weight packed for the CPU kernel (`PackedWeight`) can also keep its plain form, so
-that batches above some row count go through torch's matmul (oneDNN) instead. Where the
-crossover lies depends on the CPU, not on the code: on an AMX Xeon torch's matmul runs on
-AMX tiles and wins above about 12 rows; on AVX512-BF16 CPUs without AMX the packed product
-was measured ahead at every row count up to 256 (docs/BENCHMARKS.md, "Kernel paths"). So
-the crossover is not a constant: the first time a model is prepared on a machine, both
-products are timed on one decoder layer's weight shapes at the row counts a step can have,
-and the result is kept beside the compiled kernels (`$TUILI_CACHE/kernels/<build key>/`),
-so it is redone when the CPU, torch or the kernels change, and for another thread count.
+that batches above some row count go through torch's matmul (oneDNN) instead. The crossover
+depends on the CPU (AMX Xeon: torch wins above about 12 rows; AVX512-BF16 without AMX: the
+packed product won up to 256; docs/BENCHMARKS.md, "Kernel paths"), so the first time a model
+is prepared on a machine both are timed on one layer's weight shapes at the row counts a step
+can have, and the result is kept beside the compiled kernels (`$TUILI_CACHE/kernels/<build
+key>/`): redone when the CPU, torch, the kernels or the thread count change.
 
 The packed product itself has two kernels on CPUs with AVX512-BF16 and no AMX: vdpbf16ps
-(bf16 pairs multiplied in one instruction) and widening the same packed weight to float32
-in registers for 16-wide FMAs. Which is faster is a property of the core, not of the
-instruction set: on the AVX512-BF16 Xeon without AMX one vdpbf16ps retires every other
-cycle while two FMAs retire every cycle, so widening wins 1.3-1.7x from 8 rows up; on a
-core that runs vdpbf16ps at the FMA rate it loses. So the two are timed first, at the same
-row counts, and products from the smallest row count at which widening wins (and keeps
-winning above) take it (`widen_min_rows`, handed to the kernels with
-`set_bf16_widen_rows`; one setting per process, from the last model prepared). Then the
-packed-vs-torch crossover is timed with that choice in place.
+(bf16 pairs in one instruction) and widening the packed weight to float32 for 16-wide FMAs.
+Which is faster depends on the core (on the AVX512-BF16 Xeon one vdpbf16ps retires every
+other cycle, two FMAs every cycle: widening wins 1.3-1.7x from 8 rows up), so the two are
+timed first and products from the smallest row count at which widening keeps winning take
+it (`widen_min_rows`, handed to the kernels with `set_bf16_widen_rows`; one setting per
+process). Then the packed-vs-torch crossover is timed with that choice in place.
 
 int8 products (scales per block of 32) have two kernels on CPUs with AMX: the VNNI tiles and
 AMX tiles (`gemm_amx_a8`), with identical results; `int8_paths` times them the same way when
@@ -80,19 +75,28 @@ class PathChoice:
     def describe(self) -> str:
         widen = "" if self.widen_min_rows >= NEVER else f"; from {self.widen_min_rows} rows widened to float32 FMAs"
         if not self.keeps_dense:
-            return f"bf16 products: packed kernel at every row count{widen} ({self.source})"
+            same = "; a row's sums do not depend on the row count" if bf16_rows_invariant(self) else ""
+            return f"bf16 products: packed kernel at every row count{widen}{same} ({self.source})"
         return (f"bf16 products: packed kernel up to {self.packed_max_rows} rows{widen}, torch's matmul above "
                 f"({self.source})")
+
+
+def bf16_rows_invariant(choice: PathChoice) -> bool:
+    """Whether a bf16 product gives a row the same bits however many rows share it: one tile
+    kernel at every row count (AVX2 without AVX512-BF16 or AMX; gemm.cpp), never torch's."""
+    from .kernels import cpu_kernels
+
+    ext = cpu_kernels()
+    return (ext is not None and ext.gemm_available() and not ext.gemm_bf16_pairs()
+            and not ext.gemm_amx_available() and not choice.keeps_dense)
 
 
 TIE = 1.03  # the packed product loses a row count only when it is more than 3% slower
 
 
 def crossover(timings: list[tuple[int, float, float]]) -> int:
-    """The largest row count up to which the packed product was never slower than torch's
-    by more than TIE (NEVER when it held at every row count timed). A single loss ends the
-    packed range: rows beyond the first loss go to torch even if the packed product wins
-    again higher up."""
+    """The largest row count up to which the packed product was never slower than torch's by
+    more than TIE (NEVER: at every row count timed). Rows beyond the first loss go to torch."""
     best = 0
     for rows, packed_ms, torch_ms in sorted(timings):
         if packed_ms > torch_ms * TIE:
@@ -115,10 +119,9 @@ def widen_from(timings: list[tuple[int, float, float]]) -> int:
 
 
 def _paired_ms(fa, fb, repeats: int) -> tuple[float, float, float]:
-    """Times fa and fb alternately, at least `repeats` times each (more, up to 25, for calls
-    under 10 ms): (median ms of fa, median ms of fb, median of the per-pair ratios fa / fb).
-    Pairs taken back to back see the same load, so the ratio holds up on a busy machine
-    better than two separate medians do."""
+    """Times fa and fb alternately, at least `repeats` times each (up to 25 for calls under
+    10 ms): (median ms of fa, of fb, and of the per-pair ratios fa / fb, which hold up on a
+    busy machine better than two separate medians)."""
     t0 = time.perf_counter()
     fa()
     fb()  # warm-up
@@ -278,8 +281,7 @@ def _env_rows(name: str) -> int | None:
     return value
 
 
-def _widen_applies(ext) -> bool:
-    """Widening is a choice only where bf16 weights are pair-packed and AMX does not take them."""
+def _widen_applies(ext) -> bool:  # only where bf16 weights are pair-packed and AMX does not take them
     return bool(ext.gemm_bf16_pairs()) and not ext.gemm_amx_available()
 
 

@@ -121,12 +121,22 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
 // multiple of 16; each K row then feeds 2 G independent accumulators held in registers.
 // A task is one sequence and a range of its kv heads: all of them when there are enough
 // sequences to keep the threads busy, so each token's row is read whole and each block is
-// one contiguous stretch of memory; fewer when the batch is small. When even that leaves a
-// thread with less than two tasks (batch 1: 3 kv heads on 2 threads would leave one thread
-// idle a third of the time), each context is also cut into chunks of whole blocks; a chunk
-// keeps its softmax unnormalised (max, sum, weighted V) and the chunks are merged at the end.
+// one contiguous stretch of memory; fewer when the batch is small. Each context is also cut
+// into chunks of kChunkPositions (whole blocks, counted from the first block it touches), so
+// that a small batch still gives every thread several tasks (batch 1: 3 kv heads on 2
+// threads would leave one thread idle a third of the time); a context of more than one chunk
+// keeps each chunk's softmax unnormalised (max, sum, weighted V) and they are merged at the
+// end. The chunks depend on the context's own length only, never on the batch: a row's
+// result is the same whichever rows share the call (a verification's k+1 rows, any batch),
+// so greedy text is the same with and without speculative decoding.
 // q16: the queries in bf16 when the caller has them so (else null); with a bf16 cache, a
 // known G, 64-dim slices and whole 16-row blocks, the AVX512-BF16 loops above run instead.
+// Positions per chunk of a context (see decode_kernel_avx2). Against the earlier chunking,
+// which cut contexts only for batches too small to keep the threads busy (benchmarks/
+// kernel_ab.py, 30 layers' caches of 250-377 tokens, AVX2 EPYC): 64 positions cost 12-23% at
+// batch 1-32; 128 and 256 cost 4-7% at batch 32 and 2-5% at batch 8, nothing measurable at 1.
+constexpr int64_t kChunkPositions = 128;
+
 template <typename T, int G>
 void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, const float* k_scales,
                         const float* v_scales, const int64_t* tables, const int64_t* lens, float* out, int64_t batch,
@@ -141,25 +151,29 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
   const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
   const int64_t per_split = (kv_heads + splits - 1) / splits;
   const int64_t row_stride = kv_heads * dim;  // between consecutive tokens of a block
-  const int64_t seq_tasks = batch * ((kv_heads + per_split - 1) / per_split);
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < batch; ++b) max_len = std::max(max_len, lens[b]);
-  if (window > 0) max_len = std::min(max_len, window);
-  const int64_t chunks = seq_tasks >= 2 * threads ? 1
-      : std::max<int64_t>(1, std::min((2 * threads + seq_tasks - 1) / seq_tasks, max_len / (4 * block_size)));
-  const int64_t span_blocks = (max_len + 2 * block_size - 2) / block_size;  // blocks a context can touch
-  const int64_t chunk_blocks = (span_blocks + chunks - 1) / chunks;
-  // chunks > 1: per (sequence, chunk, query head) the running max, the sum of exp and the
-  // unnormalised output, merged after the parallel loop.
-  std::vector<float> part_o(chunks > 1 ? batch * chunks * heads * dim : 0);
-  std::vector<float> part_m(chunks > 1 ? batch * chunks * heads : 0), part_l(part_m.size());
   const int64_t splits_used = (kv_heads + per_split - 1) / per_split;
+  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkPositions / block_size);
+  auto seq_first_of = [&](int64_t b) { return window > 0 && lens[b] > window ? lens[b] - window : int64_t{0}; };
   // Tasks are handed out one at a time, longest sequences first: contexts differ in length,
-  // and a fixed split of the batch left one thread waiting for the other.
+  // and a fixed split of the batch left one thread waiting for the other. Sequence order[i]
+  // owns tasks task0[i] .. task0[i + 1] - 1 (its chunks x kv-head splits) and, when it has
+  // more than one chunk, the partial rows from part0[order[i]] on: per (chunk, query head)
+  // the running max, the sum of exp and the unnormalised output, merged after the loop.
   std::vector<int64_t> order(batch);
   for (int64_t b = 0; b < batch; ++b) order[b] = b;
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lens[a] > lens[b]; });
-  const int64_t tasks = seq_tasks * chunks;
+  std::vector<int64_t> chunks_of(batch), part0(batch), task0(batch + 1, 0);
+  int64_t parts = 0;
+  for (int64_t i = 0; i < batch; ++i) {
+    const int64_t b = order[i], seq_first = seq_first_of(b);
+    const int64_t span = lens[b] > seq_first ? (lens[b] - 1) / block_size - seq_first / block_size + 1 : 1;
+    chunks_of[b] = (span + chunk_blocks - 1) / chunk_blocks;
+    part0[b] = parts;
+    if (chunks_of[b] > 1) parts += chunks_of[b] * heads;
+    task0[i + 1] = task0[i] + chunks_of[b] * splits_used;
+  }
+  std::vector<float> part_o(parts * dim), part_m(parts), part_l(parts);
+  const int64_t tasks = task0[batch];
   // Scores on AMX tiles where the CPU has them (and TUILI_AMX allows): a tile of 16 K rows,
   // as they lie in the block, times the G queries laid out in pairs of dims, gives the 16
   // positions' G scores in one tdpbf16ps per 32 dims, with no sums across lanes. The scores
@@ -184,13 +198,14 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
     }
 #endif
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      const int64_t c = task % chunks;
-      const int64_t b = order[task / chunks / splits_used];
-      const int64_t h0 = (task / chunks % splits_used) * per_split;
+      const int64_t i = std::upper_bound(task0.begin(), task0.end(), task) - task0.begin() - 1;
+      const int64_t b = order[i], chunks = chunks_of[b];
+      const int64_t c = (task - task0[i]) % chunks;
+      const int64_t h0 = (task - task0[i]) / chunks * per_split;
       const int64_t h1 = std::min(kv_heads, h0 + per_split);
       const int64_t nq = (h1 - h0) * group;  // query heads of this task, from h0 * group
       const int64_t seq_end = lens[b];
-      const int64_t seq_first = window > 0 && seq_end > window ? seq_end - window : 0;
+      const int64_t seq_first = seq_first_of(b);
       // This chunk's positions: [first, end_pos), whole blocks of the sequence's range.
       const int64_t chunk0 = (seq_first - seq_first % block_size) + c * chunk_blocks * block_size;
       const int64_t first = std::max(seq_first, chunk0);
@@ -198,10 +213,14 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
       const int64_t len = std::max<int64_t>(0, end_pos - first);
       const int64_t* table = tables + b * table_width;
       const float* qb = q + (b * heads + h0 * group) * dim;
-      const int64_t part = (b * chunks + c) * heads + h0 * group;  // first partial row of this task
+      const int64_t part = part0[b] + c * heads + h0 * group;  // first partial row of this task
       float* ob = chunks > 1 ? part_o.data() + part * dim : out + (b * heads + h0 * group) * dim;
-      if (len == 0) {  // a chunk past the end of a short sequence
+      if (len == 0) {  // an empty context
         for (int64_t g = 0; g < nq; ++g) {
+          if (chunks == 1) {
+            std::memset(ob + g * dim, 0, dim * sizeof(float));
+            continue;
+          }
           part_m[part + g] = -INFINITY;
           part_l[part + g] = 0.f;
           std::memset(ob + g * dim, 0, dim * sizeof(float));
@@ -461,25 +480,28 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
     if (amx) _tile_release();
 #endif
   });
-  if (chunks > 1) {
-    for (int64_t b = 0; b < batch; ++b)
-      for (int64_t h = 0; h < heads; ++h) {
-        float m = -INFINITY;
-        for (int64_t c = 0; c < chunks; ++c) m = std::max(m, part_m[(b * chunks + c) * heads + h]);
-        float total = 0.f;
-        float* o = out + (b * heads + h) * dim;
-        std::memset(o, 0, dim * sizeof(float));
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t r = (b * chunks + c) * heads + h;
-          if (part_l[r] == 0.f) continue;
-          const float f = std::exp(part_m[r] - m);
-          total += f * part_l[r];
-          for (int64_t d = 0; d < dim; ++d) o[d] += f * part_o[r * dim + d];
-        }
-        const float inv = 1.f / total;
-        for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
+  // The merge, per (sequence, query head), split among the threads.
+  if (parts == 0) return;
+  at::parallel_for(0, batch * heads, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t bh = r0; bh < r1; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads, chunks = chunks_of[b];
+      if (chunks == 1) continue;
+      float m = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, part_m[part0[b] + c * heads + h]);
+      float total = 0.f;
+      float* o = out + (b * heads + h) * dim;
+      std::memset(o, 0, dim * sizeof(float));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t r = part0[b] + c * heads + h;
+        if (part_l[r] == 0.f) continue;
+        const float f = std::exp(part_m[r] - m);
+        total += f * part_l[r];
+        for (int64_t d = 0; d < dim; ++d) o[d] += f * part_o[r * dim + d];
       }
-  }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
+    }
+  });
 }
 #endif
 
