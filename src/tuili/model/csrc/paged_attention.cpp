@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -116,27 +117,25 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const flo
 
 #ifdef __AVX2__
 
+// Positions per chunk of a context (see decode_kernel_avx2). Against the chunking by batch
+// before it (benchmarks/kernel_ab.py, AVX2 EPYC): 0.98-0.99x at batch 8 and 32; 64 cost 12-23%.
+constexpr int64_t kChunkPositions = 128;
+
 // The same computation with 8-wide float32 vectors, for head dims that are a multiple of 8.
 // G > 0: the group size (query heads per kv head) as a constant, for head dims that are a
 // multiple of 16; each K row then feeds 2 G independent accumulators held in registers.
 // A task is one sequence and a range of its kv heads: all of them when there are enough
 // sequences to keep the threads busy, so each token's row is read whole and each block is
-// one contiguous stretch of memory; fewer when the batch is small. Each context is also cut
-// into chunks of kChunkPositions (whole blocks, counted from the first block it touches), so
-// that a small batch still gives every thread several tasks (batch 1: 3 kv heads on 2
-// threads would leave one thread idle a third of the time); a context of more than one chunk
-// keeps each chunk's softmax unnormalised (max, sum, weighted V) and they are merged at the
-// end. The chunks depend on the context's own length only, never on the batch: a row's
-// result is the same whichever rows share the call (a verification's k+1 rows, any batch),
-// so greedy text is the same with and without speculative decoding.
+// one contiguous stretch of memory; fewer when the batch is small. Each context is cut into
+// chunks of kChunkPositions (whole blocks from the first block it touches); a context of
+// more than one keeps each chunk's softmax unnormalised (max, sum, weighted V) and merges
+// them. The chunks follow the context's own length only, never the batch, so a row's result
+// is the same whichever rows share the call (a verification's k+1 rows, any batch) and
+// greedy text is the same with and without speculative decoding. Only the scheduling
+// follows the batch: a small one gets a task per chunk (batch 1: 3 kv heads on 2 threads
+// would leave one idle a third of the time), a large one a task per context.
 // q16: the queries in bf16 when the caller has them so (else null); with a bf16 cache, a
 // known G, 64-dim slices and whole 16-row blocks, the AVX512-BF16 loops above run instead.
-// Positions per chunk of a context (see decode_kernel_avx2). Against the earlier chunking,
-// which cut contexts only for batches too small to keep the threads busy (benchmarks/
-// kernel_ab.py, 30 layers' caches of 250-377 tokens, AVX2 EPYC): 64 positions cost 12-23% at
-// batch 1-32; 128 and 256 cost 4-7% at batch 32 and 2-5% at batch 8, nothing measurable at 1.
-constexpr int64_t kChunkPositions = 128;
-
 template <typename T, int G>
 void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, const float* k_scales,
                         const float* v_scales, const int64_t* tables, const int64_t* lens, float* out, int64_t batch,
@@ -156,23 +155,49 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
   auto seq_first_of = [&](int64_t b) { return window > 0 && lens[b] > window ? lens[b] - window : int64_t{0}; };
   // Tasks are handed out one at a time, longest sequences first: contexts differ in length,
   // and a fixed split of the batch left one thread waiting for the other. Sequence order[i]
-  // owns tasks task0[i] .. task0[i + 1] - 1 (its chunks x kv-head splits) and, when it has
+  // owns tasks task0[i] .. task0[i + 1] - 1 (its pieces x kv-head splits) and, when it has
   // more than one chunk, the partial rows from part0[order[i]] on: per (chunk, query head)
   // the running max, the sum of exp and the unnormalised output, merged after the loop.
   std::vector<int64_t> order(batch);
   for (int64_t b = 0; b < batch; ++b) order[b] = b;
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lens[a] > lens[b]; });
-  std::vector<int64_t> chunks_of(batch), part0(batch), task0(batch + 1, 0);
+  // A task takes a run of consecutive chunks (per_piece_of): one chunk each when the batch is
+  // too small to keep the threads busy otherwise, all of a context's chunks when it is not.
+  // This only schedules: each chunk is computed and merged alike either way.
+  const int64_t seq_tasks = batch * splits_used;
+  const int64_t pieces_wanted = seq_tasks >= 2 * threads ? 1 : (2 * threads + seq_tasks - 1) / seq_tasks;
+  std::vector<int64_t> chunks_of(batch), per_piece_of(batch), part0(batch), task0(batch + 1, 0);
   int64_t parts = 0;
   for (int64_t i = 0; i < batch; ++i) {
     const int64_t b = order[i], seq_first = seq_first_of(b);
     const int64_t span = lens[b] > seq_first ? (lens[b] - 1) / block_size - seq_first / block_size + 1 : 1;
     chunks_of[b] = (span + chunk_blocks - 1) / chunk_blocks;
+    per_piece_of[b] = (chunks_of[b] + pieces_wanted - 1) / pieces_wanted;
     part0[b] = parts;
     if (chunks_of[b] > 1) parts += chunks_of[b] * heads;
-    task0[i + 1] = task0[i] + chunks_of[b] * splits_used;
+    task0[i + 1] = task0[i] + (chunks_of[b] + per_piece_of[b] - 1) / per_piece_of[b] * splits_used;
   }
-  std::vector<float> part_o(parts * dim), part_m(parts), part_l(parts);
+  // Every partial row is written before it is read (empty chunks too): left uninitialised.
+  std::unique_ptr<float[]> part_o(new float[parts * dim]), part_m(new float[parts]), part_l(new float[parts]);
+  // The output of query head h of sequence b from its chunks' partial rows, each rescaled by
+  // exp(its max - the overall max).
+  auto merge = [&](int64_t b, int64_t h) {
+    const int64_t chunks = chunks_of[b];
+    float m = -INFINITY;
+    for (int64_t c = 0; c < chunks; ++c) m = std::max(m, part_m[part0[b] + c * heads + h]);
+    float total = 0.f;
+    float* o = out + (b * heads + h) * dim;
+    std::memset(o, 0, dim * sizeof(float));
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t r = part0[b] + c * heads + h;
+      if (part_l[r] == 0.f) continue;
+      const float f = std::exp(part_m[r] - m);
+      total += f * part_l[r];
+      for (int64_t d = 0; d < dim; ++d) o[d] += f * part_o[r * dim + d];
+    }
+    const float inv = 1.f / total;
+    for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
+  };
   const int64_t tasks = task0[batch];
   // Scores on AMX tiles where the CPU has them (and TUILI_AMX allows): a tile of 16 K rows,
   // as they lie in the block, times the G queries laid out in pairs of dims, gives the 16
@@ -199,308 +224,302 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
 #endif
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t i = std::upper_bound(task0.begin(), task0.end(), task) - task0.begin() - 1;
-      const int64_t b = order[i], chunks = chunks_of[b];
-      const int64_t c = (task - task0[i]) % chunks;
-      const int64_t h0 = (task - task0[i]) / chunks * per_split;
-      const int64_t h1 = std::min(kv_heads, h0 + per_split);
-      const int64_t nq = (h1 - h0) * group;  // query heads of this task, from h0 * group
-      const int64_t seq_end = lens[b];
-      const int64_t seq_first = seq_first_of(b);
-      // This chunk's positions: [first, end_pos), whole blocks of the sequence's range.
-      const int64_t chunk0 = (seq_first - seq_first % block_size) + c * chunk_blocks * block_size;
-      const int64_t first = std::max(seq_first, chunk0);
-      const int64_t end_pos = c + 1 < chunks ? std::min(seq_end, chunk0 + chunk_blocks * block_size) : seq_end;
-      const int64_t len = std::max<int64_t>(0, end_pos - first);
-      const int64_t* table = tables + b * table_width;
-      const float* qb = q + (b * heads + h0 * group) * dim;
-      const int64_t part = part0[b] + c * heads + h0 * group;  // first partial row of this task
-      float* ob = chunks > 1 ? part_o.data() + part * dim : out + (b * heads + h0 * group) * dim;
-      if (len == 0) {  // an empty context
-        for (int64_t g = 0; g < nq; ++g) {
-          if (chunks == 1) {
+      const int64_t b = order[i], chunks = chunks_of[b], per_piece = per_piece_of[b];
+      const int64_t pieces = (chunks + per_piece - 1) / per_piece;
+      const int64_t h0 = (task - task0[i]) / pieces * per_split;
+      const int64_t c_begin = (task - task0[i]) % pieces * per_piece, c_end = std::min(chunks, c_begin + per_piece);
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const int64_t h1 = std::min(kv_heads, h0 + per_split);
+        const int64_t nq = (h1 - h0) * group;  // query heads of this task, from h0 * group
+        const int64_t seq_end = lens[b];
+        const int64_t seq_first = seq_first_of(b);
+        // This chunk's positions: [first, end_pos), whole blocks of the sequence's range.
+        const int64_t chunk0 = (seq_first - seq_first % block_size) + c * chunk_blocks * block_size;
+        const int64_t first = std::max(seq_first, chunk0);
+        const int64_t end_pos = c + 1 < chunks ? std::min(seq_end, chunk0 + chunk_blocks * block_size) : seq_end;
+        // Requests ahead run on to the end of this task's last chunk.
+        const int64_t ahead_end =
+            c_end < chunks ? std::min(seq_end, chunk0 + (c_end - c) * chunk_blocks * block_size) : seq_end;
+        const int64_t len = std::max<int64_t>(0, end_pos - first);
+        const int64_t* table = tables + b * table_width;
+        const float* qb = q + (b * heads + h0 * group) * dim;
+        const int64_t part = part0[b] + c * heads + h0 * group;  // first partial row of this task
+        float* ob = chunks > 1 ? part_o.get() + part * dim : out + (b * heads + h0 * group) * dim;
+        if (len == 0) {  // an empty context
+          for (int64_t g = 0; g < nq; ++g) {
+            if (chunks == 1) {
+              std::memset(ob + g * dim, 0, dim * sizeof(float));
+              continue;
+            }
+            part_m[part + g] = -INFINITY;
+            part_l[part + g] = 0.f;
             std::memset(ob + g * dim, 0, dim * sizeof(float));
-            continue;
           }
-          part_m[part + g] = -INFINITY;
-          part_l[part + g] = 0.f;
-          std::memset(ob + g * dim, 0, dim * sizeof(float));
-        }
-        continue;
-      }
-      scores.resize(nq * len);
-      // Blocks are scattered, so the hardware prefetcher does not see one stream, and after a
-      // step's weights have streamed through the caches every block is a cache (and TLB) miss.
-      // So this task's rows of the block kAhead blocks on are requested while a block is read,
-      // a row's lines at each position (K during the score pass, V during the first output
-      // pass), not a whole block's at once: at batch 32 a block's 96 requests issued together
-      // stalled the loop until they drained (attention over 30 layers 26.4 ms; spread: 18.2).
-      // V's first blocks are requested whole during the score pass.
-      const int64_t row_bytes = (h1 - h0) * dim * static_cast<int64_t>(sizeof(T));
-      auto ahead_row = [&](const T* cache, int64_t t0) -> const char* {  // block t0 + kAhead's first row, or null
-        const int64_t ta = t0 + kAhead * block_size;
-        return ta < end_pos ? reinterpret_cast<const char*>(cache + (table[ta / block_size] * block_size * kv_heads + h0) * dim)
-                            : nullptr;
-      };
-      auto prefetch_row = [&](const char* row0, int64_t i) {
-        if (row0 == nullptr) return;
-        const char* p = row0 + i * row_stride * static_cast<int64_t>(sizeof(T));
-        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-      };
-      auto prefetch_block = [&](const T* cache, int64_t t0) {
-        if (t0 >= end_pos) return;
-        const int64_t rows = std::min(block_size, end_pos - t0);
-        const char* p = reinterpret_cast<const char*>(cache + (table[t0 / block_size] * block_size * kv_heads + h0) * dim);
-        const int64_t bytes = (h1 - h0) * dim * static_cast<int64_t>(sizeof(T));
-        for (int64_t i = 0; i < rows; ++i, p += row_stride * sizeof(T))
-          for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-      };
-      const int64_t start_block = first - first % block_size;
-      for (int64_t a = 1; a < kAhead; ++a) prefetch_block(k_cache, start_block + a * block_size);
-      const char* k_ahead = nullptr;  // the K block kAhead blocks past the one being read
-      auto next_block = [&](int64_t t0) {
-        k_ahead = ahead_row(k_cache, t0);
-        if (t0 < start_block + kAhead * block_size) prefetch_block(v_cache, t0);
-      };
-#ifdef TUILI_AMX_SCORES
-      if constexpr (kFastType) {
-        if (amx) {
-          const int64_t c32 = dim / 32;
-          qt.assign(static_cast<size_t>((h1 - h0) * c32 * 32 * G), 0);
-          for (int64_t kvh = h0; kvh < h1; ++kvh)
-            for (int64_t n = 0; n < G; ++n) {
-              const uint16_t* qn = q16 + (b * heads + kvh * G + n) * dim;
-              for (int64_t d = 0; d < dim; ++d)
-                qt[(((kvh - h0) * c32 + d / 32) * 16 + d % 32 / 2) * 2 * G + 2 * n + d % 2] = qn[d];
-            }
-          const int64_t row_bytes2 = row_stride * 2;
-          for (int64_t t0 = start_block; t0 < end_pos; t0 += block_size) {
-            next_block(t0);
-            const int64_t slot0 = table[t0 / block_size] * block_size;
-            const int64_t n = std::min(end_pos - t0, block_size), i0 = std::max<int64_t>(0, first - t0);
-            // whole tiles of 16 rows from a multiple of 16 (block_size is one): rows before
-            // `first` or past the end are read (they lie in the block) and their scores dropped
-            for (int64_t i = i0 - i0 % 16; i < n; i += 16) {
-              const int64_t lo = std::max(i, i0), hi = std::min(i + 16, n);
-              for (int64_t kvh = h0; kvh < h1; ++kvh) {
-                if (k_ahead != nullptr) {
-                  const char* pa = k_ahead + (i * row_stride + (kvh - h0) * dim) * 2;
-                  for (int64_t r = 0; r < 16; ++r)
-                    for (int64_t off = 0; off < dim * 2; off += 64) _mm_prefetch(pa + r * row_bytes2 + off, _MM_HINT_T0);
-                }
-                _tile_zero(0);
-                const T* kp = k_cache + ((slot0 + i) * kv_heads + kvh) * dim;
-                for (int64_t c = 0; c < c32; ++c) {
-                  _tile_loadd(1, kp + 32 * c, row_bytes2);
-                  _tile_loadd(2, qt.data() + ((kvh - h0) * c32 + c) * 32 * G, G * 4);
-                  _tile_dpbf16ps(0, 1, 2);
-                }
-                float* dst = scores.data() + (kvh - h0) * G * len + (t0 + lo - first) * G;
-                if (lo == i && hi == i + 16) {
-                  _tile_stored(0, dst, G * 4);
-                } else {
-                  _tile_stored(0, tile_out, G * 4);
-                  std::memcpy(dst, tile_out + (lo - i) * G, (hi - lo) * G * sizeof(float));
-                }
-              }
-            }
-          }
-        }
-      }
-#endif
-#ifdef __AVX512BF16__
-      if constexpr (kFastType) {
-        if (fast && !amx) {  // 16 positions of a block at a time
-          for (int64_t t0 = start_block; t0 < end_pos; t0 += block_size) {
-            next_block(t0);
-            const int64_t slot0 = table[t0 / block_size] * block_size;
-            const int64_t n = std::min(end_pos - t0, block_size);
-            for (int64_t i = std::max<int64_t>(0, first - t0); i < n; i += 16)
-              for (int64_t kvh = h0; kvh < h1; ++kvh)
-                scores16<G>(q16 + (b * heads + kvh * G) * dim,
-                            reinterpret_cast<const uint16_t*>(k_cache + ((slot0 + i) * kv_heads + kvh) * dim),
-                            row_stride, dim, std::min<int64_t>(16, n - i), scale,
-                            scores.data() + (kvh - h0) * G * len + (t0 + i - first), len,
-                            k_ahead ? k_ahead + ((i * kv_heads + kvh - h0) * dim) * 2 : nullptr, row_stride * 2,
-                            dim * 2 / 64);
-          }
-        }
-      }
-#endif
-      // Scores: for each position, the G query heads of each kv head against its K row.
-      if (!fast) for_each_position(table, block_size, first, end_pos, next_block, [&](int64_t slot, int64_t pos) {
-        prefetch_row(k_ahead, slot % block_size);
-        for (int64_t kvh = h0; kvh < h1; ++kvh) {
-          const T* kp = k_cache + (slot * kv_heads + kvh) * dim;
-          const float ks = (k_scales ? k_scales[slot * kv_heads + kvh] : 1.f) * scale;
-          const float* qk = qb + (kvh - h0) * group * dim;
-          float* sk = scores.data() + (kvh - h0) * group * len + pos;
-          if constexpr (G > 0) {
-            __m256 a0[G], a1[G];
-#pragma GCC unroll 8
-            for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
-            for (int64_t d = 0; d < dim; d += 16) {
-              const __m256 k0 = load8(kp + d), k1 = load8(kp + d + 8);
-#pragma GCC unroll 8
-              for (int g = 0; g < G; ++g) {
-                a0[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d), k0, a0[g]);
-                a1[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d + 8), k1, a1[g]);
-              }
-            }
-#pragma GCC unroll 8
-            for (int g = 0; g < G; ++g) sk[g * len] = tuili::hsum(_mm256_add_ps(a0[g], a1[g])) * ks;
-          } else {
-            for (int64_t g = 0; g < group; ++g) {
-              __m256 acc = _mm256_setzero_ps();
-              for (int64_t d = 0; d < dim; d += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d), load8(kp + d), acc);
-              sk[g * len] = tuili::hsum(acc) * ks;
-            }
-          }
-        }
-      });
-      // Softmax per query head, in place; in the bf16 loops left unnormalised: the output pass
-      // scales each head's sums by 1 / sum once (norm), instead of every score.
-      norm.assign(nq, 1.f);
-#if defined(TUILI_AMX_SCORES)
-      if constexpr (kFastType) {
-        if (amx) {
-          softmax_interleaved<G>(scores.data(), len, h1 - h0, scale, chunks > 1 ? part_m.data() + part : nullptr,
-                                 chunks > 1 ? part_l.data() + part : nullptr, norm.data());
-        }
-      }
-#endif
-      for (int64_t g = 0; g < (amx ? 0 : nq); ++g) {
-        float* sg = scores.data() + g * len;
-        float m;
-        const float sum = tuili::exp_minus_max(sg, len, &m);
-        if (chunks > 1) {  // left unnormalised; the merge rescales
-          part_m[part + g] = m;
-          part_l[part + g] = sum;
           continue;
         }
-        if (fast) {
-          norm[g] = 1.f / sum;
-        } else {  // the float32 and int8 loops keep normalised scores (their results as before)
-          const float inv = 1.f / sum;
-          for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+        scores.resize(nq * len);
+        // Blocks are scattered, so the hardware prefetcher does not see one stream, and after a
+        // step's weights have streamed through the caches every block is a cache (and TLB) miss.
+        // So this task's rows of the block kAhead blocks on are requested while a block is read,
+        // a row's lines at each position (K during the score pass, V during the first output
+        // pass), not a whole block's at once: at batch 32 a block's 96 requests issued together
+        // stalled the loop until they drained (attention over 30 layers 26.4 ms; spread: 18.2).
+        // V's first blocks are requested whole during the score pass.
+        const int64_t row_bytes = (h1 - h0) * dim * static_cast<int64_t>(sizeof(T));
+        auto ahead_row = [&](const T* cache, int64_t t0) -> const char* {  // block t0 + kAhead's first row, or null
+          const int64_t ta = t0 + kAhead * block_size;
+          return ta < ahead_end ? reinterpret_cast<const char*>(cache + (table[ta / block_size] * block_size * kv_heads + h0) * dim)
+                              : nullptr;
+        };
+        auto prefetch_row = [&](const char* row0, int64_t i) {
+          if (row0 == nullptr) return;
+          const char* p = row0 + i * row_stride * static_cast<int64_t>(sizeof(T));
+          for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+        };
+        auto prefetch_block = [&](const T* cache, int64_t t0) {
+          if (t0 >= ahead_end) return;
+          const int64_t rows = std::min(block_size, ahead_end - t0);
+          const char* p = reinterpret_cast<const char*>(cache + (table[t0 / block_size] * block_size * kv_heads + h0) * dim);
+          const int64_t bytes = (h1 - h0) * dim * static_cast<int64_t>(sizeof(T));
+          for (int64_t i = 0; i < rows; ++i, p += row_stride * sizeof(T))
+            for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+        };
+        const int64_t start_block = first - first % block_size;
+        if (c == c_begin)  // later chunks' first blocks were requested by the chunk before
+          for (int64_t a = 1; a < kAhead; ++a) prefetch_block(k_cache, start_block + a * block_size);
+        const char* k_ahead = nullptr;  // the K block kAhead blocks past the one being read
+        auto next_block = [&](int64_t t0) {
+          k_ahead = ahead_row(k_cache, t0);
+          if (t0 < start_block + kAhead * block_size) prefetch_block(v_cache, t0);
+        };
+  #ifdef TUILI_AMX_SCORES
+        if constexpr (kFastType) {
+          if (amx) {
+            const int64_t c32 = dim / 32;
+            qt.assign(static_cast<size_t>((h1 - h0) * c32 * 32 * G), 0);
+            for (int64_t kvh = h0; kvh < h1; ++kvh)
+              for (int64_t n = 0; n < G; ++n) {
+                const uint16_t* qn = q16 + (b * heads + kvh * G + n) * dim;
+                for (int64_t d = 0; d < dim; ++d)
+                  qt[(((kvh - h0) * c32 + d / 32) * 16 + d % 32 / 2) * 2 * G + 2 * n + d % 2] = qn[d];
+              }
+            const int64_t row_bytes2 = row_stride * 2;
+            for (int64_t t0 = start_block; t0 < end_pos; t0 += block_size) {
+              next_block(t0);
+              const int64_t slot0 = table[t0 / block_size] * block_size;
+              const int64_t n = std::min(end_pos - t0, block_size), i0 = std::max<int64_t>(0, first - t0);
+              // whole tiles of 16 rows from a multiple of 16 (block_size is one): rows before
+              // `first` or past the end are read (they lie in the block) and their scores dropped
+              for (int64_t i = i0 - i0 % 16; i < n; i += 16) {
+                const int64_t lo = std::max(i, i0), hi = std::min(i + 16, n);
+                for (int64_t kvh = h0; kvh < h1; ++kvh) {
+                  if (k_ahead != nullptr) {
+                    const char* pa = k_ahead + (i * row_stride + (kvh - h0) * dim) * 2;
+                    for (int64_t r = 0; r < 16; ++r)
+                      for (int64_t off = 0; off < dim * 2; off += 64) _mm_prefetch(pa + r * row_bytes2 + off, _MM_HINT_T0);
+                  }
+                  _tile_zero(0);
+                  const T* kp = k_cache + ((slot0 + i) * kv_heads + kvh) * dim;
+                  for (int64_t c = 0; c < c32; ++c) {
+                    _tile_loadd(1, kp + 32 * c, row_bytes2);
+                    _tile_loadd(2, qt.data() + ((kvh - h0) * c32 + c) * 32 * G, G * 4);
+                    _tile_dpbf16ps(0, 1, 2);
+                  }
+                  float* dst = scores.data() + (kvh - h0) * G * len + (t0 + lo - first) * G;
+                  if (lo == i && hi == i + 16) {
+                    _tile_stored(0, dst, G * 4);
+                  } else {
+                    _tile_stored(0, tile_out, G * 4);
+                    std::memcpy(dst, tile_out + (lo - i) * G, (hi - lo) * G * sizeof(float));
+                  }
+                }
+              }
+            }
+          }
         }
-      }
-      // Output: the weighted sum of V rows. With G known, a slice of 16 dims of the G heads'
-      // outputs stays in registers over all positions (one pass per slice; the rows stay in
-      // L2 between passes); otherwise each row is read once and the outputs updated in memory.
-      const float* sc = scores.data();
-      const char* v_ahead = nullptr;  // in the first output pass, the V block kAhead blocks on
-#ifdef __AVX512BF16__
-      if constexpr (kFastType) {
-        if (fast) {  // 64 dims of the G heads' outputs in registers, one pass per slice
-          const int64_t gs = amx ? 1 : len, ps = amx ? G : 1;  // a weight's index: g * gs + pos * ps
+  #endif
+  #ifdef __AVX512BF16__
+        if constexpr (kFastType) {
+          if (fast && !amx) {  // 16 positions of a block at a time
+            for (int64_t t0 = start_block; t0 < end_pos; t0 += block_size) {
+              next_block(t0);
+              const int64_t slot0 = table[t0 / block_size] * block_size;
+              const int64_t n = std::min(end_pos - t0, block_size);
+              for (int64_t i = std::max<int64_t>(0, first - t0); i < n; i += 16)
+                for (int64_t kvh = h0; kvh < h1; ++kvh)
+                  scores16<G>(q16 + (b * heads + kvh * G) * dim,
+                              reinterpret_cast<const uint16_t*>(k_cache + ((slot0 + i) * kv_heads + kvh) * dim),
+                              row_stride, dim, std::min<int64_t>(16, n - i), scale,
+                              scores.data() + (kvh - h0) * G * len + (t0 + i - first), len,
+                              k_ahead ? k_ahead + ((i * kv_heads + kvh - h0) * dim) * 2 : nullptr, row_stride * 2,
+                              dim * 2 / 64);
+            }
+          }
+        }
+  #endif
+        // Scores: for each position, the G query heads of each kv head against its K row.
+        if (!fast) for_each_position(table, block_size, first, end_pos, next_block, [&](int64_t slot, int64_t pos) {
+          prefetch_row(k_ahead, slot % block_size);
           for (int64_t kvh = h0; kvh < h1; ++kvh) {
-            const float* sk = sc + (kvh - h0) * G * len;
-            float* ok = ob + (kvh - h0) * G * dim;
-            for (int64_t d = 0; d < dim; d += 64) {
-              __m512 acc[G][4];
-#pragma GCC unroll 8
-              for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = _mm512_setzero_ps();
-              auto pf = [&](int64_t t0) { v_ahead = kvh == h0 && d == 0 ? ahead_row(v_cache, t0) : nullptr; };
-              for_each_position(table, block_size, first, end_pos, pf, [&](int64_t slot, int64_t pos) {
-                prefetch_row(v_ahead, slot % block_size);
-                const T* vp = v_cache + (slot * kv_heads + kvh) * dim + d;
-                const __m512 v0 = tuili::load16(vp), v1 = tuili::load16(vp + 16), v2 = tuili::load16(vp + 32),
-                             v3 = tuili::load16(vp + 48);
-#pragma GCC unroll 8
+            const T* kp = k_cache + (slot * kv_heads + kvh) * dim;
+            const float ks = (k_scales ? k_scales[slot * kv_heads + kvh] : 1.f) * scale;
+            const float* qk = qb + (kvh - h0) * group * dim;
+            float* sk = scores.data() + (kvh - h0) * group * len + pos;
+            if constexpr (G > 0) {
+              __m256 a0[G], a1[G];
+  #pragma GCC unroll 8
+              for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+              for (int64_t d = 0; d < dim; d += 16) {
+                const __m256 k0 = load8(kp + d), k1 = load8(kp + d + 8);
+  #pragma GCC unroll 8
                 for (int g = 0; g < G; ++g) {
-                  const __m512 w = _mm512_set1_ps(sk[g * gs + pos * ps]);
-                  acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);
-                  acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);
-                  acc[g][2] = _mm512_fmadd_ps(w, v2, acc[g][2]);
-                  acc[g][3] = _mm512_fmadd_ps(w, v3, acc[g][3]);
+                  a0[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d), k0, a0[g]);
+                  a1[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d + 8), k1, a1[g]);
                 }
-              });
-#pragma GCC unroll 8
-              for (int g = 0; g < G; ++g)
-                for (int j = 0; j < 4; ++j)
-                  _mm512_storeu_ps(ok + g * dim + d + 16 * j,
-                                   _mm512_mul_ps(acc[g][j], _mm512_set1_ps(norm[(kvh - h0) * G + g])));
-            }
-          }
-          continue;
-        }
-      }
-#endif
-      if constexpr (G > 0) {
-        for (int64_t kvh = h0; kvh < h1; ++kvh) {
-          const float* sk = sc + (kvh - h0) * G * len;
-          float* ok = ob + (kvh - h0) * G * dim;
-          for (int64_t d = 0; d < dim; d += 16) {
-            __m256 a0[G], a1[G];
-#pragma GCC unroll 8
-            for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
-            auto pf = [&](int64_t t0) { v_ahead = kvh == h0 && d == 0 ? ahead_row(v_cache, t0) : nullptr; };
-            for_each_position(table, block_size, first, end_pos, pf, [&](int64_t slot, int64_t pos) {
-              prefetch_row(v_ahead, slot % block_size);
-              const T* vp = v_cache + (slot * kv_heads + kvh) * dim + d;
-              const float vs = v_scales ? v_scales[slot * kv_heads + kvh] : 1.f;
-              const __m256 v0 = load8(vp), v1 = load8(vp + 8);
-#pragma GCC unroll 8
-              for (int g = 0; g < G; ++g) {
-                const __m256 w = _mm256_set1_ps(sk[g * len + pos] * vs);
-                a0[g] = _mm256_fmadd_ps(w, v0, a0[g]);
-                a1[g] = _mm256_fmadd_ps(w, v1, a1[g]);
               }
-            });
-#pragma GCC unroll 8
-            for (int g = 0; g < G; ++g) {
-              _mm256_storeu_ps(ok + g * dim + d, a0[g]);
-              _mm256_storeu_ps(ok + g * dim + d + 8, a1[g]);
-            }
-          }
-        }
-      } else {
-        for (int64_t g = 0; g < nq; ++g) std::memset(ob + g * dim, 0, dim * sizeof(float));
-        auto pf = [&](int64_t t0) { v_ahead = ahead_row(v_cache, t0); };
-        for_each_position(table, block_size, first, end_pos, pf, [&](int64_t slot, int64_t pos) {
-          prefetch_row(v_ahead, slot % block_size);
-          for (int64_t kvh = h0; kvh < h1; ++kvh) {
-            const T* vp = v_cache + (slot * kv_heads + kvh) * dim;
-            const float vs = v_scales ? v_scales[slot * kv_heads + kvh] : 1.f;
-            const int64_t g0 = (kvh - h0) * group;
-            for (int64_t d = 0; d < dim; d += 8) {
-              const __m256 v = load8(vp + d);
-              for (int64_t g = g0; g < g0 + group; ++g) {
-                const __m256 w = _mm256_set1_ps(sc[g * len + pos] * vs);
-                float* og = ob + g * dim + d;
-                _mm256_storeu_ps(og, _mm256_fmadd_ps(w, v, _mm256_loadu_ps(og)));
+  #pragma GCC unroll 8
+              for (int g = 0; g < G; ++g) sk[g * len] = tuili::hsum(_mm256_add_ps(a0[g], a1[g])) * ks;
+            } else {
+              for (int64_t g = 0; g < group; ++g) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t d = 0; d < dim; d += 8)
+                  acc = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * dim + d), load8(kp + d), acc);
+                sk[g * len] = tuili::hsum(acc) * ks;
               }
             }
           }
         });
+        // Softmax per query head, in place; in the bf16 loops left unnormalised: the output pass
+        // scales each head's sums by 1 / sum once (norm), instead of every score.
+        norm.assign(nq, 1.f);
+  #if defined(TUILI_AMX_SCORES)
+        if constexpr (kFastType) {
+          if (amx) {
+            softmax_interleaved<G>(scores.data(), len, h1 - h0, scale, chunks > 1 ? part_m.get() + part : nullptr,
+                                   chunks > 1 ? part_l.get() + part : nullptr, norm.data());
+          }
+        }
+  #endif
+        for (int64_t g = 0; g < (amx ? 0 : nq); ++g) {
+          float* sg = scores.data() + g * len;
+          float m;
+          const float sum = tuili::exp_minus_max(sg, len, &m);
+          if (chunks > 1) {  // left unnormalised; the merge rescales
+            part_m[part + g] = m;
+            part_l[part + g] = sum;
+            continue;
+          }
+          if (fast) {
+            norm[g] = 1.f / sum;
+          } else {  // the float32 and int8 loops keep normalised scores (their results as before)
+            const float inv = 1.f / sum;
+            for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+          }
+        }
+        // Output: the weighted sum of V rows. With G known, a slice of 16 dims of the G heads'
+        // outputs stays in registers over all positions (one pass per slice; the rows stay in
+        // L2 between passes); otherwise each row is read once and the outputs updated in memory.
+        const float* sc = scores.data();
+        const char* v_ahead = nullptr;  // in the first output pass, the V block kAhead blocks on
+  #ifdef __AVX512BF16__
+        if constexpr (kFastType) {
+          if (fast) {  // 64 dims of the G heads' outputs in registers, one pass per slice
+            const int64_t gs = amx ? 1 : len, ps = amx ? G : 1;  // a weight's index: g * gs + pos * ps
+            for (int64_t kvh = h0; kvh < h1; ++kvh) {
+              const float* sk = sc + (kvh - h0) * G * len;
+              float* ok = ob + (kvh - h0) * G * dim;
+              for (int64_t d = 0; d < dim; d += 64) {
+                __m512 acc[G][4];
+  #pragma GCC unroll 8
+                for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = _mm512_setzero_ps();
+                auto pf = [&](int64_t t0) { v_ahead = kvh == h0 && d == 0 ? ahead_row(v_cache, t0) : nullptr; };
+                for_each_position(table, block_size, first, end_pos, pf, [&](int64_t slot, int64_t pos) {
+                  prefetch_row(v_ahead, slot % block_size);
+                  const T* vp = v_cache + (slot * kv_heads + kvh) * dim + d;
+                  const __m512 v0 = tuili::load16(vp), v1 = tuili::load16(vp + 16), v2 = tuili::load16(vp + 32),
+                               v3 = tuili::load16(vp + 48);
+  #pragma GCC unroll 8
+                  for (int g = 0; g < G; ++g) {
+                    const __m512 w = _mm512_set1_ps(sk[g * gs + pos * ps]);
+                    acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);
+                    acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);
+                    acc[g][2] = _mm512_fmadd_ps(w, v2, acc[g][2]);
+                    acc[g][3] = _mm512_fmadd_ps(w, v3, acc[g][3]);
+                  }
+                });
+  #pragma GCC unroll 8
+                for (int g = 0; g < G; ++g)
+                  for (int j = 0; j < 4; ++j)
+                    _mm512_storeu_ps(ok + g * dim + d + 16 * j,
+                                     _mm512_mul_ps(acc[g][j], _mm512_set1_ps(norm[(kvh - h0) * G + g])));
+              }
+            }
+            continue;
+          }
+        }
+  #endif
+        if constexpr (G > 0) {
+          for (int64_t kvh = h0; kvh < h1; ++kvh) {
+            const float* sk = sc + (kvh - h0) * G * len;
+            float* ok = ob + (kvh - h0) * G * dim;
+            for (int64_t d = 0; d < dim; d += 16) {
+              __m256 a0[G], a1[G];
+  #pragma GCC unroll 8
+              for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+              auto pf = [&](int64_t t0) { v_ahead = kvh == h0 && d == 0 ? ahead_row(v_cache, t0) : nullptr; };
+              for_each_position(table, block_size, first, end_pos, pf, [&](int64_t slot, int64_t pos) {
+                prefetch_row(v_ahead, slot % block_size);
+                const T* vp = v_cache + (slot * kv_heads + kvh) * dim + d;
+                const float vs = v_scales ? v_scales[slot * kv_heads + kvh] : 1.f;
+                const __m256 v0 = load8(vp), v1 = load8(vp + 8);
+  #pragma GCC unroll 8
+                for (int g = 0; g < G; ++g) {
+                  const __m256 w = _mm256_set1_ps(sk[g * len + pos] * vs);
+                  a0[g] = _mm256_fmadd_ps(w, v0, a0[g]);
+                  a1[g] = _mm256_fmadd_ps(w, v1, a1[g]);
+                }
+              });
+  #pragma GCC unroll 8
+              for (int g = 0; g < G; ++g) {
+                _mm256_storeu_ps(ok + g * dim + d, a0[g]);
+                _mm256_storeu_ps(ok + g * dim + d + 8, a1[g]);
+              }
+            }
+          }
+        } else {
+          for (int64_t g = 0; g < nq; ++g) std::memset(ob + g * dim, 0, dim * sizeof(float));
+          auto pf = [&](int64_t t0) { v_ahead = ahead_row(v_cache, t0); };
+          for_each_position(table, block_size, first, end_pos, pf, [&](int64_t slot, int64_t pos) {
+            prefetch_row(v_ahead, slot % block_size);
+            for (int64_t kvh = h0; kvh < h1; ++kvh) {
+              const T* vp = v_cache + (slot * kv_heads + kvh) * dim;
+              const float vs = v_scales ? v_scales[slot * kv_heads + kvh] : 1.f;
+              const int64_t g0 = (kvh - h0) * group;
+              for (int64_t d = 0; d < dim; d += 8) {
+                const __m256 v = load8(vp + d);
+                for (int64_t g = g0; g < g0 + group; ++g) {
+                  const __m256 w = _mm256_set1_ps(sc[g * len + pos] * vs);
+                  float* og = ob + g * dim + d;
+                  _mm256_storeu_ps(og, _mm256_fmadd_ps(w, v, _mm256_loadu_ps(og)));
+                }
+              }
+            }
+          });
+        }
       }
+      // A task that held all of a context's chunks merges them while they are in its caches.
+      if (chunks > 1 && c_begin == 0 && c_end == chunks)
+        for (int64_t h = h0 * group; h < std::min(kv_heads, h0 + per_split) * group; ++h) merge(b, h);
     }
 #ifdef TUILI_AMX_SCORES
     if (amx) _tile_release();
 #endif
   });
-  // The merge, per (sequence, query head), split among the threads.
+  // Sequences whose chunks were spread over several tasks are merged here, split among the threads.
   if (parts == 0) return;
   at::parallel_for(0, batch * heads, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t bh = r0; bh < r1; ++bh) {
-      const int64_t b = bh / heads, h = bh % heads, chunks = chunks_of[b];
-      if (chunks == 1) continue;
-      float m = -INFINITY;
-      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, part_m[part0[b] + c * heads + h]);
-      float total = 0.f;
-      float* o = out + (b * heads + h) * dim;
-      std::memset(o, 0, dim * sizeof(float));
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t r = part0[b] + c * heads + h;
-        if (part_l[r] == 0.f) continue;
-        const float f = std::exp(part_m[r] - m);
-        total += f * part_l[r];
-        for (int64_t d = 0; d < dim; ++d) o[d] += f * part_o[r * dim + d];
-      }
-      const float inv = 1.f / total;
-      for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
-    }
+    for (int64_t bh = r0; bh < r1; ++bh)
+      if (chunks_of[bh / heads] > per_piece_of[bh / heads]) merge(bh / heads, bh % heads);
   });
 }
 #endif
