@@ -228,11 +228,13 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
       const int64_t pieces = (chunks + per_piece - 1) / per_piece;
       const int64_t h0 = (task - task0[i]) / pieces * per_split;
       const int64_t c_begin = (task - task0[i]) % pieces * per_piece, c_end = std::min(chunks, c_begin + per_piece);
+      const int64_t h1 = std::min(kv_heads, h0 + per_split);
+      const int64_t nq = (h1 - h0) * group;  // query heads of this task, from h0 * group
+      const int64_t seq_end = lens[b];
+      const int64_t seq_first = seq_first_of(b);
+      const int64_t* table = tables + b * table_width;
+      const float* qb = q + (b * heads + h0 * group) * dim;
       for (int64_t c = c_begin; c < c_end; ++c) {
-        const int64_t h1 = std::min(kv_heads, h0 + per_split);
-        const int64_t nq = (h1 - h0) * group;  // query heads of this task, from h0 * group
-        const int64_t seq_end = lens[b];
-        const int64_t seq_first = seq_first_of(b);
         // This chunk's positions: [first, end_pos), whole blocks of the sequence's range.
         const int64_t chunk0 = (seq_first - seq_first % block_size) + c * chunk_blocks * block_size;
         const int64_t first = std::max(seq_first, chunk0);
@@ -241,8 +243,6 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
         const int64_t ahead_end =
             c_end < chunks ? std::min(seq_end, chunk0 + (c_end - c) * chunk_blocks * block_size) : seq_end;
         const int64_t len = std::max<int64_t>(0, end_pos - first);
-        const int64_t* table = tables + b * table_width;
-        const float* qb = q + (b * heads + h0 * group) * dim;
         const int64_t part = part0[b] + c * heads + h0 * group;  // first partial row of this task
         float* ob = chunks > 1 ? part_o.get() + part * dim : out + (b * heads + h0 * group) * dim;
         if (len == 0) {  // an empty context
@@ -509,7 +509,7 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
       }
       // A task that held all of a context's chunks merges them while they are in its caches.
       if (chunks > 1 && c_begin == 0 && c_end == chunks)
-        for (int64_t h = h0 * group; h < std::min(kv_heads, h0 + per_split) * group; ++h) merge(b, h);
+        for (int64_t h = h0 * group; h < h1 * group; ++h) merge(b, h);
     }
 #ifdef TUILI_AMX_SCORES
     if (amx) _tile_release();
