@@ -23,8 +23,10 @@ def case(heads, kv_heads, dim, q_len, ctx_len, window, block_size, seed=0, cache
     return q, k, v, PrefillSpan(q_start=0, q_len=q_len, ctx_len=ctx_len, block_table=table)
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 1, 256), (8, 2, 128), (4, 4, 32), (6, 2, 96)])
-@pytest.mark.parametrize("q_len,ctx_len,window,block_size", [
+# Head shapes and (q_len, ctx_len, window, block_size) of the chunks both prefill kernels are
+# checked on (also test_prefill_attention_f32.py's).
+HEAD_SHAPES = [(9, 3, 64), (4, 1, 256), (8, 2, 128), (4, 4, 32), (6, 2, 96)]
+CHUNKS = [
     (200, 200, 0, 16),   # a whole prompt
     (37, 300, 0, 16),    # a later chunk: 263 positions already cached
     (1, 45, 0, 16),      # one query
@@ -33,7 +35,11 @@ def case(heads, kv_heads, dim, q_len, ctx_len, window, block_size, seed=0, cache
     (120, 120, 50, 16),  # sliding window within the chunk
     (90, 500, 100, 16),  # sliding window, a later chunk
     (16, 2000, 64, 16),  # a window far behind: positions before it are not staged
-])
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", HEAD_SHAPES)
+@pytest.mark.parametrize("q_len,ctx_len,window,block_size", CHUNKS)
 def test_matches_the_pytorch_path(heads, kv_heads, dim, q_len, ctx_len, window, block_size, monkeypatch):
     """Same result as torch's flash attention up to bf16 rounding of the output, and no further
     from the float64 attention than torch's result is (both round the probabilities to bf16)."""

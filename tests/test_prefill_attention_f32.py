@@ -4,7 +4,7 @@ paged caches."""
 import pytest
 import torch
 
-from test_prefill_attention import case as random_case
+from test_prefill_attention import CHUNKS, HEAD_SHAPES, case as random_case
 from tuili.device import cpu_bf16_is_slow
 from tuili.model import layers
 from tuili.model.kernels import cpu_kernels
@@ -20,17 +20,8 @@ def case(heads, kv_heads, dim, q_len, ctx_len, block_size, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 1, 256), (8, 2, 128), (4, 4, 32), (6, 2, 96)])
-@pytest.mark.parametrize("q_len,ctx_len,window,block_size", [
-    (200, 200, 0, 16),   # a whole prompt
-    (37, 300, 0, 16),    # a later chunk: 263 positions already cached
-    (1, 45, 0, 16),      # one query
-    (250, 250, 0, 8),    # blocks shorter than a 16-position panel
-    (64, 700, 0, 32),    # blocks longer than a panel
-    (120, 120, 50, 16),  # sliding window within the chunk
-    (90, 500, 100, 16),  # sliding window, a later chunk
-    (16, 2000, 64, 16),  # a window far behind: positions before it are not staged
-])
+@pytest.mark.parametrize("heads,kv_heads,dim", HEAD_SHAPES)
+@pytest.mark.parametrize("q_len,ctx_len,window,block_size", CHUNKS)
 def test_matches_the_pytorch_path(heads, kv_heads, dim, q_len, ctx_len, window, block_size, dtype, monkeypatch):
     """The layer takes the kernel for float32 queries; its result agrees with torch's to float32
     rounding and is no further from the float64 attention than torch's is."""
