@@ -15,7 +15,7 @@ import torch
 
 from tuili import LLM, SamplingParams
 from tuili.engine.sampler import SampleRequest, Sampler
-from tuili.engine.speculative import MAX_BACKOFF, NgramProposer, num_accepted
+from tuili.engine.speculative import NgramProposer, StepCost, num_accepted
 
 NEW = 24
 
@@ -153,27 +153,85 @@ def test_rejection_step_is_exact():
         assert chi2 < 20.5  # 4 degrees of freedom: p < 0.0004 of a false alarm
 
 
-def test_proposer_lookup_adaptation_and_guides():
+def test_proposer_lookup_and_guides():
     prop = NgramProposer(4)
     seq = SimpleNamespace(seq_id=1, token_ids=[7, 8, 9, 10, 11, 3, 7, 8, 9], guide=None)
     assert prop.propose(seq, 10) == [10, 11, 3, 7]  # the longest suffix match, its followers
+    assert prop.states[1].match == 3
     assert prop.propose(seq, 2) == [10, 11]
     seq.token_ids += [10, 5]
     assert prop.propose(seq, 10) == []  # nothing ever followed "10 5"
     loop = SimpleNamespace(seq_id=3, token_ids=[1, 2, 1], guide=None)
     assert prop.propose(loop, 4) == [2, 1]
-    for misses in range(1, 8):  # drafts that keep failing: back off 1, 2, 4, ... steps
-        prop.observe(loop, 3, 0)
-        skipped = 0
-        while prop.propose(loop, 4) == []:
-            skipped += 1
-            assert skipped <= MAX_BACKOFF + 1
-        assert skipped == min(2 ** (misses - 1), MAX_BACKOFF)
-    prop.observe(loop, 1, 1)
-    assert prop.states[3].misses == 0
     guided = SimpleNamespace(seq_id=2, token_ids=[1, 2, 1, 2, 1], guide=object())
     assert prop.propose(guided, 4) == []  # grammar-carrying sequences are never drafted for
-    assert prop.stats()["spec_draft_tokens"] == 22 and prop.stats()["spec_accepted_tokens"] == 1
+    assert prop.plan([(guided, 4)], 1, 100) == {}
+
+
+def test_step_cost_fits_a_line_and_forgets_old_steps():
+    cost = StepCost(decay=0.9)
+    assert cost.line() == (1.0, 0.1)  # nothing seen: the prior slope
+    for _ in range(5):
+        cost.observe(1, 0.020)
+    a, b = cost.line()  # one row count only: prior slope, the line through the mean
+    assert b == pytest.approx(0.1 * a) and a + b == pytest.approx(0.020)
+    for _ in range(50):  # an old machine: 10 ms + 1 ms a row
+        for rows in (1, 2, 4, 6):
+            cost.observe(rows, 0.010 + 0.001 * rows)
+    a, b = cost.line()
+    assert a == pytest.approx(0.010, rel=1e-3) and b == pytest.approx(0.001, rel=1e-2)
+    for _ in range(50):  # the same steps, now twice as fast per row
+        for rows in (1, 2, 4, 6):
+            cost.observe(rows, 0.010 + 0.0005 * rows)
+    a, b = cost.line()
+    assert a == pytest.approx(0.010, rel=1e-2) and b == pytest.approx(0.0005, rel=3e-2)
+
+
+def _copying(seq_id):  # a sequence whose last tokens match earlier ones, 6 followers
+    return SimpleNamespace(seq_id=seq_id, token_ids=list(range(100, 110)) * 2 + [100], guide=None)
+
+
+def test_drafts_follow_row_cost_and_acceptance():
+    def trained(slope, accepted):
+        prop = NgramProposer(6)
+        for _ in range(40):
+            prop.observe_step(1, 1.0)
+            prop.observe_step(5, 1.0 + 4 * slope)
+        seqs = [_copying(i) for i in range(4)]
+        for s in seqs:
+            prop.propose(s, 6)
+            for _ in range(8):
+                prop.observe(s, 6, accepted)
+        return prop, seqs
+
+    # cheap rows (a step bound by reading the weights) and drafts that land: all of them
+    prop, seqs = trained(0.02, 6)
+    assert prop.plan([(seqs[0], 6)], 1, 100) == {0: list(range(101, 107))}
+    assert prop.plan([(seqs[0], 3)], 1, 100) == {0: [101, 102, 103]}  # within the sequence's limit
+    assert sum(map(len, prop.plan([(s, 6) for s in seqs], 4, 5).values())) == 5  # within the budget
+    # rows that cost as much as the step: even landing drafts do not pay in a batch of 16
+    prop, seqs = trained(1.0, 6)
+    assert prop.plan([(s, 6) for s in seqs], 16, 100) == {}
+    # drafts that break after the third: three
+    prop, seqs = trained(0.3, 3)
+    assert prop.plan([(seqs[0], 6)], 1, 100) == {0: [101, 102, 103]}
+    # drafts that keep failing: none at batch 1 even with cheap rows
+    prop, seqs = trained(0.02, 0)
+    assert prop.plan([(seqs[0], 6)], 1, 100) == {}
+    # with dearer rows, the sequence drifts back to the shared rate while it does not draft,
+    # then tries again once other sequences' drafts land
+    prop, seqs = trained(0.3, 0)
+    other = SimpleNamespace(seq_id=9, token_ids=[5, 6, 7, 5, 6, 7, 5, 6, 7, 5], guide=None)
+    for _ in range(60):  # the other sequences land theirs (the shared rates recover)
+        prop.propose(other, 6)
+        prop.observe(other, 6, 6)
+    tries = 0
+    while not prop.plan([(seqs[0], 6)], 1, 100):
+        tries += 1
+        assert tries < 40
+    assert tries > 0
+    prop.max_batch = 0
+    assert prop.plan([(other, 6)], 1, 100) == {}  # --speculative-max-batch
 
 
 def test_prometheus_counters_follow_engine_totals():

@@ -38,7 +38,7 @@ ENGINE_HELP: dict[str, str] = {
     "kv_disk_size": "size bound of the disk KV tier",
     "speculative": "speculative decoding: none (default) or ngram (drafts from n-gram matches in prompt and output)",
     "speculative_tokens": "most draft tokens per sequence and step (with --speculative ngram)",
-    "speculative_max_batch": "draft only while at most this many sequences run (with --speculative ngram)",
+    "speculative_max_batch": "draft only while at most this many sequences run (default: no limit; drafts follow their measured gain)",
 }
 ENGINE_CHOICES: dict[str, list[str]] = {"kv_cache_dtype": ["auto", "int8"], "speculative": ["none", "ngram"]}
 

@@ -211,9 +211,9 @@ class EngineConfig:
     # in the prompt and output so far; off ("none") by default.
     speculative: str = "none"
     speculative_tokens: int = 5  # most draft tokens per sequence and step
-    # Draft only while at most this many sequences run: a fuller batch already fills a step's
-    # compute, and verification rows cost more than the drafts they accept there.
-    speculative_max_batch: int = 8
+    # Draft only while at most this many sequences run (None: no limit). Without one, how
+    # many drafts a step verifies follows what its rows cost and how often drafts land.
+    speculative_max_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -237,7 +237,8 @@ class EngineConfig:
             raise ValueError(f"speculative: unknown value {self.speculative!r}; use none or ngram")
         if not isinstance(self.speculative_tokens, int) or self.speculative_tokens < 1:
             raise ValueError(f"speculative_tokens: must be an integer >= 1, got {self.speculative_tokens!r}")
-        if not isinstance(self.speculative_max_batch, int) or self.speculative_max_batch < 1:
+        if self.speculative_max_batch is not None and (
+                not isinstance(self.speculative_max_batch, int) or self.speculative_max_batch < 1):
             raise ValueError(f"speculative_max_batch: must be an integer >= 1, got {self.speculative_max_batch!r}")
 
     def scheduler_config(self) -> SchedulerConfig:

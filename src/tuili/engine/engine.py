@@ -186,7 +186,10 @@ class Engine:
             return []
         if self.tiers is not None:
             self.tiers.flush()  # blocks evicted while scheduling, before the step overwrites them
+        start = time.perf_counter()
         sampled = self.runner.run(sched.scheduled)
+        if self.proposer is not None and all(s.num_new_tokens == 1 or s.draft_token_ids for s in sched.scheduled):
+            self.proposer.observe_step(self.last_step_tokens, time.perf_counter() - start)
         self.scheduler.update_after_step(sched)
         now = time.monotonic()
         touched: dict[str, Request] = {}

@@ -13,8 +13,9 @@ waiting queue to be recomputed (prompt and generated tokens alike) when room ret
 No new sequence is admitted in a step that preempted.
 
 With a draft proposer (speculative.py), a decoding sequence may take 1 + k tokens: its
-last token and k draft tokens, limited by the budget, by what `max_tokens` and the longest
-sequence still allow, and by the free blocks (drafts never preempt anyone: without room
+last token and k draft tokens: the proposer picks k for all decoding sequences at once,
+by expected gain in a step of this size, within the budget, what `max_tokens` and the
+longest sequence still allow; then the free blocks limit them (drafts never preempt anyone: without room
 they are dropped). After the step it advances by 1 + the drafts accepted, and the blocks
 that only rejected drafts needed go back to the pool.
 """
@@ -101,11 +102,12 @@ class Scheduler:
         return min(n, cap) if cap else n
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        planned = self._plan_drafts(budget)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = self._chunk(seq, seq.num_computed_tokens, budget)
-            drafts = self._drafts(seq, n, budget)
+            drafts = planned.get(seq.seq_id, [])[:budget - 1] if n == 1 else []
             if drafts and self.blocks.blocks_needed(seq, seq.num_tokens + len(drafts)) > self.blocks.num_free_blocks:
                 drafts = []  # no room for drafts: decode one token, preempt no one for them
             n += len(drafts)
@@ -124,19 +126,34 @@ class Scheduler:
             break  # `seq` itself was preempted: everything after it already was
         return budget
 
-    def _drafts(self, seq: Sequence, n: int, budget: int) -> list[int]:
-        """Draft tokens for a decoding sequence (one token to compute), within the budget and the
-        tokens the sequence may still produce (a step emits up to drafts + 1)."""
-        if self.proposer is None or n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
-            return []
-        if self.proposer.max_batch is not None and len(self.running) > self.proposer.max_batch:
-            return []  # a full batch: the step is compute-bound, drafts would slow it (speculative.py)
-        limit = budget - 1
-        if seq.params.max_tokens is not None:
-            limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
-        if self.max_seq_len is not None:
-            limit = min(limit, self.max_seq_len - seq.num_tokens - 1)
-        return self.proposer.propose(seq, limit) if limit > 0 else []
+    def _plan_drafts(self, budget: int) -> dict[int, list[int]]:
+        """Drafts for the decoding sequences this step (seq_id -> tokens), as many as pay by the
+        proposer's measure: each within the tokens it may still produce (a step emits up to
+        drafts + 1), all within the budget left after the step's own rows."""
+        if self.proposer is None:
+            return {}
+        candidates, rows = [], 0
+        for seq in self.running:
+            left = seq.num_tokens - seq.num_computed_tokens
+            if left != 1:
+                rows += self._chunk(seq, seq.num_computed_tokens, budget)
+                continue
+            rows += 1
+            limit = budget - 1
+            if seq.params.max_tokens is not None:
+                limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
+            if self.max_seq_len is not None:
+                limit = min(limit, self.max_seq_len - seq.num_tokens - 1)
+            if limit > 0:
+                candidates.append((seq, limit))
+        if not candidates:
+            return {}
+        if len(self.running) < self.config.max_num_seqs:  # prompts about to start share the step
+            for s in self.waiting:
+                if rows >= budget:
+                    break
+                rows = min(rows + s.num_tokens - s.num_computed_tokens, budget)
+        return self.proposer.plan(candidates, rows, budget - rows)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

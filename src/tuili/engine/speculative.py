@@ -33,16 +33,23 @@ advances `num_computed_tokens` by 1 + accepted only, frees the blocks that only 
 drafts needed, and block hashes are built from `token_ids`, which never hold an
 unverified token (kv_cache.BlockManager.commit caps at the tokens the sequence has).
 
-Adaptation, per sequence. `k` starts at the maximum; a step that accepts every draft
-raises it by one, a step that rejects one cuts it to accepted + 1. A step that accepts
-nothing starts a back-off: the sequence does not draft for 1, 2, 4, ... up to 32 steps,
-so a request whose drafts keep failing stops paying for them (a failed verification
-costs extra rows in the step). Any accepted draft ends the back-off.
-
-Adaptation, per batch. With more than `max_batch` sequences running no one drafts: a step
-of many decode rows is no longer bound by reading the weights, so each verification row
-costs nearly what a sequence's own row does, and at the acceptance rates seen (about 60%)
-that loses (grounded workload at c=16: 0.86x with drafts for everyone; docs/BENCHMARKS.md).
+How many drafts, by expected gain. A draft row costs time and pays only if it is accepted,
+so the length is chosen per step from two things the engine measures as it runs:
+- a step's cost, fitted online as `a + b * rows` over its own decode steps (least squares,
+  recent steps weighted most: `StepCost`). On a CPU at batch 1, `a` is reading the weights
+  and `b` a row's multiply-adds: two rows cost a few percent more than one, six rows about
+  1.5x; in a batch of 16 the step is mostly `b`.
+- the chance that each draft is emitted: the first draft's acceptance rate for this
+  sequence (its own recent verifications, pulled towards the rate of all sequences for the
+  same n-gram length), times the rate at which a draft is accepted after the one before it
+  was (all sequences, per position).
+A step's drafts are then taken greedily, most likely first, while a draft's chance p of
+being emitted beats what its row costs at the step's current rate: p / b > E / T, with E
+the tokens the step is expected to emit (a row per sequence, prefill tokens counted as
+rows of work) and T its cost. At batch 1 a sequence copying its prompt drafts up to
+`speculative_tokens`, one that paraphrases drafts one or none; in a full batch only the
+sequences whose drafts keep landing draft at all. A sequence left without drafts drifts
+back towards the shared rates, so it tries again later.
 
 Grammars. A sequence carrying a guide (structured output) is never drafted for: its masks
 depend on the grammar state after each draft, and a wrong draft would have to be rolled
@@ -55,22 +62,75 @@ from dataclasses import dataclass, field
 from .sequence import Sequence
 
 SPECULATIVE_METHODS = ("none", "ngram")
-MAX_BACKOFF = 32
+SEQ_DECAY = 0.7  # a sequence's first-draft counts, per verification: its last few count
+IDLE_DECAY = 0.9  # and per step it could draft but does not: back towards the shared rates
+SHARED_DECAY = 0.99  # the shared rates, per verification
+PRIOR_WEIGHT = 1.0  # pseudo-verifications of the shared rate in a sequence's estimate
+
+
+class Rate:
+    """A decayed success rate with a prior: (hits + w * prior) / (tries + w)."""
+
+    __slots__ = ("hits", "tries", "prior", "weight")
+
+    def __init__(self, prior: float, weight: float = 2.0):
+        self.hits = self.tries = 0.0
+        self.prior, self.weight = prior, weight
+
+    def add(self, hit: bool, decay: float) -> None:
+        self.hits = self.hits * decay + hit
+        self.tries = self.tries * decay + 1
+
+    @property
+    def value(self) -> float:
+        return (self.hits + self.weight * self.prior) / (self.tries + self.weight)
+
+
+class StepCost:
+    """A decode step's seconds as `a + b * rows`, fitted to the engine's own steps by least
+    squares with each older step weighted `decay` times less. Until the steps seen spread
+    over several row counts, the slope is `prior_slope` times the intercept."""
+
+    def __init__(self, decay: float = 0.97, prior_slope: float = 0.1):
+        self.decay, self.prior_slope = decay, prior_slope
+        self.w = self.wr = self.wrr = self.wt = self.wrt = 0.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self.w = self.w * d + 1
+        self.wr = self.wr * d + rows
+        self.wrr = self.wrr * d + rows * rows
+        self.wt = self.wt * d + seconds
+        self.wrt = self.wrt * d + rows * seconds
+
+    def line(self) -> tuple[float, float]:
+        """(a, b): a step's fixed cost and its cost per row (any unit; only b / a matters)."""
+        if self.w <= 0:
+            return 1.0, self.prior_slope
+        r, t = self.wr / self.w, self.wt / self.w
+        var = self.wrr / self.w - r * r
+        if t <= 0:
+            return 1.0, self.prior_slope
+        if var < 0.25:  # nearly one row count: no slope to read
+            a = t / (1 + self.prior_slope * r)
+            return a, self.prior_slope * a
+        b = (self.wrt / self.w - r * t) / var
+        b = min(max(b, 0.01 * t / max(r, 1.0)), t / max(r, 1.0))  # 0 < a, and b not below noise
+        return t - b * r, b
 
 
 @dataclass
 class DraftState:
-    """One sequence's n-gram index and adaptive draft length."""
+    """One sequence's n-gram index and the acceptance of its first drafts."""
 
-    k: int
+    first: Rate
     index: list[dict[tuple[int, ...], int]] = field(default_factory=list)  # per n: n-gram -> where its follower is
     indexed: int = 0  # positions whose n-grams ending there are in `index`
-    misses: int = 0  # verifications in a row that accepted nothing
-    skip: int = 0  # steps left without drafts
+    match: int = 0  # n of the match behind the last look-up
 
 
 class NgramProposer:
-    """Drafts from n-gram matches in a sequence's own tokens, with a per-sequence adaptive length."""
+    """Drafts from n-gram matches in a sequence's own tokens; how many, by expected gain."""
 
     def __init__(self, num_tokens: int, min_n: int = 1, max_n: int = 3, max_batch: int | None = None):
         if num_tokens < 1:
@@ -80,21 +140,25 @@ class NgramProposer:
         self.min_n = min_n
         self.max_n = max_n
         self.states: dict[int, DraftState] = {}
+        self.cost = StepCost()
+        self.first = [Rate(0.5) for _ in range(max_n + 1)]  # per n-gram length: first drafts accepted
+        self.next = [Rate(0.8) for _ in range(num_tokens)]  # per position >= 1: accepted after the one before
         self.drafted_tokens = 0
         self.accepted_tokens = 0
         self.verify_steps = 0
 
-    def propose(self, seq: Sequence, limit: int) -> list[int]:
-        """Up to min(k, limit) draft tokens to follow `seq`'s last token (may be empty)."""
-        if limit <= 0 or getattr(seq, "guide", None) is not None:
-            return []
+    def _state(self, seq: Sequence) -> DraftState:
         st = self.states.get(seq.seq_id)
         if st is None:
-            st = self.states[seq.seq_id] = DraftState(self.max_k, [{} for _ in range(self.max_n + 1)])
-        if st.skip > 0:
-            st.skip -= 1
+            st = self.states[seq.seq_id] = DraftState(Rate(0.0, 0.0), [{} for _ in range(self.max_n + 1)])
+        return st
+
+    def propose(self, seq: Sequence, limit: int) -> list[int]:
+        """Up to min(speculative_tokens, limit) tokens that followed the longest match of the
+        sequence's last tokens (may be empty); `plan` decides how many of them to verify."""
+        if limit <= 0 or getattr(seq, "guide", None) is not None:
             return []
-        return self._lookup(seq.token_ids, st, min(st.k, limit))
+        return self._lookup(seq.token_ids, self._state(seq), min(self.max_k, limit))
 
     def _lookup(self, tokens: list[int], st: DraftState, k: int) -> list[int]:
         end = len(tokens) - 1  # index n-grams ending before the last token, then look the suffix up
@@ -108,26 +172,70 @@ class NgramProposer:
                 continue
             start = st.index[n].get(tuple(tokens[len(tokens) - n:]))
             if start is not None:
+                st.match = n
                 return tokens[start: start + k]
+        st.match = 0
         return []
 
+    def emit_chances(self, seq: Sequence, num: int) -> list[float]:
+        """The chance that each of `num` drafts from the sequence's last look-up is emitted."""
+        st = self._state(seq)
+        shared = self.first[st.match].value
+        p = (st.first.hits + PRIOR_WEIGHT * shared) / (st.first.tries + PRIOR_WEIGHT)
+        out = []
+        for j in range(num):
+            if j:
+                p *= self.next[j].value
+            out.append(p)
+        return out
+
+    def plan(self, candidates: list[tuple[Sequence, int]], base_rows: int, max_drafts: int) -> dict[int, list[int]]:
+        """Drafts for this step: seq_id -> tokens, for the decoding sequences in `candidates`
+        (each with the most drafts it may take), in a step of `base_rows` rows without drafts,
+        at most `max_drafts` in all. Greedy by chance of emission (module docstring)."""
+        if self.max_batch is not None and len(candidates) > self.max_batch:
+            return {}
+        drafts: dict[int, list[int]] = {}
+        offers = []  # (chance, seq_id, position)
+        for seq, limit in candidates:
+            toks = self.propose(seq, limit)
+            if not toks:
+                continue
+            drafts[seq.seq_id] = toks
+            offers += [(p, seq.seq_id, j) for j, p in enumerate(self.emit_chances(seq, len(toks)))]
+        offers.sort(key=lambda o: -o[0])
+        a, b = self.cost.line()
+        expected, cost = float(base_rows), a + b * base_rows
+        taken: dict[int, int] = {}
+        for p, sid, j in offers[:max(max_drafts, 0)]:
+            if p * cost <= b * expected:
+                break
+            expected += p
+            cost += b
+            taken[sid] = j + 1
+        for seq, _ in candidates:
+            if seq.seq_id in drafts and seq.seq_id not in taken:
+                st = self.states[seq.seq_id]
+                st.first.hits *= IDLE_DECAY
+                st.first.tries *= IDLE_DECAY
+        return {sid: drafts[sid][:n] for sid, n in taken.items()}
+
     def observe(self, seq: Sequence, drafted: int, accepted: int) -> None:
-        """Record a verification: adapt the sequence's draft length and back-off."""
+        """Record a verification: the rates behind the chances of emission."""
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
         self.verify_steps += 1
         st = self.states.get(seq.seq_id)
-        if st is None:
-            return
-        if accepted == drafted:
-            st.k = min(self.max_k, max(st.k, drafted) + 1)
-        else:
-            st.k = max(1, accepted + 1)
-        if accepted == 0:
-            st.misses += 1
-            st.skip = min(2 ** (st.misses - 1), MAX_BACKOFF)
-        else:
-            st.misses = 0
+        match = st.match if st is not None else self.max_n
+        self.first[match].add(accepted > 0, SHARED_DECAY)
+        if st is not None:
+            st.first.add(accepted > 0, SEQ_DECAY)
+        for j in range(1, min(drafted, accepted + 1)):
+            self.next[j].add(j < accepted, SHARED_DECAY)
+
+    def observe_step(self, rows: int, seconds: float) -> None:
+        """Record a step of decode rows only (drafts included) and how long it took."""
+        self.cost.observe(rows, seconds)
 
     def forget(self, seq: Sequence) -> None:
         self.states.pop(seq.seq_id, None)
