@@ -261,3 +261,20 @@ def test_no_drafts_while_the_batch_is_fuller_than_max_batch(tiny_model):
     assert many.engine.proposer.drafted_tokens > 0
     with pytest.raises(ValueError, match="speculative_max_batch"):
         LLM(str(folder), dtype="float32", speculative="ngram", speculative_max_batch=0)
+
+
+def test_chances_are_scaled_by_how_often_taken_drafts_land():
+    prop = NgramProposer(4)
+    for _ in range(20):
+        prop.observe_step(1, 1.0)
+        prop.observe_step(5, 1.1)
+    seq = _copying(1)
+    before = prop.plan([(seq, 4)], 1, 100)
+    assert before and prop.calibration == 1.0
+    p0 = prop.emit_chances(seq, 1)[0]
+    for _ in range(10):  # drafts taken with good chances that land only one time in four
+        drafts = prop.plan([(seq, 4)], 1, 100)
+        prop.observe(seq, len(drafts[1]), 1 if _ % 4 == 0 else 0)
+        prop.observe(_copying(2), 4, 4)  # another sequence keeps the shared rates high
+    assert prop.calibration < 0.8
+    assert prop.emit_chances(seq, 1)[0] < p0

@@ -42,7 +42,9 @@ so the length is chosen per step from two things the engine measures as it runs:
 - the chance that each draft is emitted: the first draft's acceptance rate for this
   sequence (its own recent verifications, pulled towards the rate of all sequences for the
   same n-gram length), times the rate at which a draft is accepted after the one before it
-  was (all sequences, per position).
+  was (all sequences, per position); scaled by how often the drafts taken so far landed
+  against what was predicted for them (the drafts with the highest estimates are high
+  partly by chance).
 A step's drafts are then taken greedily, most likely first, while a draft's chance p of
 being emitted beats what its row costs at the step's current rate: p / b > E / T, with E
 the tokens the step is expected to emit (a row per sequence, prefill tokens counted as
@@ -143,6 +145,11 @@ class NgramProposer:
         self.cost = StepCost()
         self.first = [Rate(0.5) for _ in range(max_n + 1)]  # per n-gram length: first drafts accepted
         self.next = [Rate(0.8) for _ in range(num_tokens)]  # per position >= 1: accepted after the one before
+        # Calibration: drafts accepted over the chances predicted for them (decayed sums). The
+        # drafts a step takes are those with the highest estimates, which are high partly by
+        # chance, so taken drafts land less often than predicted; the chances are scaled by this.
+        self.predicted = self.landed = 0.0
+        self.pending: dict[int, float] = {}  # seq_id -> predicted accepted drafts of its verification
         self.drafted_tokens = 0
         self.accepted_tokens = 0
         self.verify_steps = 0
@@ -177,11 +184,15 @@ class NgramProposer:
         st.match = 0
         return []
 
+    @property
+    def calibration(self) -> float:
+        return min((self.landed + 4.0) / (self.predicted + 4.0), 1.5)
+
     def emit_chances(self, seq: Sequence, num: int) -> list[float]:
         """The chance that each of `num` drafts from the sequence's last look-up is emitted."""
         st = self._state(seq)
         shared = self.first[st.match].value
-        p = (st.first.hits + PRIOR_WEIGHT * shared) / (st.first.tries + PRIOR_WEIGHT)
+        p = min(1.0, self.calibration * (st.first.hits + PRIOR_WEIGHT * shared) / (st.first.tries + PRIOR_WEIGHT))
         out = []
         for j in range(num):
             if j:
@@ -213,6 +224,7 @@ class NgramProposer:
             expected += p
             cost += b
             taken[sid] = j + 1
+            self.pending[sid] = self.pending.get(sid, 0.0) + p
         for seq, _ in candidates:
             if seq.seq_id in drafts and seq.seq_id not in taken:
                 st = self.states[seq.seq_id]
@@ -225,6 +237,10 @@ class NgramProposer:
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
         self.verify_steps += 1
+        predicted = self.pending.pop(seq.seq_id, None)
+        if predicted is not None:
+            self.predicted = self.predicted * SHARED_DECAY + predicted
+            self.landed = self.landed * SHARED_DECAY + accepted
         st = self.states.get(seq.seq_id)
         match = st.match if st is not None else self.max_n
         self.first[match].add(accepted > 0, SHARED_DECAY)
@@ -239,6 +255,7 @@ class NgramProposer:
 
     def forget(self, seq: Sequence) -> None:
         self.states.pop(seq.seq_id, None)
+        self.pending.pop(seq.seq_id, None)
 
     def stats(self) -> dict[str, int]:
         return {"spec_draft_tokens": self.drafted_tokens, "spec_accepted_tokens": self.accepted_tokens,
