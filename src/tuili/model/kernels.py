@@ -29,7 +29,7 @@ _SOURCES = [Path(__file__).parent / "csrc" / name
             for name in ("bindings.cpp", "paged_attention.cpp", "prefill_attention.cpp", "prefill_attention_avx2.cpp",
                          "gemm.cpp", "fused.cpp", "decoder.cpp")]
 _HEADERS = [Path(__file__).parent / "csrc" / name
-            for name in ("vec.h", "kernels.h", "attention_bf16.h", "tile_f32.h")]
+            for name in ("vec.h", "kernels.h", "attention_bf16.h", "tile_f32.h", "decode_reference.h")]
 # -ffp-contract=off: a * b + c is never fused into one rounding, so the fused element-wise
 # steps round as PyTorch's ops do (the matrix products use explicit FMA instructions).
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
