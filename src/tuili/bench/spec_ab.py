@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_MODEL
 from .client import run_benchmark
-from .grounded import grounded_prompt_texts
+from .grounded import TASKS, grounded_prompt_texts
 from .launch import free_port, launch, tuili_serve_cmd
 from .results import append_jsonl, cpu_model
 from .stats import duration_of, summarize
@@ -32,7 +32,8 @@ from .workload import load_tokenizer, random_prompt_texts
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--prompts-c1", type=int, default=3)
+    p.add_argument("--prompts-c1", type=int, default=len(TASKS),
+                   help="prompts of the c=1 runs (default: one per task kind of bench/grounded.py)")
     p.add_argument("--grounded-len", type=int, default=160, help="max_tokens of grounded requests")
     p.add_argument("--open-len", type=int, default=96)
     p.add_argument("--speculative-tokens", type=int, default=5)
