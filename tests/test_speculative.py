@@ -29,10 +29,26 @@ def _ids(llm, prompts, params):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
 
+class FreeRows(StepCost):
+    """A step cost whose rows cost nothing: every draft a look-up finds is verified, whatever
+    the host's timings, so the exactness tests exercise drafts in every step they can."""
+
+    def observe(self, rows: int, seconds: float) -> None:
+        pass
+
+    def line(self) -> tuple[float, float]:
+        return 1.0, 0.0
+
+
+def _speculative(*args, **opts) -> LLM:
+    llm = LLM(*args, speculative="ngram", **opts)
+    llm.engine.proposer.cost = FreeRows()
+    return llm
+
+
 def _pair(folder, dtype="float32", **opts):
     base = LLM(str(folder), dtype=dtype, **opts)
-    spec = LLM(str(folder), dtype=dtype, speculative="ngram", speculative_tokens=4, speculative_max_batch=64,
-               **opts)
+    spec = _speculative(str(folder), dtype=dtype, speculative_tokens=4, **opts)
     return base, spec
 
 
@@ -117,7 +133,7 @@ def test_default_model_greedy_identical(default_model_folder, dtype):
 
     _skip_unless_bf16_rows_invariant(dtype)
     base = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_memory="128MiB")
-    spec = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_memory="128MiB", speculative="ngram")
+    spec = _speculative("smollm2-135m-instruct", dtype=dtype, kv_cache_memory="128MiB")
     texts = grounded_prompt_texts(base.get_tokenizer(), 3, 60, 120, seed=3)
     prompts = [base.chat_prompt_ids([{"role": "user", "content": t}]) for t in texts]
     greedy = SamplingParams(temperature=0, max_tokens=40)
@@ -230,8 +246,6 @@ def test_drafts_follow_row_cost_and_acceptance():
         tries += 1
         assert tries < 40
     assert tries > 0
-    prop.max_batch = 0
-    assert prop.plan([(other, 6)], 1, 100) == {}  # --speculative-max-batch
 
 
 def test_prometheus_counters_follow_engine_totals():
@@ -253,10 +267,10 @@ def test_no_drafts_while_the_batch_is_fuller_than_max_batch(tiny_model):
     folder = tiny_model.variant("llama-gqa-untied")
     prompts = [list(range(10, 30)) * 2 for _ in range(3)]  # repetitive: n-gram drafts find matches
     params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
-    few = LLM(str(folder), dtype="float32", speculative="ngram", speculative_max_batch=2)
+    few = _speculative(str(folder), dtype="float32", speculative_max_batch=2)
     few.generate(prompts, params)  # three run together to the end: more than 2, never a draft
     assert few.engine.proposer.drafted_tokens == 0
-    many = LLM(str(folder), dtype="float32", speculative="ngram", speculative_max_batch=3)
+    many = _speculative(str(folder), dtype="float32", speculative_max_batch=3)
     assert _ids(many, prompts, params) == _ids(few, prompts, params)
     assert many.engine.proposer.drafted_tokens > 0
     with pytest.raises(ValueError, match="speculative_max_batch"):

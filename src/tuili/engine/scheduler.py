@@ -14,9 +14,9 @@ No new sequence is admitted in a step that preempted.
 
 With a draft proposer (speculative.py), a decoding sequence may take 1 + k tokens: its
 last token and k draft tokens: the proposer picks k for all decoding sequences at once,
-by expected gain in a step of this size, within the budget, what `max_tokens` and the
-longest sequence still allow; then the free blocks limit them (drafts never preempt anyone: without room
-they are dropped). After the step it advances by 1 + the drafts accepted, and the blocks
+by expected gain in a step of this size, within the budget and what `max_tokens` and the
+longest sequence still allow; then the free blocks limit them (drafts never preempt anyone:
+without room they are dropped). After the step it advances by 1 + the drafts accepted, and the blocks
 that only rejected drafts needed go back to the pool.
 """
 from __future__ import annotations
@@ -132,6 +132,8 @@ class Scheduler:
         drafts + 1), all within the budget left after the step's own rows."""
         if self.proposer is None:
             return {}
+        if self.proposer.max_batch is not None and len(self.running) > self.proposer.max_batch:
+            return {}  # --speculative-max-batch: no drafts in a batch this full
         candidates, rows = [], 0
         for seq in self.running:
             left = seq.num_tokens - seq.num_computed_tokens

@@ -204,8 +204,7 @@ class NgramProposer:
         """Drafts for this step: seq_id -> tokens, for the decoding sequences in `candidates`
         (each with the most drafts it may take), in a step of `base_rows` rows without drafts,
         at most `max_drafts` in all. Greedy by chance of emission (module docstring)."""
-        if self.max_batch is not None and len(candidates) > self.max_batch:
-            return {}
+        self.pending.clear()  # drafts planned last step but dropped (no room) were never verified
         drafts: dict[int, list[int]] = {}
         offers = []  # (chance, seq_id, position)
         for seq, limit in candidates:
