@@ -81,14 +81,14 @@ class PathChoice:
                 f"({self.source})")
 
 
-def bf16_rows_invariant(choice: PathChoice) -> bool:
-    """Whether a bf16 product gives a row the same bits however many rows share it: one tile
-    kernel at every row count (AVX2 without AVX512-BF16 or AMX; gemm.cpp), never torch's."""
+def bf16_rows_invariant(choice: PathChoice | None = None) -> bool:
+    """Whether a bf16 product gives a row the same bits however many rows share it: one tile kernel
+    at every row count (AVX2 without AVX512-BF16 or AMX), never torch's (None: no plain copy kept)."""
     from .kernels import cpu_kernels
 
     ext = cpu_kernels()
     return (ext is not None and ext.gemm_available() and not ext.gemm_bf16_pairs()
-            and not ext.gemm_amx_available() and not choice.keeps_dense)
+            and not ext.gemm_amx_available() and (choice is None or not choice.keeps_dense))
 
 
 TIE = 1.03  # the packed product loses a row count only when it is more than 3% slower
