@@ -1,7 +1,6 @@
 // Decode attention, the parts every CPU path shares (paged_attention.cpp): reading a cache
 // entry as float, walking a sequence's positions block by block, and the portable kernel
-// for CPUs without AVX2 or head dims that are not a multiple of 8 (the reference the
-// vector paths are tested against).
+// for CPUs without AVX2 or head dims that are not a multiple of 8.
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
