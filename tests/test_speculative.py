@@ -15,7 +15,7 @@ import torch
 
 from tuili import LLM, SamplingParams
 from tuili.engine.sampler import SampleRequest, Sampler
-from tuili.engine.speculative import NgramProposer, StepCost, num_accepted
+from tuili.engine.speculative import NgramProposer, StepCost, num_accepted, resolve_method
 
 NEW = 24
 
@@ -47,14 +47,16 @@ def _speculative(*args, **opts) -> LLM:
 
 
 def _pair(folder, dtype="float32", **opts):
-    base = LLM(str(folder), dtype=dtype, **opts)
+    base = LLM(str(folder), dtype=dtype, speculative="none", **opts)
     spec = _speculative(str(folder), dtype=dtype, speculative_tokens=4, **opts)
     return base, spec
 
 
 def _skip_unless_bf16_rows_invariant(dtype):
     """bf16 greedy ids match only where a row's sums do not depend on how many rows share the
-    product (paths.bf16_rows_invariant: AVX2 without AVX512-BF16 or AMX); float32 everywhere."""
+    product (paths.bf16_rows_invariant: AVX2 without AVX512-BF16 or AMX). float32 runs on
+    torch's matmul, whose rows do round differently with the row count; these short greedy
+    runs have no near-tie for that to flip (float32 is checked on every CPU)."""
     from tuili.model.paths import bf16_rows_invariant
 
     if dtype == "bfloat16" and not bf16_rows_invariant():
@@ -132,7 +134,7 @@ def test_default_model_greedy_identical(default_model_folder, dtype):
     from tuili.bench.grounded import grounded_prompt_texts
 
     _skip_unless_bf16_rows_invariant(dtype)
-    base = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_memory="128MiB")
+    base = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_memory="128MiB", speculative="none")
     spec = _speculative("smollm2-135m-instruct", dtype=dtype, kv_cache_memory="128MiB")
     texts = grounded_prompt_texts(base.get_tokenizer(), 3, 60, 120, seed=3)
     prompts = [base.chat_prompt_ids([{"role": "user", "content": t}]) for t in texts]
@@ -292,3 +294,37 @@ def test_chances_are_scaled_by_how_often_taken_drafts_land():
         prop.observe(_copying(2), 4, 4)  # another sequence keeps the shared rates high
     assert prop.calibration < 0.8
     assert prop.emit_chances(seq, 1)[0] < p0
+
+
+def test_auto_resolves_by_rows_invariance():
+    assert resolve_method("auto", True)[0] == "ngram"
+    assert resolve_method("auto", False)[0] == "none"
+    assert resolve_method("none", True)[0] == "none" and resolve_method("ngram", False)[0] == "ngram"
+
+
+def test_auto_drafts_only_where_no_token_can_change(tiny_model):
+    """The default (`speculative="auto"`) drafts with bf16 weights on the packed kernel where
+    its rows do not depend on the row count, and gives the same greedy ids as no drafts
+    there; float32 (torch's matmul) and int8 weights do not draft by default."""
+    from tuili.model.paths import bf16_rows_invariant
+    from tuili.model.quant import rows_invariant
+
+    folder = tiny_model("llama")
+    opts = dict(block_size=4, num_kv_blocks=256, max_num_batched_tokens=64)
+    f32 = LLM(str(folder), dtype="float32", **opts)
+    assert f32.engine.speculative == "none" and f32.engine.proposer is None
+    assert not rows_invariant(f32.engine.model)
+    i8 = LLM(str(folder), dtype="bfloat16", quantization="int8", **opts)
+    assert i8.engine.speculative == "none" and not rows_invariant(i8.engine.model)
+    auto = LLM(str(folder), dtype="bfloat16", **opts)
+    assert rows_invariant(auto.engine.model) == bf16_rows_invariant()
+    if not bf16_rows_invariant():
+        assert auto.engine.proposer is None
+        pytest.skip("bf16 products here switch kernels with the row count: auto does not draft")
+    assert auto.engine.speculative == "ngram"
+    auto.engine.proposer.cost = FreeRows()
+    plain = LLM(str(folder), dtype="bfloat16", speculative="none", **opts)
+    prompts = _prompts(tiny_model, folder)
+    greedy = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    assert _ids(auto, prompts, greedy) == _ids(plain, prompts, greedy)
+    assert auto.engine.stats()["spec_accepted_tokens"] > 0 and plain.engine.stats()["spec_draft_tokens"] == 0

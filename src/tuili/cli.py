@@ -36,11 +36,12 @@ ENGINE_HELP: dict[str, str] = {
     "kv_host_memory": "host-memory KV tier behind the pool, e.g. 4GiB (0: off)",
     "kv_disk_dir": "directory of the disk KV tier (kept across restarts)",
     "kv_disk_size": "size bound of the disk KV tier",
-    "speculative": "speculative decoding: none (default) or ngram (drafts from n-gram matches in prompt and output)",
-    "speculative_tokens": "most draft tokens per sequence and step (with --speculative ngram)",
+    "speculative": "speculative decoding: auto (default: ngram where drafts cannot change a token, none elsewhere), "
+                   "none, or ngram (drafts from n-gram matches in prompt and output)",
+    "speculative_tokens": "most draft tokens per sequence and step (when drafting)",
     "speculative_max_batch": "draft only while at most this many sequences run (default: no limit; drafts follow their measured gain)",
 }
-ENGINE_CHOICES: dict[str, list[str]] = {"kv_cache_dtype": ["auto", "int8"], "speculative": ["none", "ngram"]}
+ENGINE_CHOICES: dict[str, list[str]] = {"kv_cache_dtype": ["auto", "int8"], "speculative": ["auto", "none", "ngram"]}
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:

@@ -208,8 +208,9 @@ class EngineConfig:
     kv_disk_dir: str | None = None
     kv_disk_size: str | int = "20GiB"
     # Speculative decoding (engine/speculative.py): "ngram" drafts tokens from n-gram matches
-    # in the prompt and output so far; off ("none") by default.
-    speculative: str = "none"
+    # in the prompt and output so far; "auto" (default) drafts where doing so cannot change a
+    # token (a row's products do not depend on the row count: speculative.resolve_method).
+    speculative: str = "auto"
     speculative_tokens: int = 5  # most draft tokens per sequence and step
     # Draft only while at most this many sequences run (None: no limit). Without one, how
     # many drafts a step verifies follows what its rows cost and how often drafts land.
@@ -233,8 +234,8 @@ class EngineConfig:
         parse_quantization(self.quantization)
         if self.kv_cache_dtype not in ("auto", "int8"):
             raise ValueError(f"kv_cache_dtype: unknown value {self.kv_cache_dtype!r}; use auto or int8")
-        if self.speculative not in ("none", "ngram"):
-            raise ValueError(f"speculative: unknown value {self.speculative!r}; use none or ngram")
+        if self.speculative not in ("auto", "none", "ngram"):
+            raise ValueError(f"speculative: unknown value {self.speculative!r}; use auto, none or ngram")
         if not isinstance(self.speculative_tokens, int) or self.speculative_tokens < 1:
             raise ValueError(f"speculative_tokens: must be an integer >= 1, got {self.speculative_tokens!r}")
         if self.speculative_max_batch is not None and (

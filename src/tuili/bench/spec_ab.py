@@ -7,7 +7,12 @@ which goes first), through the same streaming client as `tuili bench serve`:
 - grounded c=1 and c=16: bench/grounded.py's prompts (a passage, then a task that asks for
   its words back), chat endpoint, greedy, natural stops (no ignore_eos), max_tokens cap;
 - open c=1: the peers workload (corpus windows, completions endpoint, greedy, exactly
-  `--open-len` tokens via ignore_eos/min_tokens).
+  `--open-len` tokens via ignore_eos/min_tokens); `--open-conc 16,32` adds the same
+  workload at those concurrencies (twice as many prompts as clients), where drafts must
+  not cost throughput.
+
+The plain server runs `--speculative none` (the default, auto, drafts where no token can
+change, e.g. bf16 on AVX2), the other `--speculative ngram`.
 
 Prints per-run output tok/s and the medians, the ratio spec/plain per workload, and
 whether the two servers returned the same text for every grounded request (greedy).
@@ -40,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speculative-max-batch", type=int, default=None,
                    help="the spec server's --speculative-max-batch (default: the server's own)")
     p.add_argument("--c16", type=int, default=16, help="concurrency of the grounded batch run (0: skip)")
+    p.add_argument("--open-conc", default="", help="comma-separated concurrencies of open-ended batch runs")
     p.add_argument("--output", default="bench-results/spec_ab.jsonl")
     args = p.parse_args(argv)
     tok = load_tokenizer(DEFAULT_MODEL)
@@ -50,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.c16:
         work[f"grounded c={args.c16}"] = (grounded_prompt_texts(tok, args.c16, 150, 400, 2), "chat",
                                           args.grounded_len, args.c16, False)
+    for c in (int(x) for x in args.open_conc.split(",") if x.strip()):
+        work[f"open c={c}"] = (random_prompt_texts(tok, 2 * c, 100, 300, 3), "completions", args.open_len, c, True)
     servers = {}
     logs = Path("bench-results")
     try:
         spec = ["--speculative", "ngram", "--speculative-tokens", str(args.speculative_tokens)]
         if args.speculative_max_batch is not None:
             spec += ["--speculative-max-batch", str(args.speculative_max_batch)]
-        for name, extra in (("plain", []), ("spec", spec)):
+        for name, extra in (("plain", ["--speculative", "none"]), ("spec", spec)):
             port = free_port()
             servers[name] = launch(tuili_serve_cmd(port, *extra), port, logs / f"spec_ab-{name}.log")
         rates: dict[str, dict[str, list[float]]] = {w: {"plain": [], "spec": []} for w in work}

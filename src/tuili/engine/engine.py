@@ -16,7 +16,9 @@ Decisions:
   deltas in postprocess.py, tokenizers in tokenizer.py.
 - `speculative="ngram"` drafts tokens from n-gram matches and verifies them in the same
   step (speculative.py); greedy output is unchanged and sampled output keeps its
-  distribution. Drafted and accepted token counts are in `stats()`.
+  distribution. The default, `auto`, drafts only where a row's products do not depend on
+  the row count, so that not even a rounding changes (speculative.resolve_method).
+  Drafted and accepted token counts are in `stats()`.
 - `close()` saves the cached blocks to the disk tier (if any) and waits for its writes.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ..device import resolve_device, resolve_dtype
 from ..model.registry import build_model
 from ..model.layers import attention_paths
 from ..model.loader import LoadedModel, load_model
-from ..model.quant import packing_plan
+from ..model.quant import packing_plan, rows_invariant
 from ..sampling import SamplingParams
 from .cache_setup import build_tiers, prefix_salt, save_and_close
 from .kv_cache import BlockManager, cdiv
@@ -43,7 +45,7 @@ from .runner import ModelRunner, kv_bytes_per_block
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .speculative import build_proposer
+from .speculative import build_proposer, resolve_method
 from .tiers import tier_snapshot
 from .tokenizer import load_tokenizer
 
@@ -92,7 +94,8 @@ class Engine:
         # The longest a sequence may grow: the context window, or the whole pool if smaller,
         # so that a sequence running alone can always finish.
         self.max_seq_len = min(self.max_model_len, num_blocks * cfg.block_size)
-        self.proposer = build_proposer(cfg.speculative, cfg.speculative_tokens, cfg.speculative_max_batch)
+        self.speculative, why = resolve_method(cfg.speculative, rows_invariant(self.model))
+        self.proposer = build_proposer(self.speculative, cfg.speculative_tokens, cfg.speculative_max_batch)
         self.scheduler = Scheduler(cfg.scheduler_config(), self.blocks, self.proposer, self.max_seq_len)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.kv_dtype,
                                   Sampler(self.device, cfg.seed), self.eos_token_ids)
@@ -105,6 +108,7 @@ class Engine:
                  cfg.quantization, str(self.kv_dtype).removeprefix("torch."), self.device,
                  self.model.weight_bytes() / 1e6, num_blocks, num_blocks * cfg.block_size, self.max_model_len)
         log.info("kernel paths: %s", attention_paths(self.dtype, self.kv_dtype, self.device, mc.head_dim))
+        log.info("speculative decoding: %s (%s)", self.speculative, why)
 
     def close(self) -> None:
         """Save cached KV blocks to the disk tier and wait for its writes (no-op without one)."""

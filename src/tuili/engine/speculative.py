@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 
 from .sequence import Sequence
 
-SPECULATIVE_METHODS = ("none", "ngram")
+SPECULATIVE_METHODS = ("auto", "none", "ngram")
 SEQ_DECAY = 0.7  # a sequence's first-draft counts, per verification: its last few count
 IDLE_DECAY = 0.9  # and per step it could draft but does not: back towards the shared rates
 SHARED_DECAY = 0.99  # the shared rates, per verification
@@ -268,6 +268,22 @@ def num_accepted(drafts: list[int], sampled: list[int]) -> int:
     while a < len(drafts) and sampled[a] == drafts[a]:
         a += 1
     return a
+
+
+def resolve_method(method: str, rows_invariant: bool) -> tuple[str, str]:
+    """The method `speculative=auto` (the default) stands for, and why. Drafting changes
+    nothing a client can see but the speed where a row's products do not depend on how many
+    rows share the step (`model.quant.rows_invariant`: bf16 on the AVX2 tile kernel): greedy
+    text and seeded samples stay the same token for token, sampled text keeps its
+    distribution, and the measured-gain rule keeps rows from being spent where drafts do
+    not land. Elsewhere (float32 or bf16 on torch's matmul, AVX512-BF16 and AMX kernels that
+    switch with the row count, int8 and int4, CUDA) verification rows may round differently
+    from one-row steps, so auto does not draft; `ngram` drafts anyway."""
+    if method != "auto":
+        return method, "as configured"
+    if rows_invariant:
+        return "ngram", "auto: a row's products do not depend on the row count here, so drafts change no token"
+    return "none", "auto: products here may round a row differently with the row count; --speculative ngram drafts anyway"
 
 
 def build_proposer(method: str, num_tokens: int, max_batch: int | None = None) -> NgramProposer | None:

@@ -21,7 +21,7 @@ import torch
 from ..config import INT4_GROUP_SIZES, QUANT_MODES, parse_quantization  # noqa: F401 - re-exported
 from ..device import weight_packing
 from .kernels import cpu_kernels
-from .paths import int8_paths
+from .paths import bf16_rows_invariant, int8_paths
 from .packed import (PACKED_MAX_ROWS, bf16_dense_rows, PackedInt4Weight, PackedWeight, int8_activations,  # noqa: F401
                      pack_weight, quantize_int4_packed)
 from .quant_ops import (DEQUANT_MIN_ROWS, INT8_CLIP_RATIOS, Int4Weight, Int8Weight,  # noqa: F401
@@ -138,3 +138,14 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
         total += weight_nbytes(model.lm_head)
     return total
 
+
+
+def rows_invariant(model: torch.nn.Module) -> bool:
+    """Whether every product of the model gives a row the same bits however many rows share
+    the step: all linears (the head too) bf16 weights packed for the CPU kernel with no plain
+    copy, on a CPU where that kernel is one and the same at every row count
+    (`paths.bf16_rows_invariant`). Norms, rotary and attention work row by row everywhere.
+    Then verifying drafts cannot change a token (engine/speculative.py, `speculative=auto`)."""
+    weights = [getattr(layer, n) for layer in model.layers for n in LINEARS] + [model.lm_head]
+    return (all(isinstance(w, PackedWeight) and w.packed.dtype == torch.bfloat16 and not w.dense.numel()
+                for w in weights) and bf16_rows_invariant())
