@@ -303,28 +303,34 @@ def test_auto_resolves_by_rows_invariance():
 
 
 def test_auto_drafts_only_where_no_token_can_change(tiny_model):
-    """The default (`speculative="auto"`) drafts with bf16 weights on the packed kernel where
-    its rows do not depend on the row count, and gives the same greedy ids as no drafts
-    there; float32 (torch's matmul) and int8 weights do not draft by default."""
+    """The default (`speculative="auto"`) drafts with packed bf16 weights where the kernel's
+    rows do not depend on the row count (and int8 / int4 where the CPU has no AVX-512 either),
+    giving the same greedy ids as no drafts there; float32 (torch's matmul) never drafts."""
+    from tuili.device import cpu_has_avx512
     from tuili.model.paths import bf16_rows_invariant
     from tuili.model.quant import rows_invariant
 
-    folder = tiny_model("llama")
+    folder = tiny_model("llama", intermediate_size=128)  # int4 groups of 32 divide every width
     opts = dict(block_size=4, num_kv_blocks=256, max_num_batched_tokens=64)
     f32 = LLM(str(folder), dtype="float32", **opts)
     assert f32.engine.speculative == "none" and f32.engine.proposer is None
     assert not rows_invariant(f32.engine.model)
-    i8 = LLM(str(folder), dtype="bfloat16", quantization="int8", **opts)
-    assert i8.engine.speculative == "none" and not rows_invariant(i8.engine.model)
-    auto = LLM(str(folder), dtype="bfloat16", **opts)
-    assert rows_invariant(auto.engine.model) == bf16_rows_invariant()
-    if not bf16_rows_invariant():
-        assert auto.engine.proposer is None
-        pytest.skip("bf16 products here switch kernels with the row count: auto does not draft")
-    assert auto.engine.speculative == "ngram"
-    auto.engine.proposer.cost = FreeRows()
-    plain = LLM(str(folder), dtype="bfloat16", speculative="none", **opts)
     prompts = _prompts(tiny_model, folder)
     greedy = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
-    assert _ids(auto, prompts, greedy) == _ids(plain, prompts, greedy)
-    assert auto.engine.stats()["spec_accepted_tokens"] > 0 and plain.engine.stats()["spec_draft_tokens"] == 0
+    checked = 0
+    for quant, invariant in (("none", bf16_rows_invariant()),
+                             ("int8", bf16_rows_invariant() and not cpu_has_avx512()),
+                             ("int4", bf16_rows_invariant() and not cpu_has_avx512())):
+        auto = LLM(str(folder), dtype="bfloat16", quantization=quant, **opts)
+        assert rows_invariant(auto.engine.model) == invariant
+        assert auto.engine.speculative == ("ngram" if invariant else "none")
+        if not invariant:
+            assert auto.engine.proposer is None
+            continue
+        auto.engine.proposer.cost = FreeRows()
+        plain = LLM(str(folder), dtype="bfloat16", quantization=quant, speculative="none", **opts)
+        assert _ids(auto, prompts, greedy) == _ids(plain, prompts, greedy), quant
+        assert auto.engine.stats()["spec_accepted_tokens"] > 0 and plain.engine.stats()["spec_draft_tokens"] == 0
+        checked += 1
+    if not checked:
+        pytest.skip("products here switch kernels with the row count: auto does not draft")

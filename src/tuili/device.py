@@ -70,6 +70,16 @@ def _probe_fast_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
+@functools.cache
+def cpu_has_avx512() -> bool:
+    """Whether the CPU has any AVX-512 (the kernels, built with -march=native, then use it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bool(re.search(r"\bavx512", f.read()))
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bfloat16 matmul (AVX512-BF16 or AMX); probed once.
 

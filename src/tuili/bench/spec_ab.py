@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the spec server's --speculative-max-batch (default: the server's own)")
     p.add_argument("--c16", type=int, default=16, help="concurrency of the grounded batch run (0: skip)")
     p.add_argument("--open-conc", default="", help="comma-separated concurrencies of open-ended batch runs")
+    p.add_argument("--server-args", default="", help="extra `tuili serve` arguments for both servers, one string")
     p.add_argument("--output", default="bench-results/spec_ab.jsonl")
     args = p.parse_args(argv)
     tok = load_tokenizer(DEFAULT_MODEL)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             spec += ["--speculative-max-batch", str(args.speculative_max_batch)]
         for name, extra in (("plain", ["--speculative", "none"]), ("spec", spec)):
             port = free_port()
-            servers[name] = launch(tuili_serve_cmd(port, *extra), port, logs / f"spec_ab-{name}.log")
+            servers[name] = launch(tuili_serve_cmd(port, *args.server_args.split(), *extra), port, logs / f"spec_ab-{name}.log")
         rates: dict[str, dict[str, list[float]]] = {w: {"plain": [], "spec": []} for w in work}
         same: dict[str, bool] = {}
         for run in range(args.runs):

@@ -273,12 +273,12 @@ def num_accepted(drafts: list[int], sampled: list[int]) -> int:
 def resolve_method(method: str, rows_invariant: bool) -> tuple[str, str]:
     """The method `speculative=auto` (the default) stands for, and why. Drafting changes
     nothing a client can see but the speed where a row's products do not depend on how many
-    rows share the step (`model.quant.rows_invariant`: bf16 on the AVX2 tile kernel): greedy
+    rows share the step (`model.quant.rows_invariant`: the AVX2 tile kernels): greedy
     text and seeded samples stay the same token for token, sampled text keeps its
     distribution, and the measured-gain rule keeps rows from being spent where drafts do
-    not land. Elsewhere (float32 or bf16 on torch's matmul, AVX512-BF16 and AMX kernels that
-    switch with the row count, int8 and int4, CUDA) verification rows may round differently
-    from one-row steps, so auto does not draft; `ngram` drafts anyway."""
+    not land. Elsewhere (float32 or bf16 on torch's matmul, AVX512-BF16 and AMX kernels
+    that switch with the row count, int8 and int4 on VNNI or AMX, CUDA) verification rows
+    may round differently from one-row steps, so auto does not draft; `ngram` drafts anyway."""
     if method != "auto":
         return method, "as configured"
     if rows_invariant:

@@ -19,7 +19,7 @@ import logging
 import torch
 
 from ..config import INT4_GROUP_SIZES, QUANT_MODES, parse_quantization  # noqa: F401 - re-exported
-from ..device import weight_packing
+from ..device import cpu_has_avx512, weight_packing
 from .kernels import cpu_kernels
 from .paths import bf16_rows_invariant, int8_paths
 from .packed import (PACKED_MAX_ROWS, bf16_dense_rows, PackedInt4Weight, PackedWeight, int8_activations,  # noqa: F401
@@ -28,6 +28,7 @@ from .quant_ops import (DEQUANT_MIN_ROWS, INT8_CLIP_RATIOS, Int4Weight, Int8Weig
                         dequantize_int4_codes, int4_codes, quantize_int4, quantize_int8)
 
 log = logging.getLogger("tuili.kernels")
+_EMPTY = torch.empty(0)
 
 INT8_GROUP = 32  # inputs per int8 scale on the CPU kernels (gemm.cpp's activation block too)
 QuantWeight = Int8Weight | Int4Weight | PackedWeight | PackedInt4Weight
@@ -142,10 +143,15 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
 
 def rows_invariant(model: torch.nn.Module) -> bool:
     """Whether every product of the model gives a row the same bits however many rows share
-    the step: all linears (the head too) bf16 weights packed for the CPU kernel with no plain
-    copy, on a CPU where that kernel is one and the same at every row count
-    (`paths.bf16_rows_invariant`). Norms, rotary and attention work row by row everywhere.
-    Then verifying drafts cannot change a token (engine/speculative.py, `speculative=auto`)."""
+    the step: all linears (the head too) packed for the CPU kernels with no plain copy, on a
+    CPU where those kernels are one and the same at every row count
+    (`paths.bf16_rows_invariant`: AVX2 without AVX512-BF16 or AMX). int8 and int4 weights
+    count only on CPUs without AVX-512 at all: their AVX2 tiles sum each row in one order
+    at every row count (checked bit for bit at 1-300 rows), the VNNI and AMX ones were
+    never checked. Norms, rotary and attention work row by row everywhere. Then verifying
+    drafts cannot change a token (engine/speculative.py, `speculative=auto`)."""
     weights = [getattr(layer, n) for layer in model.layers for n in LINEARS] + [model.lm_head]
-    return (all(isinstance(w, PackedWeight) and w.packed.dtype == torch.bfloat16 and not w.dense.numel()
-                for w in weights) and bf16_rows_invariant())
+    if not all(isinstance(w, PACKED_TYPES) and not getattr(w, "dense", _EMPTY).numel() for w in weights):
+        return False
+    bf16 = all(isinstance(w, PackedWeight) and w.packed.dtype == torch.bfloat16 for w in weights)
+    return bf16_rows_invariant() and (bf16 or not cpu_has_avx512())
