@@ -173,27 +173,6 @@ def test_packed_linear_matches_float32_product(wdtype, rows):
     torch.testing.assert_close(got_bf16.float(), want_bf16, atol=1e-3 * want_bf16.abs().max().item(), rtol=2 ** -8)
 
 
-@gemm
-@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
-def test_a_rows_product_does_not_depend_on_the_row_count(wdtype):
-    """Every tile size (1-6 rows), remainders and widened blocks (24 rows on) sum a row in the
-    same order: each row of an M-row product has the bits of its 1-row product. bf16 weights
-    only where they are widened to float32 at every row count (paths.bf16_rows_invariant)."""
-    from tuili.model.paths import bf16_rows_invariant
-
-    if wdtype is torch.bfloat16 and not bf16_rows_invariant():
-        pytest.skip("bf16 products here switch kernels with the row count (AVX512-BF16 or AMX)")
-    torch.manual_seed(5)
-    n, k = 100, 576
-    packed = ext.pack_weight(torch.randn(n, k).to(wdtype))
-    x = torch.randn(70, k)
-    if wdtype is torch.bfloat16:
-        x = x.bfloat16()
-    alone = torch.cat([ext.packed_linear(x[r:r + 1], packed, n, NONE, NONE, True) for r in range(len(x))])
-    for rows in (2, 3, 4, 5, 6, 7, 8, 13, 23, 24, 25, 31, 48, 70):
-        assert torch.equal(ext.packed_linear(x[:rows], packed, n, NONE, NONE, True), alone[:rows]), rows
-
-
 @pytest.fixture
 def widen_rows():
     """Sets the row count from which bf16 products widen to float32 (ext.set_bf16_widen_rows)
@@ -201,6 +180,43 @@ def widen_rows():
     before = ext.bf16_widen_rows()
     yield ext.set_bf16_widen_rows
     ext.set_bf16_widen_rows(before)
+
+
+@gemm
+@pytest.mark.parametrize("form", ["bf16", "bf16 widened", "float32", "int8", "int4"])
+def test_a_rows_product_does_not_depend_on_the_row_count(widen_rows, form):
+    """Every tile size, remainders and widened blocks (24 rows on) sum a row in the same order:
+    each row of an M-row product has the bits of its 1-row product, for every weight form that
+    paths.bf16_rows_invariant / quant.rows_invariant count as such (bf16 with vdpbf16ps or
+    widened throughout; int8 on the VNNI / AVX2 tiles; int4). What lets speculation=auto
+    draft without changing a token."""
+    from tuili.model.paths import NEVER, bf16_rows_invariant
+    from tuili.model.quant import quantize_int4_packed, quantize_int8_packed
+
+    torch.manual_seed(5)
+    n, k = 100, 576
+    w = torch.randn(n, k)
+    x = torch.randn(70, k)
+    if form.startswith("bf16"):
+        widen_rows(1 if form == "bf16 widened" else NEVER)
+        if not bf16_rows_invariant():
+            pytest.skip("bf16 products here run on AMX tiles (never checked)")
+        packed, scales, x = ext.pack_weight(w.bfloat16()), NONE, x.bfloat16()
+    elif form == "int8":
+        q8 = quantize_int8_packed(w)
+        packed, scales = q8.packed, q8.scales
+    else:
+        packed, scales = ext.pack_weight(w), NONE
+    q4 = quantize_int4_packed(w, 32)
+
+    def product(rows):  # float32 out: every bit of the sums compared
+        if form == "int4":
+            return ext.packed_linear_q4(rows, q4.codes, q4.scales, q4.mins, n, q4.group_size, NONE, True)
+        return ext.packed_linear(rows, packed, n, scales, NONE, True)
+
+    alone = torch.cat([product(x[r:r + 1]) for r in range(len(x))])
+    for rows in (2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16, 17, 23, 24, 25, 31, 48, 70):
+        assert torch.equal(product(x[:rows]), alone[:rows]), rows
 
 
 @pytest.mark.skipif(ext is None or not ext.gemm_bf16_pairs(), reason="pair-packed bf16 needs AVX512-BF16")

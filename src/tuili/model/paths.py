@@ -21,11 +21,9 @@ AMX tiles (`gemm_amx_a8`), with identical results; `int8_paths` times them the s
 an int8 or int4 model is prepared and hands the row count from which AMX wins to the kernels
 (`set_int8_amx_rows`; `TUILI_INT8_AMX_ROWS=N` fixes it, 0: never).
 
-`TUILI_PACKED_MAX_ROWS=N` fixes the crossover instead (0: torch's matmul above 0 rows, i.e.
-always once a plain copy is kept; a large N: the packed product always), and
-`TUILI_BF16_WIDEN_ROWS=N` fixes the widening (0: never; N: from N rows up). With either
-set, nothing is timed (the one not set takes its rule from before measurement: packed up
-to 8 rows, no widening).
+`TUILI_PACKED_MAX_ROWS=N` fixes the crossover (0: torch's matmul always, once a plain copy is
+kept; large N: packed always), `TUILI_BF16_WIDEN_ROWS=N` the widening (0: never; N: from N
+rows). With either set nothing is timed (the other keeps the rule from before measurement).
 """
 from __future__ import annotations
 
@@ -42,9 +40,8 @@ log = logging.getLogger("tuili.kernels")
 
 # Row counts timed: decode batches (1-64) and prefill chunks (up to the default step budget).
 ROW_GRID = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-# Rows up to which a bf16 weight held in both forms takes the packed product when nothing
-# could be measured (the crossover measured on an AVX512-BF16 Xeon before measurement
-# was per machine).
+# Rows up to which a bf16 weight held in both forms takes the packed product when nothing could
+# be measured (measured on an AVX512-BF16 Xeon before measurement was per machine); no widening.
 PACKED_MAX_ROWS = 8
 NEVER = 1 << 30  # packed_max_rows when the packed product won at every row count timed
 _VERSION = 4
@@ -83,12 +80,16 @@ class PathChoice:
 
 def bf16_rows_invariant(choice: PathChoice | None = None) -> bool:
     """Whether a bf16 product gives a row the same bits however many rows share it: one tile kernel
-    at every row count (AVX2 without AVX512-BF16 or AMX), never torch's (None: no plain copy kept)."""
+    at every row count, never torch's (None: no plain copy kept, the kernels' current widening).
+    AVX2: the widened tile; AVX512-BF16 without AMX: vdpbf16ps or widened throughout (each sums a
+    row in one order at any tile height, checked bit for bit); AMX tiles were never checked."""
     from .kernels import cpu_kernels
 
     ext = cpu_kernels()
-    return (ext is not None and ext.gemm_available() and not ext.gemm_bf16_pairs()
-            and not ext.gemm_amx_available() and (choice is None or not choice.keeps_dense))
+    if ext is None or not ext.gemm_available() or ext.gemm_amx_available() or (choice and choice.keeps_dense):
+        return False
+    widen = ext.bf16_widen_rows() if choice is None else choice.widen_min_rows
+    return not ext.gemm_bf16_pairs() or widen <= 1 or widen >= NEVER
 
 
 TIE = 1.03  # the packed product loses a row count only when it is more than 3% slower
@@ -254,8 +255,7 @@ def _load_cache() -> dict:
 
 
 def _store_cache(key: str, entry: dict) -> None:
-    """Adds one entry to the cached choices (written whole, by rename, so a reader never sees
-    half a file)."""
+    """Adds one entry to the cached choices (written whole, by rename: never seen half written)."""
     path = _cache_file()
     stored = _load_cache()
     stored[key] = entry

@@ -143,15 +143,17 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
 
 def rows_invariant(model: torch.nn.Module) -> bool:
     """Whether every product of the model gives a row the same bits however many rows share
-    the step: all linears (the head too) packed for the CPU kernels with no plain copy, on a
-    CPU where those kernels are one and the same at every row count
-    (`paths.bf16_rows_invariant`: AVX2 without AVX512-BF16 or AMX). int8 and int4 weights
-    count only on CPUs without AVX-512 at all: their AVX2 tiles sum each row in one order
-    at every row count (checked bit for bit at 1-300 rows), the VNNI and AMX ones were
-    never checked. Norms, rotary and attention work row by row everywhere. Then verifying
-    drafts cannot change a token (engine/speculative.py, `speculative=auto`)."""
+    the step: all linears (the head too) packed for the CPU kernels with no plain copy, each on
+    kernels that are one and the same at every row count. bf16: `paths.bf16_rows_invariant`
+    (AVX2, or AVX512-BF16 without AMX where one of its two kernels takes every row count).
+    int8: always (each block's sum is exact in int32 and folded in one order; the VNNI, AVX2
+    and AMX tiles give the same bits). int4: its AVX2 tiles on every CPU. float32 packed:
+    only where the CPU has no AVX-512 (never checked there). Norms, rotary and attention
+    work row by row everywhere. Then verifying drafts cannot change a token
+    (engine/speculative.py, `speculative=auto`); checked bit for bit in tests/test_kernels.py."""
     weights = [getattr(layer, n) for layer in model.layers for n in LINEARS] + [model.lm_head]
     if not all(isinstance(w, PACKED_TYPES) and not getattr(w, "dense", _EMPTY).numel() for w in weights):
         return False
-    bf16 = all(isinstance(w, PackedWeight) and w.packed.dtype == torch.bfloat16 for w in weights)
-    return bf16_rows_invariant() and (bf16 or not cpu_has_avx512())
+    dtypes = {w.packed.dtype for w in weights if isinstance(w, PackedWeight)}
+    return ((torch.bfloat16 not in dtypes or bf16_rows_invariant())
+            and (torch.float32 not in dtypes or not cpu_has_avx512()))
