@@ -16,9 +16,9 @@
 //
 // Every product walks row blocks, panels and tiles through one loop (for_each_tile) and
 // writes its sums out through one function (store_rows); what differs is only the
-// micro-kernel of a tile. The AMX products (bf16, and int8 from a measured row count) keep
-// loops of their own: their unit is two panels x 32 rows held in tile registers configured
-// once per thread.
+// micro-kernel of a tile. The AMX products (bf16, and int8 from a measured row count) and the
+// vdpbf16ps tiles keep loops of their own: their unit is two panels (x 32 rows held in tile
+// registers configured once per thread; x up to 6 rows for vdpbf16ps).
 //
 // Why this file stays whole (over 600 lines): its parts share one anonymous namespace of
 // compile-time constants, the tile loop and the write-out, all inlined into each product,
@@ -616,63 +616,108 @@ void gemm_q4a8(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
 // model's own; float32 rows are rounded to bf16). Chosen over widening to float32 on such
 // CPUs (docs/BENCHMARKS.md, "bf16 on CPUs with native bf16").
 constexpr bool kPairedBf16 = true;
-constexpr int kBf16Rows = 4;
+// Rows of a tile: 6 rows x 2 panels x 2 sums = 24 registers, + 4 weight lines and a broadcast.
+// Per 4 inputs a two-panel tile issues 24 vdpbf16ps against 4 weight and 12 activation loads,
+// where one panel of 4 rows issued 8 against 2 + 8: on a core with two vdpbf16ps and two
+// 512-bit loads a cycle (AMD Zen 5) the old tile waited on its loads.
+constexpr int kBf16Rows = 6;
 // Input pairs (64-byte lines) requested ahead, into L1 (_MM_HINT_T0): on the AVX512 Xeon
 // the non-temporal hint of the AVX2 tile ran at 19.3 ms for batch 1, none at 14.3, T0 at 12.3.
 constexpr int64_t kBf16Ahead = 16;
 
-#define TUILI_BF_ROWS(X) X(0) X(1) X(2) X(3)
-template <int MR>
-inline void tile_bf16x2(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t K2, float* acc) {
-  // two sums per row (even and odd pairs) so consecutive dot products do not wait on each other
-#define TUILI_DECL(r) __m512 c##r = _mm512_setzero_ps(), d##r = _mm512_setzero_ps();
-  TUILI_BF_ROWS(TUILI_DECL)
-#undef TUILI_DECL
+// The sums of MR rows over NP consecutive panels (`panel`, `panel + stride`): acc[j][r][16] at
+// acc + (j * kBf16Rows + r) * kPanel. Every (row, panel) takes the same two sums in the same
+// order whatever MR and NP are (pairs at k = 0 mod 4 into one, k = 2 mod 4 into the other,
+// added at the end), so a row's bits do not depend on the tile it lands in.
+template <int MR, int NP>
+inline void tile_bf16x2(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t stride, int64_t K2,
+                        float* acc) {
+  __m512 c[NP][MR], d[NP][MR];
+#pragma GCC unroll 2
+  for (int j = 0; j < NP; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) c[j][r] = d[j][r] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 3 < K2; k += 4) {
-    _mm_prefetch(reinterpret_cast<const char*>(panel + (k + 2 * kBf16Ahead) * kPanel), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(panel + (k + 2 * kBf16Ahead + 2) * kPanel), _MM_HINT_T0);
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + k * kPanel);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (k + 2) * kPanel);
-#define TUILI_STEP(r)                                                          \
-  if constexpr (MR > r) {                                                      \
-    int32_t a, b;                                                              \
-    std::memcpy(&a, x + r * ldx + k, 4);                                       \
-    std::memcpy(&b, x + r * ldx + k + 2, 4);                                   \
-    c##r = _mm512_dpbf16_ps(c##r, (__m512bh)_mm512_set1_epi32(a), w0);         \
-    d##r = _mm512_dpbf16_ps(d##r, (__m512bh)_mm512_set1_epi32(b), w1);         \
-  }
-    TUILI_BF_ROWS(TUILI_STEP)
-#undef TUILI_STEP
+    __m512bh w0[NP], w1[NP];
+#pragma GCC unroll 2
+    for (int j = 0; j < NP; ++j) {
+      const uint16_t* pj = panel + j * stride;
+      _mm_prefetch(reinterpret_cast<const char*>(pj + (k + 2 * kBf16Ahead) * kPanel), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pj + (k + 2 * kBf16Ahead + 2) * kPanel), _MM_HINT_T0);
+      w0[j] = (__m512bh)_mm512_loadu_si512(pj + k * kPanel);
+      w1[j] = (__m512bh)_mm512_loadu_si512(pj + (k + 2) * kPanel);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t a, b;
+      std::memcpy(&a, x + r * ldx + k, 4);
+      std::memcpy(&b, x + r * ldx + k + 2, 4);
+      const __m512bh va = (__m512bh)_mm512_set1_epi32(a), vb = (__m512bh)_mm512_set1_epi32(b);
+#pragma GCC unroll 2
+      for (int j = 0; j < NP; ++j) {
+        c[j][r] = _mm512_dpbf16_ps(c[j][r], va, w0[j]);
+        d[j][r] = _mm512_dpbf16_ps(d[j][r], vb, w1[j]);
+      }
+    }
   }
   for (; k < K2; k += 2) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + k * kPanel);
-#define TUILI_STEP(r)                                                          \
-  if constexpr (MR > r) {                                                      \
-    int32_t a;                                                                 \
-    std::memcpy(&a, x + r * ldx + k, 4);                                       \
-    c##r = _mm512_dpbf16_ps(c##r, (__m512bh)_mm512_set1_epi32(a), w0);         \
+#pragma GCC unroll 2
+    for (int j = 0; j < NP; ++j) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + j * stride + k * kPanel);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        int32_t a;
+        std::memcpy(&a, x + r * ldx + k, 4);
+        c[j][r] = _mm512_dpbf16_ps(c[j][r], (__m512bh)_mm512_set1_epi32(a), w0);
+      }
+    }
   }
-    TUILI_BF_ROWS(TUILI_STEP)
-#undef TUILI_STEP
-  }
-#define TUILI_STORE(r) \
-  if constexpr (MR > r) _mm512_storeu_ps(acc + r * kPanel, _mm512_add_ps(c##r, d##r));
-  TUILI_BF_ROWS(TUILI_STORE)
-#undef TUILI_STORE
+#pragma GCC unroll 2
+  for (int j = 0; j < NP; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) _mm512_storeu_ps(acc + (j * kBf16Rows + r) * kPanel, _mm512_add_ps(c[j][r], d[j][r]));
 }
-#undef TUILI_BF_ROWS
 
-// x bf16 [M][K2] (zero-padded), packed as above.
+// x bf16 [M][K2] (zero-padded), packed as above. Rows in blocks that stay in L2 (as
+// for_each_tile), the block's tiles balanced to equal sizes; threads split the panels in pairs.
+// Below kBf16PairRows rows each panel of a pair takes its own tiles (one weight stream at a
+// time: measured 10% faster at 1-4 rows, where the product only streams the weight); the two
+// ways give the same bits.
+constexpr int64_t kBf16PairRows = 8;
+
 template <typename Out>
 void gemm_bf16x2(const uint16_t* x, int64_t M, int64_t K2, const uint16_t* packed, int64_t N, const float* bias,
                  Out* out) {
-  auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
-    with_rows<kBf16Rows>(rows, [&](auto mr) {
-      tile_bf16x2<decltype(mr)::value>(x + m * K2, K2, packed + p * K2 * kPanel, K2, acc);
+  const int64_t panels = (N + kPanel - 1) / kPanel, pairs = (panels + 1) / 2, stride = K2 * kPanel;
+  const int64_t row_block = row_block_rows(K2 * 2, kBf16Rows);
+  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
+    const int64_t m1 = std::min(M, m0 + row_block), tiles = (m1 - m0 + kBf16Rows - 1) / kBf16Rows;
+    const int64_t tile_rows = (m1 - m0 + tiles - 1) / tiles;
+    at::parallel_for(0, pairs, 1, [&](int64_t q0, int64_t q1) {
+      alignas(64) float acc[2 * kBf16Rows * kPanel];
+      auto store = [&](const float* sums, int64_t p, int64_t m, int rows) {
+        store_rows(sums, rows, p * kPanel, std::min(kPanel, N - p * kPanel), N, nullptr, bias, out + m * N);
+      };
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t p = 2 * q, np = std::min<int64_t>(2, panels - p);
+        const bool joint = np == 2 && M >= kBf16PairRows;
+        for (int64_t j = 0; j < (joint ? 1 : np); ++j) {
+          for (int64_t m = m0; m < m1; m += tile_rows) {
+            const int rows = static_cast<int>(std::min<int64_t>(tile_rows, m1 - m));
+            const uint16_t* w = packed + (p + j) * stride;
+            with_rows<kBf16Rows>(rows, [&](auto mr) {
+              constexpr int R = decltype(mr)::value;
+              if (joint) tile_bf16x2<R, 2>(x + m * K2, K2, w, stride, K2, acc);
+              else tile_bf16x2<R, 1>(x + m * K2, K2, w, stride, K2, acc);
+            });
+            store(acc, p + j, m, rows);
+            if (joint) store(acc + kBf16Rows * kPanel, p + 1, m, rows);
+          }
+        }
+      }
     });
-  };
-  for_each_tile<kBf16Rows>(M, N, K2 * 2, nullptr, bias, out, run);
+  }
 }
 
 // The same pair-packed weight, widened to float32 in registers and multiplied with float32
