@@ -52,10 +52,29 @@ def test_positions_past_the_context_and_outside_the_window_weigh_nothing():
     assert torch.equal(clean, dirty)
 
 
-def test_int8_caches_and_bf16_queries_keep_the_pytorch_path():
-    q, k, v, _ = case(9, 3, 64, 10, 20, 16, torch.bfloat16)
-    assert _f32_prefill_kernels(q.bfloat16(), k, None) is None
+def test_bf16_queries_are_widened_and_int8_caches_keep_the_pytorch_path():
+    """Where AMX does not take a bf16 chunk, its queries are widened to float32 for this kernel and
+    the result rounded back to bf16; int8 caches stay on torch's path."""
+    q, k, v, span = case(9, 3, 64, 10, 20, 16, torch.bfloat16)
+    qb = q.bfloat16()
+    if layers._amx_prefill_kernels(qb, k, None) is None:
+        assert _f32_prefill_kernels(qb, k, None) is ext
+        got = _prefill_attention(qb, k, v, span, 0.125, None, None)
+        want = ext.paged_prefill_attention_f32(qb.float(), k, v, span.block_table, 20, 0.125, 0).bfloat16()
+        assert got.dtype is torch.bfloat16 and torch.equal(got, want)
     assert _f32_prefill_kernels(q, k.to(torch.int8), (torch.ones(1), torch.ones(1))) is None
+
+
+@pytest.mark.parametrize("split", [1, 37, 100, 200])
+@pytest.mark.parametrize("window", [0, 60])
+def test_a_rows_result_does_not_depend_on_where_its_chunk_starts(split, window):
+    """A prompt's rows give the same bits in one chunk as in two (the second over the first's
+    cache): chunks cut elsewhere (by drafts or other sequences' rows in the step) change no token."""
+    q, k, v, span = case(9, 3, 64, 245, 245, 16, torch.bfloat16, seed=4)
+    whole = ext.paged_prefill_attention_f32(q, k, v, span.block_table, 245, 0.125, window)
+    first = ext.paged_prefill_attention_f32(q[:split].contiguous(), k, v, span.block_table, split, 0.125, window)
+    rest = ext.paged_prefill_attention_f32(q[split:].contiguous(), k, v, span.block_table, 245, 0.125, window)
+    assert torch.equal(torch.cat([first, rest]), whole)
 
 
 def test_bad_shapes_are_refused():
