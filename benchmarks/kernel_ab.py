@@ -10,7 +10,7 @@ Products: SmolLM2-135M's shapes (30 layers of qkv 960x576, o 576x576, gate/up 30
 576x1536, and the 49152x576 head), random bf16 weights packed once, `--rows` activation rows;
 checks that both builds give the same bits. Attention: `--attention` batch sizes over 30
 distinct layer caches (contexts of 250-377 tokens), the model's queries in float32 as on CPUs
-without fast bf16. Prints the medians of `--runs` paired runs and old / new.
+without fast bf16 (`--bf16-queries`: in bf16, as on CPUs with AVX512-BF16). Prints the medians of `--runs` paired runs and old / new.
 """
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,6,16,32,64", help="activation rows of the products ('' to skip)")
     ap.add_argument("--attention", default="1,32", help="decode-attention batch sizes ('' to skip)")
     ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--bf16-queries", action="store_true",
+                    help="attention queries in bf16, as a bf16 model has them on CPUs with AVX512-BF16")
     args = ap.parse_args()
     old, new = load(args.old), load(args.new)
     gen = torch.Generator().manual_seed(0)
@@ -75,6 +77,7 @@ def main() -> None:
                   for _ in range(30)]
         tables = torch.randperm(blocks, generator=gen)[: batch * per_seq].view(batch, per_seq)
         q = torch.randn(batch, heads, dim, generator=gen)
+        q = q.bfloat16() if args.bf16_queries else q
 
         def attention(m, caches=caches, tables=tables, lens=lens, q=q):
             t = time.perf_counter()
