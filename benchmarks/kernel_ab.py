@@ -7,10 +7,11 @@ tens of percent within minutes, so only paired runs compare).
         .venv/tuili-cache/kernels/<new key>/tuili_cpu_<new key>.so [--rows 1,6,16,32] [--attention 1,32]
 
 Products: SmolLM2-135M's shapes (30 layers of qkv 960x576, o 576x576, gate/up 3072x576, down
-576x1536, and the 49152x576 head), random bf16 weights packed once, `--rows` activation rows;
-checks that both builds give the same bits. Attention: `--attention` batch sizes over 30
-distinct layer caches (contexts of 250-377 tokens), the model's queries in float32 as on CPUs
-without fast bf16 (`--bf16-queries`: in bf16, as on CPUs with AVX512-BF16). Prints the medians of `--runs` paired runs and old / new.
+576x1536, and the 49152x576 head), random bf16 weights (`--int8`: int8 in blocks of 32)
+packed once, `--rows` activation rows; checks that both builds give the same bits.
+Attention: `--attention` batch sizes over 30 distinct layer caches (contexts of 250-377
+tokens), the model's queries in float32 as on CPUs without fast bf16 (`--bf16-queries`: in
+bf16, as on CPUs with AVX512-BF16). Prints the medians of `--runs` paired runs and old / new.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import statistics
 import time
 
 import torch
+
+from tuili.model.quant import quantize_int8_packed
 
 
 def load(path: str):
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,6,16,32,64", help="activation rows of the products ('' to skip)")
     ap.add_argument("--attention", default="1,32", help="decode-attention batch sizes ('' to skip)")
     ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--int8", action="store_true", help="int8 weights (scales per block of 32) instead of bf16")
     ap.add_argument("--bf16-queries", action="store_true",
                     help="attention queries in bf16, as a bf16 model has them on CPUs with AVX512-BF16")
     args = ap.parse_args()
@@ -51,21 +55,27 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     empty = torch.empty(0)
     shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
-    weights = [(n, k, new.pack_weight(torch.randn(n, k, generator=gen).bfloat16())) for n, k in shapes] \
-        if args.rows else []
+    weights = []
+    for n, k in shapes if args.rows else []:
+        w = torch.randn(n, k, generator=gen) * 0.05
+        if args.int8:  # the same layout in both builds (the current one packs it)
+            q = quantize_int8_packed(w)
+            weights.append((n, k, q.packed, q.scales))
+        else:
+            weights.append((n, k, new.pack_weight(w.bfloat16()), empty))
     for rows in [int(r) for r in args.rows.split(",") if r]:
         xs = {k: torch.randn(rows, k, generator=gen).bfloat16() for k in (576, 1536)}
 
         def products(m, xs=xs):
             t = time.perf_counter()
-            for n, k, w in weights:
-                m.packed_linear(xs[k], w, n, empty, empty, False)
+            for n, k, w, scales in weights:
+                m.packed_linear(xs[k], w, n, scales, empty, False)
             return time.perf_counter() - t
 
         a, b = paired(old, new, products, args.runs)
-        n, k, w = weights[2]
-        same = torch.equal(old.packed_linear(xs[k], w, n, empty, empty, False),
-                           new.packed_linear(xs[k], w, n, empty, empty, False))
+        n, k, w, scales = weights[2]
+        same = torch.equal(old.packed_linear(xs[k], w, n, scales, empty, False),
+                           new.packed_linear(xs[k], w, n, scales, empty, False))
         print(f"products, {rows:4d} rows: old {1e3 * a:7.2f} ms  new {1e3 * b:7.2f} ms  old/new {a / b:.3f}"
               f"  ({'same bits' if same else 'RESULTS DIFFER'})", flush=True)
     heads, kv_heads, dim, block = 9, 3, 64, 16

@@ -303,47 +303,62 @@ inline void tile_a8(const int8_t* xq, const float* xs, int64_t K32, const int8_t
 // (w + 128) x <= 255 x 127 per product: no saturation. Tiles of up to 8 rows x 16 columns
 // keep 16 of the 32 vector registers as sums.
 constexpr int kVnniRows = 8;
-#define TUILI_VN_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
-template <int MR>
+// A tile over two panels (from kVnniPairFrom rows): 6 rows x 2 panels x (int32 + float32 sums)
+// = 24 registers; per 4 inputs 12 vpdpbusd against 2 weight and 6 activation loads, where one
+// panel of 8 rows issued 8 against 1 + 8 (the bf16 tiles' reason, gemm_bf16x2).
+constexpr int kVnniPairRows = 6;
+constexpr int64_t kVnniPairFrom = 64;  // kernel_ab --int8, Zen 5: 0.89x at 8 rows, 1.00-1.03x at 16-32, 1.09-1.25x at 64-1024
+// The sums of MR rows over NP panels (`panel` + j * stride, block scales `ws` + j * ws_stride):
+// acc + (j * kVnniRows + r) * kPanel. Every (row, panel) takes the same steps in the same order
+// whatever MR and NP are, so a row's bits do not depend on the tile it lands in.
+template <int MR, int NP = 1>
 inline void tile_vnni(const int8_t* xq, const float* xs, const int32_t* comp, int64_t K32, const int8_t* panel,
-                      const float* ws, float* acc) {
-  static_assert(MR <= kVnniRows, "TUILI_VN_ROWS names kVnniRows rows");
+                      const float* ws, float* acc, int64_t stride = 0, int64_t ws_stride = 0) {
+  static_assert(MR <= kVnniRows && NP * MR <= 2 * kVnniPairRows, "tile_vnni: too many sums for the registers");
   const int64_t nb = K32 / kQBlock;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-#define TUILI_DECL(r) __m512 f##r = _mm512_setzero_ps();
-  TUILI_VN_ROWS(TUILI_DECL)
-#undef TUILI_DECL
+  __m512 f[NP][MR];
+#pragma GCC unroll 2
+  for (int j = 0; j < NP; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) f[j][r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-#define TUILI_DECL(r) __m512i i##r = MR > r ? _mm512_set1_epi32(comp[r * nb + b]) : _mm512_setzero_si512();
-    TUILI_VN_ROWS(TUILI_DECL)
-#undef TUILI_DECL
-    const int8_t* wb = panel + b * kQBlock * kPanel;
+    __m512i s[NP][MR];
+#pragma GCC unroll 2
+    for (int j = 0; j < NP; ++j)
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) s[j][r] = _mm512_set1_epi32(comp[r * nb + b]);
     for (int64_t g = 0; g < kQBlock / 4; ++g) {
-      const int8_t* wp = wb + g * 64;
-      _mm_prefetch(reinterpret_cast<const char*>(wp + kA8Ahead), _MM_HINT_T0);
-      const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(wp), flip);
-#define TUILI_STEP(r)                                                      \
-  if constexpr (MR > r) {                                                  \
-    int32_t x4;                                                            \
-    std::memcpy(&x4, xq + r * K32 + b * kQBlock + g * 4, 4);               \
-    i##r = _mm512_dpbusd_epi32(i##r, w, _mm512_set1_epi32(x4));            \
-  }
-      TUILI_VN_ROWS(TUILI_STEP)
-#undef TUILI_STEP
+      __m512i w[NP];
+#pragma GCC unroll 2
+      for (int j = 0; j < NP; ++j) {
+        const int8_t* wp = panel + j * stride + b * kQBlock * kPanel + g * 64;
+        _mm_prefetch(reinterpret_cast<const char*>(wp + kA8Ahead), _MM_HINT_T0);
+        w[j] = _mm512_xor_si512(_mm512_loadu_si512(wp), flip);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, xq + r * K32 + b * kQBlock + g * 4, 4);
+        const __m512i xv = _mm512_set1_epi32(x4);
+#pragma GCC unroll 2
+        for (int j = 0; j < NP; ++j) s[j][r] = _mm512_dpbusd_epi32(s[j][r], w[j], xv);
+      }
     }
-    const __m512 wsv = ws ? _mm512_loadu_ps(ws + b * kPanel) : _mm512_set1_ps(1.f);
-#define TUILI_FOLD(r)                                                                               \
-  if constexpr (MR > r)                                                                             \
-    f##r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i##r), _mm512_mul_ps(_mm512_set1_ps(xs[r * nb + b]), wsv), f##r);
-    TUILI_VN_ROWS(TUILI_FOLD)
-#undef TUILI_FOLD
+#pragma GCC unroll 2
+    for (int j = 0; j < NP; ++j) {
+      const __m512 wsv = ws ? _mm512_loadu_ps(ws + j * ws_stride + b * kPanel) : _mm512_set1_ps(1.f);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+        f[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[j][r]), _mm512_mul_ps(_mm512_set1_ps(xs[r * nb + b]), wsv),
+                                  f[j][r]);
+    }
   }
-#define TUILI_STORE(r) \
-  if constexpr (MR > r) _mm512_storeu_ps(acc + r * kPanel, f##r);
-  TUILI_VN_ROWS(TUILI_STORE)
-#undef TUILI_STORE
+#pragma GCC unroll 2
+  for (int j = 0; j < NP; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) _mm512_storeu_ps(acc + (j * kVnniRows + r) * kPanel, f[j][r]);
 }
-#undef TUILI_VN_ROWS
 constexpr bool kVnni = true;
 #else
 constexpr bool kVnni = false;
@@ -488,6 +503,35 @@ void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t
   quantize_rows(x, M, K, xq.data(), xs.data(), kVnni ? comp.data() : nullptr);
   auto ws_of = [&](int64_t p) { return wscales ? wscales + p * nb * kPanel : nullptr; };
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (M >= kVnniPairFrom) {  // two panels a tile, as gemm_bf16x2 (same bits)
+    const int64_t panels = (N + kPanel - 1) / kPanel, pairs = (panels + 1) / 2, stride = K32 * kPanel;
+    const int64_t row_block = row_block_rows(K32, kVnniPairRows);
+    for (int64_t m0 = 0; m0 < M; m0 += row_block) {
+      const int64_t m1 = std::min(M, m0 + row_block), tiles = (m1 - m0 + kVnniPairRows - 1) / kVnniPairRows;
+      const int64_t tile_rows = (m1 - m0 + tiles - 1) / tiles;
+      at::parallel_for(0, pairs, 1, [&](int64_t q0, int64_t q1) {
+        alignas(64) float acc[2 * kVnniRows * kPanel];
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t p = 2 * q;
+          const bool two = p + 1 < panels;
+          for (int64_t m = m0; m < m1; m += tile_rows) {
+            const int rows = static_cast<int>(std::min<int64_t>(tile_rows, m1 - m));
+            with_rows<kVnniPairRows>(rows, [&](auto mr) {
+              constexpr int R = decltype(mr)::value;
+              const int8_t* xr = xq.data() + m * K32;
+              if (two) tile_vnni<R, 2>(xr, xs.data() + m * nb, comp.data() + m * nb, K32, packed + p * stride, ws_of(p),
+                                       acc, stride, nb * kPanel);
+              else tile_vnni<R>(xr, xs.data() + m * nb, comp.data() + m * nb, K32, packed + p * stride, ws_of(p), acc);
+            });
+            for (int64_t j = 0; j < (two ? 2 : 1); ++j)
+              store_rows(acc + j * kVnniRows * kPanel, rows, (p + j) * kPanel, std::min(kPanel, N - (p + j) * kPanel),
+                         N, scales, bias, out + m * N);
+          }
+        }
+      });
+    }
+    return;
+  }
   auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
     with_rows<kVnniRows>(rows, [&](auto mr) {
       tile_vnni<decltype(mr)::value>(xq.data() + m * K32, xs.data() + m * nb, comp.data() + m * nb, K32,
