@@ -146,11 +146,15 @@ def rows_invariant(model: torch.nn.Module) -> bool:
     the step: all linears (the head too) packed for the CPU kernels with no plain copy, each on
     kernels that are one and the same at every row count. bf16: `paths.bf16_rows_invariant`
     (AVX2, or AVX512-BF16 without AMX where one of its two kernels takes every row count).
-    int8: always (each block's sum is exact in int32 and folded in one order; the VNNI, AVX2
-    and AMX tiles give the same bits). int4: its AVX2 tiles on every CPU. float32 packed:
-    only where the CPU has no AVX-512 (never checked there). Norms, rotary and attention
-    work row by row everywhere. Then verifying drafts cannot change a token
+    int8: each block's sum is exact in int32 and folded in one order (VNNI and AVX2 tiles).
+    int4: its AVX2 tiles. float32 packed: only where the CPU has no AVX-512 (never checked
+    there). Norms, rotary and decode attention work row by row, the float32 prefill-attention
+    kernel row by row whatever the chunk; on AMX CPUs (their prefill attention, bf16 tiles)
+    nothing was checked, so never there. Then verifying drafts cannot change a token
     (engine/speculative.py, `speculative=auto`); checked bit for bit in tests/test_kernels.py."""
+    ext = cpu_kernels()
+    if ext is None or not ext.gemm_available() or ext.gemm_amx_available():
+        return False
     weights = [getattr(layer, n) for layer in model.layers for n in LINEARS] + [model.lm_head]
     if not all(isinstance(w, PACKED_TYPES) and not getattr(w, "dense", _EMPTY).numel() for w in weights):
         return False
