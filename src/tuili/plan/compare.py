@@ -5,7 +5,9 @@ For each weight format: start `tuili serve` (subprocess, `tuili.bench.launch`), 
 and `--output-len` out, read its JSON line, and put the planner's prediction for `local`
 (same lengths, same number of requests, closed loop) beside it. Prints a markdown table
 and appends every row as JSON to `--output`. The server and the client share this
-machine's cores, as they do in the measurement the prediction is held to.
+machine's cores, as they do in the measurement the prediction is held to. The planner models
+the plain engine, so the server runs without drafts (`--speculative none`): where `auto`
+drafts, a served c=1 can run twice as fast as any prediction here.
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for q in args.quantizations.split(","):
         port = free_port()
-        server = launch(tuili_serve_cmd(port, args.model, "--dtype", "bfloat16", "--quantization", q), port,
+        server = launch(tuili_serve_cmd(port, args.model, "--dtype", "bfloat16", "--quantization", q,
+                                        "--speculative", "none"), port,
                         out.with_name(f"plan-compare-serve-{q}.log"))
         try:
             for c in (int(x) for x in args.concurrency.split(",")):

@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     from tuili import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization)
+    # The planner models the plain engine: no drafts (speculative="auto" would draft on
+    # CPUs whose products do not depend on the row count, and a step's rows with it).
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, speculative="none")
     load_s = time.perf_counter() - t0
     vocab = llm.get_tokenizer().vocab_size if hasattr(llm.get_tokenizer(), "vocab_size") else 32000
     rng = random.Random(args.seed)
