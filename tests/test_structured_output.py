@@ -166,11 +166,22 @@ def test_response_format_json_schema_streamed_and_not(client):
 
 @pytest.mark.slow
 def test_all_schemas_streamed_at_temperature_one(client):
+    # Unseeded. As in the test above, a reply cut by max_tokens is unfinished JSON by design
+    # (it failed so here on 2026-12-07, "Expecting ',' delimiter" at char 186 of a cut reply):
+    # every reply that stops must validate, a cut one must be the start of a JSON value, and
+    # each schema must see a reply that stops within six tries.
     for name, schema in SCHEMAS.items():
         fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
-        for _ in range(3):
-            text, _ = _streamed_text(client, response_format=fmt, max_tokens=160, temperature=1.0)
-            jsonschema.validate(json.loads(text), schema)
+        stopped = 0
+        for _ in range(6):
+            text, reason = _streamed_text(client, response_format=fmt, max_tokens=160, temperature=1.0)
+            assert reason in ("stop", "length") and text[:1] in '{["-0123456789tfn', (name, reason, text)
+            if reason == "stop":
+                jsonschema.validate(json.loads(text), schema)
+                stopped += 1
+                if stopped == 3:
+                    break
+        assert stopped > 0, name
 
 
 def test_json_object_and_vllm_extras(client):
