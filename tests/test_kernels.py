@@ -205,9 +205,9 @@ def test_a_rows_product_does_not_depend_on_the_row_count(widen_rows, form):
     elif form == "int8":
         q8 = quantize_int8_packed(w)
         packed, scales = q8.packed, q8.scales
-    else:
+    elif form == "float32":
         packed, scales = ext.pack_weight(w), NONE
-    q4 = quantize_int4_packed(w, 32)
+    q4 = quantize_int4_packed(w, 32) if form == "int4" else None
 
     def product(rows):  # float32 out: every bit of the sums compared
         if form == "int4":

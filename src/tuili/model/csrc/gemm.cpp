@@ -16,9 +16,10 @@
 //
 // Every product walks row blocks, panels and tiles through one loop (for_each_tile) and
 // writes its sums out through one function (store_rows); what differs is only the
-// micro-kernel of a tile. The AMX products (bf16, and int8 from a measured row count) and the
-// vdpbf16ps tiles keep loops of their own: their unit is two panels (x 32 rows held in tile
-// registers configured once per thread; x up to 6 rows for vdpbf16ps).
+// micro-kernel of a tile. The tiles over two panels (vdpbf16ps; int8 VNNI from 64 rows) walk
+// the same blocks in for_each_pair_tile, threads splitting the panels in pairs. The AMX products
+// (bf16, and int8 from a measured row count) keep loops of their own: their unit is two panels
+// x 32 rows held in tile registers configured once per thread.
 //
 // Why this file stays whole (over 600 lines): its parts share one anonymous namespace of
 // compile-time constants, the tile loop and the write-out, all inlined into each product,
@@ -132,6 +133,44 @@ void for_each_tile(int64_t M, int64_t N, int64_t row_bytes, const float* scales,
   }
 }
 
+
+// The loop of the two-panel tiles (gemm_bf16x2; gemm_a8 from kVnniPairFrom rows): row blocks as
+// for_each_tile's, each block's rows in tiles of equal size, threads splitting the panels in
+// pairs. Where `joint`, a tile covers both panels of a pair; otherwise (and for an odd last
+// panel) each panel takes its own tiles. Per tile, `tile(p, np, m, rows, acc)` leaves the sums
+// of np panels (a compile-time 1 or 2) from panel p at acc + j * TileRows * kPanel, written out
+// with `scales` and `bias`.
+template <int TileRows, typename Out, typename Tile>
+void for_each_pair_tile(int64_t M, int64_t N, int64_t row_bytes, bool joint, const float* scales, const float* bias,
+                        Out* out, Tile tile) {
+  const int64_t panels = (N + kPanel - 1) / kPanel, pairs = (panels + 1) / 2;
+  const int64_t row_block = row_block_rows(row_bytes, TileRows);
+  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
+    const int64_t m1 = std::min(M, m0 + row_block), tiles = (m1 - m0 + TileRows - 1) / TileRows;
+    const int64_t tile_rows = (m1 - m0 + tiles - 1) / tiles;
+    at::parallel_for(0, pairs, 1, [&](int64_t q0, int64_t q1) {
+      alignas(64) float acc[2 * TileRows * kPanel];
+      auto tiles_of = [&](int64_t p, auto np) {  // np: panels per tile, a compile-time 1 or 2
+        for (int64_t m = m0; m < m1; m += tile_rows) {
+          const int rows = static_cast<int>(std::min<int64_t>(tile_rows, m1 - m));
+          tile(p, np, m, rows, acc);
+          for (int i = 0; i < decltype(np)::value; ++i) {
+            const int64_t n0 = (p + i) * kPanel;
+            store_rows(acc + i * TileRows * kPanel, rows, n0, std::min(kPanel, N - n0), N, scales, bias, out + m * N);
+          }
+        }
+      };
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t p = 2 * q;
+        if (joint && p + 1 < panels) {
+          tiles_of(p, std::integral_constant<int, 2>{});
+        } else {
+          for (int64_t j = p; j < std::min(p + 2, panels); ++j) tiles_of(j, std::integral_constant<int, 1>{});
+        }
+      }
+    });
+  }
+}
 
 template <typename T, typename Out>
 void gemm(const float* x, int64_t M, int64_t K, const T* packed, int64_t N, const float* scales,
@@ -307,9 +346,10 @@ constexpr int kVnniRows = 8;
 // = 24 registers; per 4 inputs 12 vpdpbusd against 2 weight and 6 activation loads, where one
 // panel of 8 rows issued 8 against 1 + 8 (the bf16 tiles' reason, gemm_bf16x2).
 constexpr int kVnniPairRows = 6;
-constexpr int64_t kVnniPairFrom = 64;  // kernel_ab --int8, Zen 5: 0.89x at 8 rows, 1.00-1.03x at 16-32, 1.09-1.25x at 64-1024
+// From 64 rows (kernel_ab --int8, Zen 5): 0.89x at 8 rows, 1.00-1.03x at 16-32, 1.09-1.25x at 64-1024.
+constexpr int64_t kVnniPairFrom = 64;
 // The sums of MR rows over NP panels (`panel` + j * stride, block scales `ws` + j * ws_stride):
-// acc + (j * kVnniRows + r) * kPanel. Every (row, panel) takes the same steps in the same order
+// acc + (j * kVnniPairRows + r) * kPanel. Every (row, panel) takes the same steps in the same order
 // whatever MR and NP are, so a row's bits do not depend on the tile it lands in.
 template <int MR, int NP = 1>
 inline void tile_vnni(const int8_t* xq, const float* xs, const int32_t* comp, int64_t K32, const int8_t* panel,
@@ -357,7 +397,7 @@ inline void tile_vnni(const int8_t* xq, const float* xs, const int32_t* comp, in
 #pragma GCC unroll 2
   for (int j = 0; j < NP; ++j)
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) _mm512_storeu_ps(acc + (j * kVnniRows + r) * kPanel, f[j][r]);
+    for (int r = 0; r < MR; ++r) _mm512_storeu_ps(acc + (j * kVnniPairRows + r) * kPanel, f[j][r]);
 }
 constexpr bool kVnni = true;
 #else
@@ -504,32 +544,14 @@ void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t
   auto ws_of = [&](int64_t p) { return wscales ? wscales + p * nb * kPanel : nullptr; };
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (M >= kVnniPairFrom) {  // two panels a tile, as gemm_bf16x2 (same bits)
-    const int64_t panels = (N + kPanel - 1) / kPanel, pairs = (panels + 1) / 2, stride = K32 * kPanel;
-    const int64_t row_block = row_block_rows(K32, kVnniPairRows);
-    for (int64_t m0 = 0; m0 < M; m0 += row_block) {
-      const int64_t m1 = std::min(M, m0 + row_block), tiles = (m1 - m0 + kVnniPairRows - 1) / kVnniPairRows;
-      const int64_t tile_rows = (m1 - m0 + tiles - 1) / tiles;
-      at::parallel_for(0, pairs, 1, [&](int64_t q0, int64_t q1) {
-        alignas(64) float acc[2 * kVnniRows * kPanel];
-        for (int64_t q = q0; q < q1; ++q) {
-          const int64_t p = 2 * q;
-          const bool two = p + 1 < panels;
-          for (int64_t m = m0; m < m1; m += tile_rows) {
-            const int rows = static_cast<int>(std::min<int64_t>(tile_rows, m1 - m));
-            with_rows<kVnniPairRows>(rows, [&](auto mr) {
-              constexpr int R = decltype(mr)::value;
-              const int8_t* xr = xq.data() + m * K32;
-              if (two) tile_vnni<R, 2>(xr, xs.data() + m * nb, comp.data() + m * nb, K32, packed + p * stride, ws_of(p),
-                                       acc, stride, nb * kPanel);
-              else tile_vnni<R>(xr, xs.data() + m * nb, comp.data() + m * nb, K32, packed + p * stride, ws_of(p), acc);
-            });
-            for (int64_t j = 0; j < (two ? 2 : 1); ++j)
-              store_rows(acc + j * kVnniRows * kPanel, rows, (p + j) * kPanel, std::min(kPanel, N - (p + j) * kPanel),
-                         N, scales, bias, out + m * N);
-          }
-        }
+    const int64_t stride = K32 * kPanel;
+    auto run = [&](int64_t p, auto np, int64_t m, int rows, float* acc) {
+      with_rows<kVnniPairRows>(rows, [&](auto mr) {
+        tile_vnni<decltype(mr)::value, decltype(np)::value>(xq.data() + m * K32, xs.data() + m * nb, comp.data() + m * nb,
+                                                            K32, packed + p * stride, ws_of(p), acc, stride, nb * kPanel);
       });
-    }
+    };
+    for_each_pair_tile<kVnniPairRows>(M, N, K32, true, scales, bias, out, run);
     return;
   }
   auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
@@ -723,45 +745,22 @@ inline void tile_bf16x2(const uint16_t* x, int64_t ldx, const uint16_t* panel, i
     for (int r = 0; r < MR; ++r) _mm512_storeu_ps(acc + (j * kBf16Rows + r) * kPanel, _mm512_add_ps(c[j][r], d[j][r]));
 }
 
-// x bf16 [M][K2] (zero-padded), packed as above. Rows in blocks that stay in L2 (as
-// for_each_tile), the block's tiles balanced to equal sizes; threads split the panels in pairs.
-// Below kBf16PairRows rows each panel of a pair takes its own tiles (one weight stream at a
-// time: measured 10% faster at 1-4 rows, where the product only streams the weight); the two
-// ways give the same bits.
+// x bf16 [M][K2] (zero-padded), packed as above, through for_each_pair_tile. Below
+// kBf16PairRows rows each panel of a pair takes its own tiles (one weight stream at a time:
+// measured 10% faster at 1-4 rows, where the product only streams the weight); the two ways
+// give the same bits.
 constexpr int64_t kBf16PairRows = 8;
 
 template <typename Out>
 void gemm_bf16x2(const uint16_t* x, int64_t M, int64_t K2, const uint16_t* packed, int64_t N, const float* bias,
                  Out* out) {
-  const int64_t panels = (N + kPanel - 1) / kPanel, pairs = (panels + 1) / 2, stride = K2 * kPanel;
-  const int64_t row_block = row_block_rows(K2 * 2, kBf16Rows);
-  for (int64_t m0 = 0; m0 < M; m0 += row_block) {
-    const int64_t m1 = std::min(M, m0 + row_block), tiles = (m1 - m0 + kBf16Rows - 1) / kBf16Rows;
-    const int64_t tile_rows = (m1 - m0 + tiles - 1) / tiles;
-    at::parallel_for(0, pairs, 1, [&](int64_t q0, int64_t q1) {
-      alignas(64) float acc[2 * kBf16Rows * kPanel];
-      auto store = [&](const float* sums, int64_t p, int64_t m, int rows) {
-        store_rows(sums, rows, p * kPanel, std::min(kPanel, N - p * kPanel), N, nullptr, bias, out + m * N);
-      };
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t p = 2 * q, np = std::min<int64_t>(2, panels - p);
-        const bool joint = np == 2 && M >= kBf16PairRows;
-        for (int64_t j = 0; j < (joint ? 1 : np); ++j) {
-          for (int64_t m = m0; m < m1; m += tile_rows) {
-            const int rows = static_cast<int>(std::min<int64_t>(tile_rows, m1 - m));
-            const uint16_t* w = packed + (p + j) * stride;
-            with_rows<kBf16Rows>(rows, [&](auto mr) {
-              constexpr int R = decltype(mr)::value;
-              if (joint) tile_bf16x2<R, 2>(x + m * K2, K2, w, stride, K2, acc);
-              else tile_bf16x2<R, 1>(x + m * K2, K2, w, stride, K2, acc);
-            });
-            store(acc, p + j, m, rows);
-            if (joint) store(acc + kBf16Rows * kPanel, p + 1, m, rows);
-          }
-        }
-      }
+  const int64_t stride = K2 * kPanel;
+  auto run = [&](int64_t p, auto np, int64_t m, int rows, float* acc) {
+    with_rows<kBf16Rows>(rows, [&](auto mr) {
+      tile_bf16x2<decltype(mr)::value, decltype(np)::value>(x + m * K2, K2, packed + p * stride, stride, K2, acc);
     });
-  }
+  };
+  for_each_pair_tile<kBf16Rows>(M, N, K2 * 2, M >= kBf16PairRows, nullptr, bias, out, run);
 }
 
 // The same pair-packed weight, widened to float32 in registers and multiplied with float32
