@@ -42,28 +42,55 @@ inline __m512 sum16(__m512* a) {
 
 // out[g * out_stride + r] = scale * q[g] . k[r] for rows r < rows (<= 16) of K, stride apart.
 // ahead (or null): 16 rows (ahead_stride bytes apart) of a block read later, ahead_lines
-// 64-byte lines each, requested one line per row at each 32-dim step of the first heads, so
-// the requests are spread over the work (see decode_kernel_avx2).
-template <int G>
-inline void scores16(const uint16_t* q, const uint16_t* k, int64_t stride, int64_t dim, int64_t rows, float scale,
-                     float* out, int64_t out_stride, const char* ahead, int64_t ahead_stride, int64_t ahead_lines) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
-  int64_t line = 0;
+// 64-byte lines each, requested one line per row at each 32-dim step of the first head, so
+// the requests are spread over the work (see decode_kernel_avx2). Whole blocks of 16 rows
+// (Full) and the requests (PF) are compile-time cases: with both tested per row inside the
+// unrolled loop, GCC 12 kept the 16 row addresses and each K vector on the stack (a store and
+// a reload per vdpbf16ps), and the score pass ran at half the speed it has now.
+template <int G, bool Full, bool PF>
+inline void scores16_rows(const uint16_t* q, const uint16_t* k, int64_t stride, int64_t dim, int64_t rows, float scale,
+                          float* out, int64_t out_stride, const char* ahead, int64_t ahead_stride,
+                          int64_t ahead_lines) {
   for (int g = 0; g < G; ++g) {
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < dim; d += 32, ++line) {
-      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + g * dim + d);
-      const bool pf = ahead != nullptr && line < ahead_lines;
+    for (int64_t d = 0; d < dim; d += 32) {
+      const __m512i qi = _mm512_loadu_si512(q + g * dim + d);
+      const uint16_t* kr = k + d;
+      const char* pa = ahead + d * 2;  // this step's line of each row ahead
+      const bool pf = PF && g == 0 && d / 32 < ahead_lines;
 #pragma GCC unroll 16
       for (int r = 0; r < 16; ++r) {
-        if (pf) _mm_prefetch(ahead + r * ahead_stride + line * 64, _MM_HINT_T0);
-        if (r < rows) acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_loadu_si512(k + r * stride + d));
+        if (pf) _mm_prefetch(pa, _MM_HINT_T0);
+        pa += ahead_stride;
+        if (Full || r < rows) {
+          const __m512i kv = _mm512_loadu_si512(kr);
+          acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<const __m512bh&>(qi),
+                                    reinterpret_cast<const __m512bh&>(kv));
+        }
+        kr += stride;
       }
     }
-    _mm512_mask_storeu_ps(out + g * out_stride, mask, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+    const __m512 s = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
+    if (Full)
+      _mm512_storeu_ps(out + g * out_stride, s);
+    else
+      _mm512_mask_storeu_ps(out + g * out_stride, static_cast<__mmask16>((1u << rows) - 1), s);
   }
+}
+
+template <int G>
+inline void scores16(const uint16_t* q, const uint16_t* k, int64_t stride, int64_t dim, int64_t rows, float scale,
+                     float* out, int64_t out_stride, const char* ahead, int64_t ahead_stride, int64_t ahead_lines) {
+  if (rows == 16 && ahead != nullptr)
+    scores16_rows<G, true, true>(q, k, stride, dim, rows, scale, out, out_stride, ahead, ahead_stride, ahead_lines);
+  else if (rows == 16)
+    scores16_rows<G, true, false>(q, k, stride, dim, rows, scale, out, out_stride, ahead, ahead_stride, ahead_lines);
+  else if (ahead != nullptr)
+    scores16_rows<G, false, true>(q, k, stride, dim, rows, scale, out, out_stride, ahead, ahead_stride, ahead_lines);
+  else
+    scores16_rows<G, false, false>(q, k, stride, dim, rows, scale, out, out_stride, ahead, ahead_stride, ahead_lines);
 }
 
 #ifdef TUILI_AMX_SCORES

@@ -92,6 +92,20 @@ inline void store_rows(const float* sums, int64_t rows, int64_t n0, int64_t widt
   }
 }
 
+// Rows m0 .. m1 - 1 cut into `tiles` tiles whose sizes differ by one at most, f(first row,
+// rows) for each: 32 rows in tiles of up to 6 are 6 + 6 + 5 + 5 + 5 + 5, not 6 x 5 + 2. A short
+// tile costs nearly what a full one does (too few accumulators to hide the multiply-add's
+// latency): with the 2-row tile, 32 rows took as long as 36 (Zen 5, kernel_ab: 1.0Nx).
+template <typename F>
+inline void balanced_tiles(int64_t m0, int64_t m1, int64_t tiles, F&& f) {
+  const int64_t base = (m1 - m0) / tiles, extra = (m1 - m0) % tiles;
+  for (int64_t t = 0, m = m0; t < tiles; ++t) {
+    const int rows = static_cast<int>(base + (t < extra ? 1 : 0));
+    f(m, rows);
+    m += rows;
+  }
+}
+
 // No work before a panel's tiles (see for_each_tile).
 struct NoPanelStep {
   void operator()(int64_t, int64_t, std::vector<float>&) const {}
@@ -113,9 +127,7 @@ void for_each_tile(int64_t M, int64_t N, int64_t row_bytes, const float* scales,
     const int64_t m1 = std::min(M, m0 + row_block);
     // Balanced: the block's rows in tiles of equal size (16 rows as 8 + 8, not 12 + 4), for
     // kernels whose short tiles cost nearly what full ones do.
-    const int64_t tile_rows =
-        Balanced ? (m1 - m0 + (m1 - m0 + TileRows - 1) / TileRows - 1) / ((m1 - m0 + TileRows - 1) / TileRows)
-                 : TileRows;
+    const int64_t tiles = (m1 - m0 + TileRows - 1) / TileRows;
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
       alignas(64) float acc[TileRows * kPanel];
       std::vector<float> scratch;
@@ -123,10 +135,14 @@ void for_each_tile(int64_t M, int64_t N, int64_t row_bytes, const float* scales,
         const int64_t n0 = p * kPanel;
         const int64_t width = std::min(kPanel, N - n0);
         panel_step(p, m1 - m0, scratch);
-        for (int64_t m = m0; m < m1; m += tile_rows) {
-          const int rows = static_cast<int>(std::min<int64_t>(tile_rows, m1 - m));
+        auto run = [&](int64_t m, int rows) {
           tile(p, m, rows, scratch, acc);
           store_rows(acc, rows, n0, width, N, scales, bias, out + m * N);
+        };
+        if constexpr (Balanced) {
+          balanced_tiles(m0, m1, tiles, run);
+        } else {
+          for (int64_t m = m0; m < m1; m += TileRows) run(m, static_cast<int>(std::min<int64_t>(TileRows, m1 - m)));
         }
       }
     });
@@ -140,6 +156,13 @@ void for_each_tile(int64_t M, int64_t N, int64_t row_bytes, const float* scales,
 // panel) each panel takes its own tiles. Per tile, `tile(p, np, m, rows, acc)` leaves the sums
 // of np panels (a compile-time 1 or 2) from panel p at acc + j * TileRows * kPanel, written out
 // with `scales` and `bias`.
+// The pair of panels a thread takes after this one (first panel `p`, -1 when none or when the
+// panels take their own tiles), and which of the pair's `parts` tiles runs now: a tile may
+// request its share of the next pair's lines while it computes (gemm_bf16x2).
+struct NextPair {
+  int64_t p, part, parts;
+};
+
 template <int TileRows, typename Out, typename Tile>
 void for_each_pair_tile(int64_t M, int64_t N, int64_t row_bytes, bool joint, const float* scales, const float* bias,
                         Out* out, Tile tile) {
@@ -147,25 +170,24 @@ void for_each_pair_tile(int64_t M, int64_t N, int64_t row_bytes, bool joint, con
   const int64_t row_block = row_block_rows(row_bytes, TileRows);
   for (int64_t m0 = 0; m0 < M; m0 += row_block) {
     const int64_t m1 = std::min(M, m0 + row_block), tiles = (m1 - m0 + TileRows - 1) / TileRows;
-    const int64_t tile_rows = (m1 - m0 + tiles - 1) / tiles;
     at::parallel_for(0, pairs, 1, [&](int64_t q0, int64_t q1) {
       alignas(64) float acc[2 * TileRows * kPanel];
-      auto tiles_of = [&](int64_t p, auto np) {  // np: panels per tile, a compile-time 1 or 2
-        for (int64_t m = m0; m < m1; m += tile_rows) {
-          const int rows = static_cast<int>(std::min<int64_t>(tile_rows, m1 - m));
-          tile(p, np, m, rows, acc);
+      auto tiles_of = [&](int64_t p, auto np, int64_t next) {  // np: panels per tile, a compile-time 1 or 2
+        int64_t part = 0;
+        balanced_tiles(m0, m1, tiles, [&](int64_t m, int rows) {
+          tile(p, np, m, rows, acc, NextPair{next, part++, tiles});
           for (int i = 0; i < decltype(np)::value; ++i) {
             const int64_t n0 = (p + i) * kPanel;
             store_rows(acc + i * TileRows * kPanel, rows, n0, std::min(kPanel, N - n0), N, scales, bias, out + m * N);
           }
-        }
+        });
       };
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t p = 2 * q;
         if (joint && p + 1 < panels) {
-          tiles_of(p, std::integral_constant<int, 2>{});
+          tiles_of(p, std::integral_constant<int, 2>{}, q + 1 < q1 ? p + 2 : -1);
         } else {
-          for (int64_t j = p; j < std::min(p + 2, panels); ++j) tiles_of(j, std::integral_constant<int, 1>{});
+          for (int64_t j = p; j < std::min(p + 2, panels); ++j) tiles_of(j, std::integral_constant<int, 1>{}, -1);
         }
       }
     });
@@ -545,7 +567,7 @@ void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (M >= kVnniPairFrom) {  // two panels a tile, as gemm_bf16x2 (same bits)
     const int64_t stride = K32 * kPanel;
-    auto run = [&](int64_t p, auto np, int64_t m, int rows, float* acc) {
+    auto run = [&](int64_t p, auto np, int64_t m, int rows, float* acc, NextPair) {
       with_rows<kVnniPairRows>(rows, [&](auto mr) {
         tile_vnni<decltype(mr)::value, decltype(np)::value>(xq.data() + m * K32, xs.data() + m * nb, comp.data() + m * nb,
                                                             K32, packed + p * stride, ws_of(p), acc, stride, nb * kPanel);
@@ -690,6 +712,7 @@ constexpr int kBf16Rows = 6;
 // Input pairs (64-byte lines) requested ahead, into L1 (_MM_HINT_T0): on the AVX512 Xeon
 // the non-temporal hint of the AVX2 tile ran at 19.3 ms for batch 1, none at 14.3, T0 at 12.3.
 constexpr int64_t kBf16Ahead = 16;
+constexpr auto kNextPairHint = _MM_HINT_T1;
 
 // The sums of MR rows over NP consecutive panels (`panel`, `panel + stride`): acc[j][r][16] at
 // acc + (j * kBf16Rows + r) * kPanel. Every (row, panel) takes the same two sums in the same
@@ -697,7 +720,10 @@ constexpr int64_t kBf16Ahead = 16;
 // added at the end), so a row's bits do not depend on the tile it lands in.
 template <int MR, int NP>
 inline void tile_bf16x2(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t stride, int64_t K2,
-                        float* acc) {
+                        float* acc, const char* next = nullptr, int64_t next_lines = 0) {
+  // next: lines of the pair of panels taken after this one, requested into L2 a few per step
+  const int64_t per_step = next_lines > 0 ? (next_lines + K2 / 4 - 1) / std::max<int64_t>(1, K2 / 4) : 0;
+  int64_t requested = 0;
   __m512 c[NP][MR], d[NP][MR];
 #pragma GCC unroll 2
   for (int j = 0; j < NP; ++j)
@@ -714,6 +740,8 @@ inline void tile_bf16x2(const uint16_t* x, int64_t ldx, const uint16_t* panel, i
       w0[j] = (__m512bh)_mm512_loadu_si512(pj + k * kPanel);
       w1[j] = (__m512bh)_mm512_loadu_si512(pj + (k + 2) * kPanel);
     }
+    for (int64_t i = 0; i < per_step && requested < next_lines; ++i, ++requested)
+      _mm_prefetch(next + requested * 64, kNextPairHint);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t a, b;
@@ -755,9 +783,19 @@ template <typename Out>
 void gemm_bf16x2(const uint16_t* x, int64_t M, int64_t K2, const uint16_t* packed, int64_t N, const float* bias,
                  Out* out) {
   const int64_t stride = K2 * kPanel;
-  auto run = [&](int64_t p, auto np, int64_t m, int rows, float* acc) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  auto run = [&](int64_t p, auto np, int64_t m, int rows, float* acc, NextPair next) {
+    const char* ahead = nullptr;
+    int64_t lines = 0;
+    if (next.p >= 0) {  // this tile's share of the next pair's lines
+      const int64_t total = std::min<int64_t>(2, panels - next.p) * stride * 2 / 64;
+      const int64_t from = total * next.part / next.parts, to = total * (next.part + 1) / next.parts;
+      ahead = reinterpret_cast<const char*>(packed + next.p * stride) + from * 64;
+      lines = to - from;
+    }
     with_rows<kBf16Rows>(rows, [&](auto mr) {
-      tile_bf16x2<decltype(mr)::value, decltype(np)::value>(x + m * K2, K2, packed + p * stride, stride, K2, acc);
+      tile_bf16x2<decltype(mr)::value, decltype(np)::value>(x + m * K2, K2, packed + p * stride, stride, K2, acc,
+                                                            ahead, lines);
     });
   };
   for_each_pair_tile<kBf16Rows>(M, N, K2 * 2, M >= kBf16PairRows, nullptr, bias, out, run);

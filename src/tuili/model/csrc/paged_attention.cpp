@@ -362,20 +362,32 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
                         _mm_prefetch(reinterpret_cast<const char*>(vn + r * row_stride) + off, _MM_HINT_T0);
                   }
                 };
-                for_each_position(table, block_size, first, end_pos, pf, [&](int64_t slot, int64_t pos) {
-                  prefetch_row(v_ahead, slot % block_size);
-                  const T* vp = v_cache + (slot * kv_heads + kvh) * dim + d;
-                  const __m512 v0 = tuili::load16(vp), v1 = tuili::load16(vp + 16), v2 = tuili::load16(vp + 32),
-                               v3 = tuili::load16(vp + 48);
+                // Block by block, the row and weight addresses walked by pointer: through
+                // for_each_position each row cost a division (its offset in the block, for the
+                // request ahead) and a product for its address, and the pass ran 1.1x slower.
+                for (int64_t t0 = start_block; t0 < end_pos; t0 += block_size) {
+                  pf(t0);
+                  const int64_t i0 = std::max<int64_t>(0, first - t0), n = std::min(end_pos - t0, block_size);
+                  const T* vp = v_cache + ((table[t0 / block_size] * block_size + i0) * kv_heads + kvh) * dim + d;
+                  const float* w = sk + (t0 + i0 - first) * ps;
+                  const char* pa = v_ahead != nullptr ? v_ahead + i0 * row_stride * static_cast<int64_t>(sizeof(T)) : nullptr;
+                  for (int64_t i = i0; i < n; ++i, vp += row_stride, w += ps) {
+                    if (pa != nullptr) {
+                      for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(pa + off, _MM_HINT_T0);
+                      pa += row_stride * static_cast<int64_t>(sizeof(T));
+                    }
+                    const __m512 v0 = tuili::load16(vp), v1 = tuili::load16(vp + 16), v2 = tuili::load16(vp + 32),
+                                 v3 = tuili::load16(vp + 48);
   #pragma GCC unroll 8
-                  for (int g = 0; g < G; ++g) {
-                    const __m512 w = _mm512_set1_ps(sk[g * gs + pos * ps]);
-                    acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);
-                    acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);
-                    acc[g][2] = _mm512_fmadd_ps(w, v2, acc[g][2]);
-                    acc[g][3] = _mm512_fmadd_ps(w, v3, acc[g][3]);
+                    for (int g = 0; g < G; ++g) {
+                      const __m512 wg = _mm512_set1_ps(w[g * gs]);
+                      acc[g][0] = _mm512_fmadd_ps(wg, v0, acc[g][0]);
+                      acc[g][1] = _mm512_fmadd_ps(wg, v1, acc[g][1]);
+                      acc[g][2] = _mm512_fmadd_ps(wg, v2, acc[g][2]);
+                      acc[g][3] = _mm512_fmadd_ps(wg, v3, acc[g][3]);
+                    }
                   }
-                });
+                }
   #pragma GCC unroll 8
                 for (int g = 0; g < G; ++g)
                   for (int j = 0; j < 4; ++j)
