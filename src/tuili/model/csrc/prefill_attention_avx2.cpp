@@ -9,12 +9,13 @@
 // V are first copied out of the blocks, widened to float32, into panels of 16 (K: 16
 // positions x the head dim, so scores come out 16 positions at a time; V: 16 dims x the
 // positions, so the weighted sum comes out 16 dims at a time). Then each (query head, 6
-// queries) task makes its scores against the positions the 6 can see, runs an exact softmax
-// per row in float32 (positions a row may not see get exactly 0), and multiplies the
-// probabilities with V's panels (12 queries a task with AVX-512: attn_tile). The sum over positions runs in position order, one FMA per
-// term; the result differs from the float64 attention by float32 rounding only. SmolLM2's
-// shape, 30 layers (benchmarks/prefill_attention_avx2.py, AVX2 EPYC, 2 cores): 245 tokens
-// 33-35 ms against 74 ms for the PyTorch path, 500 tokens 104 against 262 ms.
+// queries; 12 with AVX-512, see attn_tile) task makes its scores against the positions they
+// can see, runs an exact softmax per row in float32 (positions a row may not see get exactly
+// 0), and multiplies the probabilities with V's panels. The sum over positions runs in
+// position order, one FMA per term; the result differs from the float64 attention by
+// float32 rounding only. SmolLM2's shape, 30 layers (benchmarks/prefill_attention_avx2.py,
+// AVX2 EPYC, 2 cores): 245 tokens 33-35 ms against 74 ms for the PyTorch path, 500 tokens
+// 104 against 262 ms.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
