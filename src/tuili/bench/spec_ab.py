@@ -5,7 +5,10 @@ Two `tuili serve` processes of the default model run side by side, one plain and
 which goes first), through the same streaming client as `tuili bench serve`:
 
 - grounded c=1 and c=16: bench/grounded.py's prompts (a passage, then a task that asks for
-  its words back), chat endpoint, greedy, natural stops (no ignore_eos), max_tokens cap;
+  its words back), chat endpoint, greedy, natural stops (no ignore_eos), max_tokens cap; the
+  c=16 run sends `--grounded-waves` (default 4) times as many prompts as clients: with one
+  prompt per client the run lasted as long as its slowest request, and the requests whose
+  drafts never land (a paraphrase rather than a copy) set the time whatever the others gained;
 - open c=1: the peers workload (corpus windows, completions endpoint, greedy, exactly
   `--open-len` tokens via ignore_eos/min_tokens); `--open-conc 16,32` adds the same
   workload at those concurrencies (twice as many prompts as clients), where drafts must
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speculative-max-batch", type=int, default=None,
                    help="the spec server's --speculative-max-batch (default: the server's own)")
     p.add_argument("--c16", type=int, default=16, help="concurrency of the grounded batch run (0: skip)")
+    p.add_argument("--grounded-waves", type=int, default=4,
+                   help="prompts of the grounded batch run, in multiples of its concurrency")
     p.add_argument("--open-conc", default="", help="comma-separated concurrencies of open-ended batch runs")
     p.add_argument("--server-args", default="", help="extra `tuili serve` arguments for both servers, one string")
     p.add_argument("--output", default="bench-results/spec_ab.jsonl")
@@ -55,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         "open c=1": (random_prompt_texts(tok, args.prompts_c1, 100, 300, 1), "completions", args.open_len, 1, True),
     }
     if args.c16:
-        work[f"grounded c={args.c16}"] = (grounded_prompt_texts(tok, args.c16, 150, 400, 2), "chat",
-                                          args.grounded_len, args.c16, False)
+        work[f"grounded c={args.c16}"] = (grounded_prompt_texts(tok, args.grounded_waves * args.c16, 150, 400, 2),
+                                          "chat", args.grounded_len, args.c16, False)
     for c in (int(x) for x in args.open_conc.split(",") if x.strip()):
         work[f"open c={c}"] = (random_prompt_texts(tok, 2 * c, 100, 300, 3), "completions", args.open_len, c, True)
     servers = {}
