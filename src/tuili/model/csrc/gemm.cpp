@@ -150,7 +150,7 @@ void for_each_tile(int64_t M, int64_t N, int64_t row_bytes, const float* scales,
 }
 
 
-// The loop of the two-panel tiles (gemm_bf16x2; gemm_a8 from kVnniPairFrom rows): row blocks as
+// The loop of the two-panel tiles (gemm_bf16x2; gemm_a8 with VNNI): row blocks as
 // for_each_tile's, each block's rows in tiles of equal size, threads splitting the panels in
 // pairs. Where `joint`, a tile covers both panels of a pair; otherwise (and for an odd last
 // panel) each panel takes its own tiles. Per tile, `tile(p, np, m, rows, acc)` leaves the sums
@@ -361,22 +361,20 @@ inline void tile_a8(const int8_t* xq, const float* xs, int64_t K32, const int8_t
 // unsigned operand, offset by 128 (w ^ 0x80 = w + 128 as a byte, one xor per line shared by
 // every row of the tile); each block's int32 sum starts at -128 x the sum of the row's
 // activation codes in that block (quantize_rows' comp), so it ends exactly at sum x w.
-// (w + 128) x <= 255 x 127 per product: no saturation. Tiles of up to 8 rows x 16 columns
-// keep 16 of the 32 vector registers as sums.
-constexpr int kVnniRows = 8;
-// A tile over two panels (from kVnniPairFrom rows): 6 rows x 2 panels x (int32 + float32 sums)
-// = 24 registers; per 4 inputs 12 vpdpbusd against 2 weight and 6 activation loads, where one
-// panel of 8 rows issued 8 against 1 + 8 (the bf16 tiles' reason, gemm_bf16x2).
+// (w + 128) x <= 255 x 127 per product: no saturation.
+// A tile covers two panels: 6 rows x 2 panels x (int32 + float32 sums) = 24 registers; per 4 inputs 12 vpdpbusd against 2 weight and 6 activation loads. At every row
+// count: the one-panel tiles of up to 8 rows that took 1-63 rows ran 1.5-3x slower
+// (kernel_ab --int8, Zen 5, same bits: 1.05x at 1 row, 1.46x at 2, 1.50x at 4, 1.68x at 6,
+// 2.0x at 8, 2.7x at 16, 3.1x at 32, 3.0x at 63; 1.00x from 64, where the pair tile was
+// already taken).
 constexpr int kVnniPairRows = 6;
-// From 64 rows (kernel_ab --int8, Zen 5): 0.89x at 8 rows, 1.00-1.03x at 16-32, 1.09-1.25x at 64-1024.
-constexpr int64_t kVnniPairFrom = 64;
 // The sums of MR rows over NP panels (`panel` + j * stride, block scales `ws` + j * ws_stride):
 // acc + (j * kVnniPairRows + r) * kPanel. Every (row, panel) takes the same steps in the same order
 // whatever MR and NP are, so a row's bits do not depend on the tile it lands in.
 template <int MR, int NP = 1>
 inline void tile_vnni(const int8_t* xq, const float* xs, const int32_t* comp, int64_t K32, const int8_t* panel,
                       const float* ws, float* acc, int64_t stride = 0, int64_t ws_stride = 0) {
-  static_assert(MR <= kVnniRows && NP * MR <= 2 * kVnniPairRows, "tile_vnni: too many sums for the registers");
+  static_assert(MR <= kVnniPairRows && NP <= 2, "tile_vnni: too many sums for the registers");
   const int64_t nb = K32 / kQBlock;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 f[NP][MR];
@@ -565,7 +563,7 @@ void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t
   quantize_rows(x, M, K, xq.data(), xs.data(), kVnni ? comp.data() : nullptr);
   auto ws_of = [&](int64_t p) { return wscales ? wscales + p * nb * kPanel : nullptr; };
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if (M >= kVnniPairFrom) {  // two panels a tile, as gemm_bf16x2 (same bits)
+  {  // two panels a tile, as gemm_bf16x2 (same bits), at every row count (kVnniPairRows)
     const int64_t stride = K32 * kPanel;
     auto run = [&](int64_t p, auto np, int64_t m, int rows, float* acc, NextPair) {
       with_rows<kVnniPairRows>(rows, [&](auto mr) {
@@ -574,15 +572,7 @@ void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t
       });
     };
     for_each_pair_tile<kVnniPairRows>(M, N, K32, true, scales, bias, out, run);
-    return;
   }
-  auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
-    with_rows<kVnniRows>(rows, [&](auto mr) {
-      tile_vnni<decltype(mr)::value>(xq.data() + m * K32, xs.data() + m * nb, comp.data() + m * nb, K32,
-                                     packed + p * K32 * kPanel, ws_of(p), acc);
-    });
-  };
-  for_each_tile<kVnniRows>(M, N, K32, scales, bias, out, run);
 #else
   auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
     with_rows<kA8Rows>(rows, [&](auto mr) {
