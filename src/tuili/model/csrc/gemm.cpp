@@ -16,7 +16,7 @@
 //
 // Every product walks row blocks, panels and tiles through one loop (for_each_tile) and
 // writes its sums out through one function (store_rows); what differs is only the
-// micro-kernel of a tile. The tiles over two panels (vdpbf16ps; int8 VNNI from 64 rows) walk
+// micro-kernel of a tile. The tiles over two panels (vdpbf16ps; int8 VNNI) walk
 // the same blocks in for_each_pair_tile, threads splitting the panels in pairs. The AMX products
 // (bf16, and int8 from a measured row count) keep loops of their own: their unit is two panels
 // x 32 rows held in tile registers configured once per thread.
@@ -93,9 +93,9 @@ inline void store_rows(const float* sums, int64_t rows, int64_t n0, int64_t widt
 }
 
 // Rows m0 .. m1 - 1 cut into `tiles` tiles whose sizes differ by one at most, f(first row,
-// rows) for each: 32 rows in tiles of up to 6 are 6 + 6 + 5 + 5 + 5 + 5, not 6 x 5 + 2. A short
-// tile costs nearly what a full one does (too few accumulators to hide the multiply-add's
-// latency): with the 2-row tile, 32 rows took as long as 36 (Zen 5, kernel_ab: 1.0Nx).
+// rows) for each: 32 rows in tiles of up to 6 are 6 + 6 + 5 + 5 + 5 + 5, not 6 x 5 + 2 (a
+// short tile has few accumulators to hide the multiply-add's latency; on the Zen 5 EPYC the
+// two cuts measured within 0.99-1.02x of each other, kernel_ab at 8-64 rows).
 template <typename F>
 inline void balanced_tiles(int64_t m0, int64_t m1, int64_t tiles, F&& f) {
   const int64_t base = (m1 - m0) / tiles, extra = (m1 - m0) % tiles;
@@ -150,12 +150,6 @@ void for_each_tile(int64_t M, int64_t N, int64_t row_bytes, const float* scales,
 }
 
 
-// The loop of the two-panel tiles (gemm_bf16x2; gemm_a8 with VNNI): row blocks as
-// for_each_tile's, each block's rows in tiles of equal size, threads splitting the panels in
-// pairs. Where `joint`, a tile covers both panels of a pair; otherwise (and for an odd last
-// panel) each panel takes its own tiles. Per tile, `tile(p, np, m, rows, acc)` leaves the sums
-// of np panels (a compile-time 1 or 2) from panel p at acc + j * TileRows * kPanel, written out
-// with `scales` and `bias`.
 // The pair of panels a thread takes after this one (first panel `p`, -1 when none or when the
 // panels take their own tiles), and which of the pair's `parts` tiles runs now: a tile may
 // request its share of the next pair's lines while it computes (gemm_bf16x2).
@@ -163,6 +157,12 @@ struct NextPair {
   int64_t p, part, parts;
 };
 
+// The loop of the two-panel tiles (gemm_bf16x2; gemm_a8 with VNNI): row blocks as
+// for_each_tile's, each block's rows in tiles of equal size, threads splitting the panels in
+// pairs. Where `joint`, a tile covers both panels of a pair; otherwise (and for an odd last
+// panel) each panel takes its own tiles. Per tile, `tile(p, np, m, rows, acc, next)` leaves the
+// sums of np panels (a compile-time 1 or 2) from panel p at acc + j * TileRows * kPanel, written
+// out with `scales` and `bias`; `next` is a NextPair.
 template <int TileRows, typename Out, typename Tile>
 void for_each_pair_tile(int64_t M, int64_t N, int64_t row_bytes, bool joint, const float* scales, const float* bias,
                         Out* out, Tile tile) {
@@ -563,16 +563,15 @@ void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t
   quantize_rows(x, M, K, xq.data(), xs.data(), kVnni ? comp.data() : nullptr);
   auto ws_of = [&](int64_t p) { return wscales ? wscales + p * nb * kPanel : nullptr; };
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  {  // two panels a tile, as gemm_bf16x2 (same bits), at every row count (kVnniPairRows)
-    const int64_t stride = K32 * kPanel;
-    auto run = [&](int64_t p, auto np, int64_t m, int rows, float* acc, NextPair) {
-      with_rows<kVnniPairRows>(rows, [&](auto mr) {
-        tile_vnni<decltype(mr)::value, decltype(np)::value>(xq.data() + m * K32, xs.data() + m * nb, comp.data() + m * nb,
-                                                            K32, packed + p * stride, ws_of(p), acc, stride, nb * kPanel);
-      });
-    };
-    for_each_pair_tile<kVnniPairRows>(M, N, K32, true, scales, bias, out, run);
-  }
+  // two panels a tile, as gemm_bf16x2 (same bits), at every row count (kVnniPairRows)
+  const int64_t stride = K32 * kPanel;
+  auto run = [&](int64_t p, auto np, int64_t m, int rows, float* acc, NextPair) {
+    with_rows<kVnniPairRows>(rows, [&](auto mr) {
+      tile_vnni<decltype(mr)::value, decltype(np)::value>(xq.data() + m * K32, xs.data() + m * nb, comp.data() + m * nb,
+                                                          K32, packed + p * stride, ws_of(p), acc, stride, nb * kPanel);
+    });
+  };
+  for_each_pair_tile<kVnniPairRows>(M, N, K32, true, scales, bias, out, run);
 #else
   auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
     with_rows<kA8Rows>(rows, [&](auto mr) {

@@ -188,10 +188,11 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
           return ta < ahead_end ? reinterpret_cast<const char*>(cache + (table[ta / block_size] * block_size * kv_heads + h0) * dim)
                               : nullptr;
         };
-        auto prefetch_row = [&](const char* row0, int64_t i) {
-          if (row0 == nullptr) return;
-          const char* p = row0 + i * row_stride * static_cast<int64_t>(sizeof(T));
+        auto prefetch_at = [&](const char* p) {  // this task's bytes of one token's row
           for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+        };
+        auto prefetch_row = [&](const char* row0, int64_t i) {
+          if (row0 != nullptr) prefetch_at(row0 + i * row_stride * static_cast<int64_t>(sizeof(T)));
         };
         auto prefetch_block = [&](const T* cache, int64_t t0) {
           if (t0 >= ahead_end) return;
@@ -373,7 +374,7 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
                   const char* pa = v_ahead != nullptr ? v_ahead + i0 * row_stride * static_cast<int64_t>(sizeof(T)) : nullptr;
                   for (int64_t i = i0; i < n; ++i, vp += row_stride, w += ps) {
                     if (pa != nullptr) {
-                      for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(pa + off, _MM_HINT_T0);
+                      prefetch_at(pa);
                       pa += row_stride * static_cast<int64_t>(sizeof(T));
                     }
                     const __m512 v0 = tuili::load16(vp), v1 = tuili::load16(vp + 16), v2 = tuili::load16(vp + 32),
