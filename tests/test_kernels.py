@@ -383,6 +383,30 @@ def test_fused_silu_mul(dtype):
     torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (5, 33), (32, 300), (2, 49152)])
+def test_argmax_rows_is_torch_max_index(rows, n):
+    """Greedy sampling's argmax (sampler.greedy_ids): each row's first maximal index, a NaN as
+    the largest, exactly as torch.max(dim=-1), through ties, infinities and NaNs, on either side
+    of the vector body's multiple of 32 and its 8-wide scan."""
+    from tuili.engine.sampler import greedy_ids
+
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    cases = [torch.randn(rows, n, generator=gen), (torch.randn(rows, n, generator=gen) * 2).round()]
+    x = torch.randn(rows, n, generator=gen)
+    x[torch.rand(rows, n, generator=gen) < 0.1] = float("inf")
+    cases.append(x)
+    x = torch.randn(rows, n, generator=gen)
+    x[torch.rand(rows, n, generator=gen) < 0.05] = float("nan")
+    x[-1, -1] = float("nan")  # a NaN in the scalar tail
+    cases += [x, torch.full((rows, n), float("-inf"))]
+    for x in cases:
+        want = x.max(dim=-1).indices
+        assert torch.equal(ext.argmax_rows(x), want)
+        assert torch.equal(greedy_ids(x), want)
+    strided = torch.randn(rows, 2 * n, generator=gen)[:, ::2]
+    assert torch.equal(greedy_ids(strided), strided.max(dim=-1).indices)
+
+
 @pytest.fixture(scope="module")
 def small_models(tiny_model):
     """Two random-weight models (conftest's `tiny_model`): Llama (GQA, untied) and Qwen2 (q/k/v bias)."""

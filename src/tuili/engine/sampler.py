@@ -29,8 +29,21 @@ from typing import Sequence as Seq
 
 import torch
 
+from ..model.kernels import cpu_kernels
 from ..sampling import SamplingParams
 from .guided import Guide, GuidedStats, MaskBuilder
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximal index (a NaN counts as the largest), as
+    `logits.max(dim=-1).indices`: the CPU kernel's `argmax_rows` where it is built (torch's
+    reduction took about 1 ms of a 26 ms decode step at batch 32 on 2 cores), else torch's
+    max (the first maximal index, as argmax, at half argmax's cost on a CPU)."""
+    if logits.device.type == "cpu" and logits.dtype is torch.float32 and logits.dim() == 2 and logits.shape[1]:
+        ext = cpu_kernels()
+        if ext is not None and hasattr(ext, "argmax_rows"):
+            return ext.argmax_rows(logits)
+    return logits.max(dim=-1).indices
 
 
 @dataclass
@@ -74,8 +87,7 @@ class Sampler:
         token_list = [0] * len(rows)
         if greedy:
             picked = logits if len(greedy) == len(rows) else logits[torch.tensor(greedy, device=logits.device)]
-            # max(dim).indices: the first maximal index, as argmax, at half its cost on a CPU
-            for i, t in zip(greedy, picked.max(dim=-1).indices.tolist()):
+            for i, t in zip(greedy, greedy_ids(picked).tolist()):
                 token_list[i] = t
         if sampled:
             part = logits if len(sampled) == len(rows) else logits[torch.tensor(sampled, device=logits.device)]

@@ -43,5 +43,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("eps"), py::arg("delta"));
   m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q and k, and the KV cache write, in one pass", kNoGil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection", kNoGil);
+  m.def("argmax_rows", &argmax_rows, "each row's first maximal index, NaN as the largest (greedy sampling)", kNoGil);
   m.def("llama_decode_layers", &llama_decode_layers, "all Llama decoder layers of a decode-only step (CPU)", kNoGil);
 }

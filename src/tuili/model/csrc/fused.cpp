@@ -150,6 +150,46 @@ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t inter) {
   });
 }
 
+// The index of the first maximal value of x[0 .. n), a NaN counting as the largest (the first
+// NaN wins), as torch.max(dim=-1).indices gives it. n > 0.
+inline int64_t argmax_row(const float* x, int64_t n) {
+  int64_t i = 0;
+  float m = -INFINITY;
+  bool nan = false;
+#ifdef __AVX2__
+  __m256 v[4], un = _mm256_setzero_ps();
+  for (int k = 0; k < 4; ++k) v[k] = _mm256_set1_ps(-INFINITY);
+  for (; i + 32 <= n; i += 32)
+    for (int k = 0; k < 4; ++k) {
+      const __m256 a = _mm256_loadu_ps(x + i + 8 * k);
+      v[k] = _mm256_max_ps(v[k], a);
+      un = _mm256_or_ps(un, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])));
+  for (float l : lanes) m = std::max(m, l);
+  nan = _mm256_movemask_ps(un) != 0;
+#endif
+  for (; i < n; ++i) {
+    if (std::isnan(x[i])) nan = true;
+    else m = std::max(m, x[i]);
+  }
+  if (nan)
+    for (int64_t j = 0; j < n; ++j)
+      if (std::isnan(x[j])) return j;
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256 mv = _mm256_set1_ps(m);
+  for (; j + 8 <= n; j += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), mv, _CMP_EQ_OQ));
+    if (hit) return j + __builtin_ctz(hit);
+  }
+#endif
+  for (; j < n; ++j)
+    if (x[j] == m) return j;
+  return 0;
+}
+
 }  // namespace
 
 // x [rows, dim] (float32 or bfloat16, contiguous), w [dim]. With a non-empty delta, first
@@ -230,5 +270,22 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
     TORCH_CHECK(gate_up.scalar_type() == torch::kBFloat16, "silu_mul: float32 or bfloat16");
     silu_mul_kernel<at::BFloat16>(gate_up.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), gate_up.size(0), I);
   }
+  return out;
+}
+
+// x [rows, n] float32 -> [rows] int64: each row's first maximal index (greedy sampling). torch's
+// max over the last dim took about 1 ms for a batch of 32 rows of a 49,152-token vocabulary on
+// 2 threads of the Zen 5 EPYC, 4% of a decode step; this reads the logits at memory speed.
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) > 0,
+              "argmax_rows: float32 [rows, n] with n > 0");
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0), N = xc.size(1);
+  auto out = torch::empty({M}, xc.options().dtype(torch::kLong));
+  const float* p = xc.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) o[r] = argmax_row(p + r * N, N);
+  });
   return out;
 }

@@ -31,6 +31,7 @@ torch::Tensor rope_write_kv(torch::Tensor qkv, torch::Tensor positions, torch::T
                             int64_t heads, int64_t kv_heads, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor slots, torch::Tensor k_scales, torch::Tensor v_scales);
 torch::Tensor silu_mul(torch::Tensor gate_up);
+torch::Tensor argmax_rows(torch::Tensor x);
 torch::Tensor llama_decode_layers(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
                                   std::vector<std::vector<torch::Tensor>> norms,
                                   std::vector<std::vector<torch::Tensor>> caches,
