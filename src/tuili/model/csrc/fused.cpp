@@ -275,7 +275,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 
 // x [rows, n] float32 -> [rows] int64: each row's first maximal index (greedy sampling). torch's
 // max over the last dim took about 1 ms for a batch of 32 rows of a 49,152-token vocabulary on
-// 2 threads of the Zen 5 EPYC, 4% of a decode step; this reads the logits at memory speed.
+// 2 threads of the Zen 5 EPYC, about 3% of a decode step; this takes 0.08 ms.
 torch::Tensor argmax_rows(torch::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) > 0,
               "argmax_rows: float32 [rows, n] with n > 0");
