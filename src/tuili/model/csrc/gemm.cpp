@@ -362,8 +362,9 @@ inline void tile_a8(const int8_t* xq, const float* xs, int64_t K32, const int8_t
 // every row of the tile); each block's int32 sum starts at -128 x the sum of the row's
 // activation codes in that block (quantize_rows' comp), so it ends exactly at sum x w.
 // (w + 128) x <= 255 x 127 per product: no saturation.
-// A tile covers two panels: 6 rows x 2 panels x (int32 + float32 sums) = 24 registers; per 4 inputs 12 vpdpbusd against 2 weight and 6 activation loads. At every row
-// count: the one-panel tiles of up to 8 rows that took 1-63 rows ran 1.5-3x slower
+// A tile covers two panels: 6 rows x 2 panels x (int32 + float32 sums) = 24 registers; per 4
+// inputs 12 vpdpbusd against 2 weight and 6 activation loads. At every row count: the
+// one-panel tiles of up to 8 rows that took 1-63 rows ran 1.5-3x slower
 // (kernel_ab --int8, Zen 5, same bits: 1.05x at 1 row, 1.46x at 2, 1.50x at 4, 1.68x at 6,
 // 2.0x at 8, 2.7x at 16, 3.1x at 32, 3.0x at 63; 1.00x from 64, where the pair tile was
 // already taken).
@@ -371,9 +372,9 @@ constexpr int kVnniPairRows = 6;
 // The sums of MR rows over NP panels (`panel` + j * stride, block scales `ws` + j * ws_stride):
 // acc + (j * kVnniPairRows + r) * kPanel. Every (row, panel) takes the same steps in the same order
 // whatever MR and NP are, so a row's bits do not depend on the tile it lands in.
-template <int MR, int NP = 1>
+template <int MR, int NP>
 inline void tile_vnni(const int8_t* xq, const float* xs, const int32_t* comp, int64_t K32, const int8_t* panel,
-                      const float* ws, float* acc, int64_t stride = 0, int64_t ws_stride = 0) {
+                      const float* ws, float* acc, int64_t stride, int64_t ws_stride) {
   static_assert(MR <= kVnniPairRows && NP <= 2, "tile_vnni: too many sums for the registers");
   const int64_t nb = K32 / kQBlock;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -389,8 +390,8 @@ inline void tile_vnni(const int8_t* xq, const float* xs, const int32_t* comp, in
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) s[j][r] = _mm512_set1_epi32(comp[r * nb + b]);
     // Unrolled: as a loop, GCC 12 kept the 12 sums of tile_vnni<6, 2> in registers of their own
-    // and copied each into a scratch register before its vpdpbusd and back after it (24 moves and
-    // 17 stack spills per 12 products), which held the tile to half of vpdpbusd's rate.
+    // and copied each into a scratch register before its vpdpbusd and back after it (24 moves per
+    // 12 products, and 17 stack spills), which held the tile to half of vpdpbusd's rate.
 #pragma GCC unroll 8
     for (int64_t g = 0; g < kQBlock / 4; ++g) {
       __m512i w[NP];
