@@ -219,6 +219,31 @@ def test_a_rows_product_does_not_depend_on_the_row_count(widen_rows, form):
         assert torch.equal(product(x[:rows]), alone[:rows]), rows
 
 
+@gemm
+@pytest.mark.parametrize("rows", [1, 8, 32, 70])
+def test_a_product_does_not_depend_on_the_thread_count(rows):
+    """However the panels are handed to the threads (fixed shares, or taken from both ends of
+    a range as the threads go: the bf16 pair tiles from 8 rows), each panel is computed
+    whole by one thread: 1, 2 and 3 threads give the same bits, and every column is there
+    (23 panels and a partial one, so an odd last pair and ranges of unequal length)."""
+    torch.manual_seed(9)
+    n, k = 16 * 23 + 5, 576
+    w = torch.randn(n, k).bfloat16()
+    x = torch.randn(rows, k).bfloat16()
+    packed = ext.pack_weight(w)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(ext.packed_linear(x, packed, n, NONE, NONE, True))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    want = torch.nn.functional.linear(x.float(), w.float())
+    torch.testing.assert_close(outs[0], want, atol=1e-3 * want.abs().max().item(), rtol=1e-3)
+
+
 @pytest.mark.skipif(ext is None or not ext.gemm_bf16_pairs(), reason="pair-packed bf16 needs AVX512-BF16")
 @pytest.mark.parametrize("path", ["amx", "vdpbf16ps", "widened"])
 @pytest.mark.parametrize("rows", [1, 11, 12, 13, 15, 16, 17, 32, 33, 70])

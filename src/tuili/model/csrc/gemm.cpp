@@ -157,21 +157,62 @@ struct NextPair {
   int64_t p, part, parts;
 };
 
+// Items [0, n) over the threads; f(q, q_next, acc) per item, with q_next the item the thread
+// takes after q (-1: none or not known) and acc a per-thread float buffer of AccFloats.
+// two_ended: each thread's share is taken as it goes, not fixed up front. A product of a
+// decode step lasts 20-110 us a thread, and with halves fixed at the start a thread that
+// started late or was held up (the server's event loop shares the cores) left the other
+// waiting at the end. Threads go in twos over a contiguous range (its length in proportion to
+// its threads), one from each end, so each still knows its next item, and the two meet
+// wherever their speeds put them; one atomic per range counts the items taken, so the ends
+// never cross. The thread from the back walks memory downwards from item to item, which only
+// pays where the tiles request the next item's weights themselves (the bf16 pair tiles from
+// kBf16PairRows rows; kernel_ab.py, Zen 5: 0.91-0.93x at 1 and 6 rows without the requests,
+// and no gain for the int8 tiles). Otherwise: contiguous shares fixed up front.
+template <typename F, int AccFloats>
+void for_each_item_two_ended(int64_t n, F&& f, std::integral_constant<int, AccFloats>, bool two_ended) {
+  if (!two_ended) {
+    at::parallel_for(0, n, 1, [&](int64_t q0, int64_t q1) {
+      alignas(64) float acc[AccFloats];
+      for (int64_t q = q0; q < q1; ++q) f(q, q + 1 < q1 ? q + 1 : -1, acc);
+    });
+    return;
+  }
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t ranges = (threads + 1) / 2;  // an odd thread out has a range of its own
+  std::vector<std::atomic<int64_t>> taken(ranges);
+  for (auto& a : taken) a.store(0, std::memory_order_relaxed);
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) float acc[AccFloats];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / 2, lo = n * (2 * r) / threads, hi = n * std::min(2 * r + 2, threads) / threads;
+      std::atomic<int64_t>& count = taken[r];
+      const bool back = t % 2 == 1;
+      for (int64_t i = 0; count.fetch_add(1, std::memory_order_relaxed) < hi - lo; ++i) {
+        if (back)
+          f(hi - 1 - i, hi - 2 - i >= lo ? hi - 2 - i : -1, acc);
+        else
+          f(lo + i, lo + i + 1 < hi ? lo + i + 1 : -1, acc);
+      }
+    }
+  });
+}
+
 // The loop of the two-panel tiles (gemm_bf16x2; gemm_a8 with VNNI): row blocks as
 // for_each_tile's, each block's rows in tiles of equal size, threads splitting the panels in
 // pairs. Where `joint`, a tile covers both panels of a pair; otherwise (and for an odd last
-// panel) each panel takes its own tiles. Per tile, `tile(p, np, m, rows, acc, next)` leaves the
+// panel) each panel takes its own tiles; `two_ended`: the pairs handed out as in
+// for_each_item_two_ended. Per tile, `tile(p, np, m, rows, acc, next)` leaves the
 // sums of np panels (a compile-time 1 or 2) from panel p at acc + j * TileRows * kPanel, written
 // out with `scales` and `bias`; `next` is a NextPair.
 template <int TileRows, typename Out, typename Tile>
-void for_each_pair_tile(int64_t M, int64_t N, int64_t row_bytes, bool joint, const float* scales, const float* bias,
-                        Out* out, Tile tile) {
+void for_each_pair_tile(int64_t M, int64_t N, int64_t row_bytes, bool joint, bool two_ended, const float* scales,
+                        const float* bias, Out* out, Tile tile) {
   const int64_t panels = (N + kPanel - 1) / kPanel, pairs = (panels + 1) / 2;
   const int64_t row_block = row_block_rows(row_bytes, TileRows);
   for (int64_t m0 = 0; m0 < M; m0 += row_block) {
     const int64_t m1 = std::min(M, m0 + row_block), tiles = (m1 - m0 + TileRows - 1) / TileRows;
-    at::parallel_for(0, pairs, 1, [&](int64_t q0, int64_t q1) {
-      alignas(64) float acc[2 * TileRows * kPanel];
+    for_each_item_two_ended(pairs, [&](int64_t q, int64_t q_next, float* acc) {
       auto tiles_of = [&](int64_t p, auto np, int64_t next) {  // np: panels per tile, a compile-time 1 or 2
         int64_t part = 0;
         balanced_tiles(m0, m1, tiles, [&](int64_t m, int rows) {
@@ -182,15 +223,13 @@ void for_each_pair_tile(int64_t M, int64_t N, int64_t row_bytes, bool joint, con
           }
         });
       };
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t p = 2 * q;
-        if (joint && p + 1 < panels) {
-          tiles_of(p, std::integral_constant<int, 2>{}, q + 1 < q1 ? p + 2 : -1);
-        } else {
-          for (int64_t j = p; j < std::min(p + 2, panels); ++j) tiles_of(j, std::integral_constant<int, 1>{}, -1);
-        }
+      const int64_t p = 2 * q;
+      if (joint && p + 1 < panels) {
+        tiles_of(p, std::integral_constant<int, 2>{}, q_next >= 0 ? 2 * q_next : -1);
+      } else {
+        for (int64_t j = p; j < std::min(p + 2, panels); ++j) tiles_of(j, std::integral_constant<int, 1>{}, -1);
       }
-    });
+    }, std::integral_constant<int, 2 * TileRows * kPanel>{}, two_ended);
   }
 }
 
@@ -576,7 +615,7 @@ void gemm_a8(const float* x, int64_t M, int64_t K, const int8_t* packed, int64_t
                                                           K32, packed + p * stride, ws_of(p), acc, stride, nb * kPanel);
     });
   };
-  for_each_pair_tile<kVnniPairRows>(M, N, K32, true, scales, bias, out, run);
+  for_each_pair_tile<kVnniPairRows>(M, N, K32, true, false, scales, bias, out, run);
 #else
   auto run = [&](int64_t p, int64_t m, int rows, std::vector<float>&, float* acc) {
     with_rows<kA8Rows>(rows, [&](auto mr) {
@@ -865,7 +904,7 @@ void gemm_bf16x2(const uint16_t* x, int64_t M, int64_t K2, const uint16_t* packe
                                                             ahead, lines);
     });
   };
-  for_each_pair_tile<kBf16Rows>(M, N, K2 * 2, M >= kBf16PairRows, nullptr, bias, out, run);
+  for_each_pair_tile<kBf16Rows>(M, N, K2 * 2, M >= kBf16PairRows, M >= kBf16PairRows, nullptr, bias, out, run);
 }
 
 // The same pair-packed weight, widened to float32 in registers and multiplied with float32
