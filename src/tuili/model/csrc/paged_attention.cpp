@@ -62,6 +62,7 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
   constexpr bool kFastType = kBf16Attention && G > 0 && std::is_same_v<T, at::BFloat16>;
   const bool fast = kFastType && q16 != nullptr && dim % 64 == 0 && block_size % 16 == 0;
   constexpr int64_t kAhead = 4;  // blocks requested ahead of the one being read
+  constexpr int64_t kAheadUnits = 12;  // units requested ahead (`streamed`): 4 groups of 3 kv heads
   const int64_t group = G > 0 ? G : heads / kv_heads;
   const int64_t threads = at::get_num_threads();
   const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
@@ -128,6 +129,8 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> scores, norm;
+    std::vector<const char*> units;  // see `streamed` below
+    std::vector<int64_t> chunk_unit0, rows0;
 #ifdef TUILI_AMX_SCORES
     std::vector<uint16_t> qt;  // the task's queries as B tiles: [kv head][32-dim chunk][16 pairs][G x 2]
     alignas(64) float tile_out[16 * 16];
@@ -151,11 +154,51 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
       const int64_t seq_first = seq_first_of(b);
       const int64_t* table = tables + b * table_width;
       const float* qb = q + (b * heads + h0 * group) * dim;
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        // This chunk's positions: [first, end_pos), whole blocks of the sequence's range.
+      // Chunk c's positions: [first, end), whole blocks of the sequence's range.
+      auto bounds = [&](int64_t c) -> std::pair<int64_t, int64_t> {
         const int64_t chunk0 = (seq_first - seq_first % block_size) + c * chunk_blocks * block_size;
-        const int64_t first = std::max(seq_first, chunk0);
-        const int64_t end_pos = c + 1 < chunks ? std::min(seq_end, chunk0 + chunk_blocks * block_size) : seq_end;
+        return {std::max(seq_first, chunk0),
+                c + 1 < chunks ? std::min(seq_end, chunk0 + chunk_blocks * block_size) : seq_end};
+      };
+      // The bf16 loops (fast, without AMX) request what they read next from one list of the
+      // task's reads in the order they come: per chunk, the score pass's K rows (16-row groups,
+      // a kv head at a time), then the output passes' V rows (a kv head's pass over all the
+      // groups, then the next head's). A unit is one group's rows of one kv head; each unit read
+      // requests the unit kAheadUnits on, a row's lines at a time, so requests go out at the
+      // rate of the reads in every pass and from chunk to chunk. Before, the first output pass
+      // requested whole V rows (the other heads' passes then read from L2 and requested
+      // nothing), V's first blocks were requested whole during each score pass, and requests
+      // for whole blocks stall the loops until they drain (a /tmp loop reading 384-byte rows of
+      // random 6 KB blocks with some arithmetic a row, Zen 5: 6.6-7.5 ms with each row's lines
+      // requested 32-64 rows ahead, 8.0-8.7 with 5-8 rows' at once, 11.4-12.1 with a block's).
+      const bool streamed = fast && !amx;
+      const int64_t hn = h1 - h0;  // units per group
+      if (streamed) {  // units[u]: unit u's first row; chunk_unit0[j]: chunk c_begin + j's first unit
+        units.clear();
+        chunk_unit0.clear();
+        for (int64_t c = c_begin; c < c_end; ++c) {
+          const int64_t f = bounds(c).first, e = bounds(c).second;
+          chunk_unit0.push_back(static_cast<int64_t>(units.size()));
+          rows0.clear();  // the slot of each group's first row
+          for (int64_t t0 = f - f % block_size; t0 < e; t0 += block_size)
+            for (int64_t i = std::max<int64_t>(0, f - t0), n = std::min(e - t0, block_size); i < n; i += 16)
+              rows0.push_back(table[t0 / block_size] * block_size + i);
+          for (int64_t slot : rows0)
+            for (int64_t h = h0; h < h1; ++h)
+              units.push_back(reinterpret_cast<const char*>(k_cache + (slot * kv_heads + h) * dim));
+          for (int64_t h = h0; h < h1; ++h)
+            for (int64_t slot : rows0)
+              units.push_back(reinterpret_cast<const char*>(v_cache + (slot * kv_heads + h) * dim));
+        }
+        chunk_unit0.push_back(static_cast<int64_t>(units.size()));
+      }
+      auto unit_at = [&](int64_t u) -> const char* {
+        return u < static_cast<int64_t>(units.size()) ? units[u] : nullptr;
+      };
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const std::pair<int64_t, int64_t> span = bounds(c);
+        const int64_t first = span.first, end_pos = span.second;
+        const int64_t chunk0 = (seq_first - seq_first % block_size) + c * chunk_blocks * block_size;
         // Requests ahead run on to the end of this task's last chunk.
         const int64_t ahead_end =
             c_end < chunks ? std::min(seq_end, chunk0 + (c_end - c) * chunk_blocks * block_size) : seq_end;
@@ -181,7 +224,8 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
         // a row's lines at each position (K during the score pass, V during the first output
         // pass), not a whole block's at once: at batch 32 a block's 96 requests issued together
         // stalled the loop until they drained (attention over 30 layers 26.4 ms; spread: 18.2).
-        // V's first blocks are requested whole during the score pass.
+        // V's first blocks are requested whole during the score pass. (The bf16 loops without
+        // AMX request from the task's list instead: `streamed` above.)
         const int64_t row_bytes = (h1 - h0) * dim * static_cast<int64_t>(sizeof(T));
         auto ahead_row = [&](const T* cache, int64_t t0) -> const char* {  // block t0 + kAhead's first row, or null
           const int64_t ta = t0 + kAhead * block_size;
@@ -203,8 +247,20 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
             for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
         };
         const int64_t start_block = first - first % block_size;
-        if (c == c_begin)  // later chunks' first blocks were requested by the chunk before
+        // streamed: this chunk's first K unit in the list, its groups, and its first V unit
+        const int64_t unit0 = streamed ? chunk_unit0[c - c_begin] : 0;
+        const int64_t groups = streamed ? (chunk_unit0[c - c_begin + 1] - unit0) / (2 * hn) : 0;
+        const int64_t v_unit0 = unit0 + groups * hn;
+        const int64_t row_bytes2 = row_stride * static_cast<int64_t>(sizeof(T));
+        const int64_t head_bytes = dim * static_cast<int64_t>(sizeof(T));
+        if (c == c_begin && streamed) {  // nothing is read yet to spread these over
+          for (int64_t u = 1; u < kAheadUnits; ++u)
+            if (const char* p = unit_at(u))
+              for (int64_t r = 0; r < 16; ++r)
+                for (int64_t off = 0; off < head_bytes; off += 64) _mm_prefetch(p + r * row_bytes2 + off, _MM_HINT_T0);
+        } else if (c == c_begin) {  // later chunks' first blocks were requested by the chunk before
           for (int64_t a = 1; a < kAhead; ++a) prefetch_block(k_cache, start_block + a * block_size);
+        }
         const char* k_ahead = nullptr;  // the K block kAhead blocks past the one being read
         auto next_block = [&](int64_t t0) {
           k_ahead = ahead_row(k_cache, t0);
@@ -259,18 +315,17 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
   #ifdef __AVX512BF16__
         if constexpr (kFastType) {
           if (fast && !amx) {  // 16 positions of a block at a time
+            int64_t u = unit0;  // the unit being read
             for (int64_t t0 = start_block; t0 < end_pos; t0 += block_size) {
-              next_block(t0);
               const int64_t slot0 = table[t0 / block_size] * block_size;
               const int64_t n = std::min(end_pos - t0, block_size);
               for (int64_t i = std::max<int64_t>(0, first - t0); i < n; i += 16)
-                for (int64_t kvh = h0; kvh < h1; ++kvh)
+                for (int64_t kvh = h0; kvh < h1; ++kvh, ++u)
                   scores16<G>(q16 + (b * heads + kvh * G) * dim,
                               reinterpret_cast<const uint16_t*>(k_cache + ((slot0 + i) * kv_heads + kvh) * dim),
                               row_stride, dim, std::min<int64_t>(16, n - i), scale,
                               scores.data() + (kvh - h0) * G * len + (t0 + i - first), len,
-                              k_ahead ? k_ahead + ((i * kv_heads + kvh - h0) * dim) * 2 : nullptr, row_stride * 2,
-                              dim * 2 / 64);
+                              unit_at(u + kAheadUnits), row_stride * 2, dim * 2 / 64);
             }
           }
         }
@@ -350,8 +405,10 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
                 __m512 acc[G][4];
   #pragma GCC unroll 8
                 for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = _mm512_setzero_ps();
+                const bool first_pass = kvh == h0 && d == 0;  // requests the rows ahead
                 auto pf = [&](int64_t t0) {
-                  v_ahead = kvh == h0 && d == 0 ? ahead_row(v_cache, t0) : nullptr;
+                  if (streamed) return;  // the list requests each pass's rows
+                  v_ahead = first_pass ? ahead_row(v_cache, t0) : nullptr;
                   // The next block's 64 dims of this kv head, into L1: the passes after the first
                   // find the rows in L2 only and waited on them (kernel_ab --bf16-queries, Zen 5:
                   // 1.12-1.13x at batch 16 and 32; two blocks ahead 0.97-0.98x of one).
@@ -366,26 +423,34 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
                 // Block by block, the row and weight addresses walked by pointer: through
                 // for_each_position each row cost a division (its offset in the block, for the
                 // request ahead) and a product for its address, and the pass ran 1.1x slower.
+                int64_t u = v_unit0 + (kvh - h0) * groups;  // streamed: the unit being read
                 for (int64_t t0 = start_block; t0 < end_pos; t0 += block_size) {
                   pf(t0);
                   const int64_t i0 = std::max<int64_t>(0, first - t0), n = std::min(end_pos - t0, block_size);
                   const T* vp = v_cache + ((table[t0 / block_size] * block_size + i0) * kv_heads + kvh) * dim + d;
                   const float* w = sk + (t0 + i0 - first) * ps;
-                  const char* pa = v_ahead != nullptr ? v_ahead + i0 * row_stride * static_cast<int64_t>(sizeof(T)) : nullptr;
-                  for (int64_t i = i0; i < n; ++i, vp += row_stride, w += ps) {
-                    if (pa != nullptr) {
-                      prefetch_at(pa);
-                      pa += row_stride * static_cast<int64_t>(sizeof(T));
-                    }
-                    const __m512 v0 = tuili::load16(vp), v1 = tuili::load16(vp + 16), v2 = tuili::load16(vp + 32),
-                                 v3 = tuili::load16(vp + 48);
+                  const char* pa = !streamed && v_ahead != nullptr ? v_ahead + i0 * row_bytes2 : nullptr;
+                  for (int64_t g0 = i0; g0 < n; g0 += 16, ++u) {  // a group of 16 rows at a time
+                    if (streamed && d == 0) pa = unit_at(u + kAheadUnits);
+                    for (int64_t i = g0, ge = std::min(g0 + 16, n); i < ge; ++i, vp += row_stride, w += ps) {
+                      if (pa != nullptr) {
+                        if (streamed) {  // one kv head's lines of the row
+                          for (int64_t off = 0; off < head_bytes; off += 64) _mm_prefetch(pa + off, _MM_HINT_T0);
+                        } else {
+                          prefetch_at(pa);
+                        }
+                        pa += row_bytes2;
+                      }
+                      const __m512 v0 = tuili::load16(vp), v1 = tuili::load16(vp + 16), v2 = tuili::load16(vp + 32),
+                                   v3 = tuili::load16(vp + 48);
   #pragma GCC unroll 8
-                    for (int g = 0; g < G; ++g) {
-                      const __m512 wg = _mm512_set1_ps(w[g * gs]);
-                      acc[g][0] = _mm512_fmadd_ps(wg, v0, acc[g][0]);
-                      acc[g][1] = _mm512_fmadd_ps(wg, v1, acc[g][1]);
-                      acc[g][2] = _mm512_fmadd_ps(wg, v2, acc[g][2]);
-                      acc[g][3] = _mm512_fmadd_ps(wg, v3, acc[g][3]);
+                      for (int g = 0; g < G; ++g) {
+                        const __m512 wg = _mm512_set1_ps(w[g * gs]);
+                        acc[g][0] = _mm512_fmadd_ps(wg, v0, acc[g][0]);
+                        acc[g][1] = _mm512_fmadd_ps(wg, v1, acc[g][1]);
+                        acc[g][2] = _mm512_fmadd_ps(wg, v2, acc[g][2]);
+                        acc[g][3] = _mm512_fmadd_ps(wg, v3, acc[g][3]);
+                      }
                     }
                   }
                 }
