@@ -1,5 +1,6 @@
-// The decode attention's AVX512-BF16 and AMX pieces (paged_attention.cpp): bf16 score tiles
-// with their lane sums and the AMX scores' softmax (bf16 rows are widened by vec.h's load16). Kept
+// The decode attention's AVX512-BF16 and AMX pieces (paged_attention.cpp): the list of a
+// task's reads that its requests ahead follow, bf16 score tiles with their lane sums and the
+// AMX scores' softmax (bf16 rows are widened by vec.h's load16). Kept
 // apart so that file stays one readable kernel; included by it alone.
 #pragma once
 #ifdef __AVX2__
@@ -8,10 +9,47 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "vec.h"
 
 namespace {
+// ---- the decode attention's requests ahead in the bf16 vector loops ------------------------
+// One decode-attention task's reads in the order the bf16 loops without AMX make them: per
+// chunk, the score pass's K rows (groups of 16 rows, a kv head at a time), then the output
+// passes' V rows (a kv head's pass over all the groups, then the next head's). A unit is one
+// group's rows of one kv head; each unit read requests the unit kAheadUnits on, a row's
+// lines at a time, so requests go out at the rate of the reads in every pass and from chunk
+// to chunk. Before, the first output pass requested whole V rows (the other heads' passes
+// then read from L2 and requested nothing), V's first blocks were requested whole during
+// each score pass, and requests for whole blocks stall the loops until they drain (a /tmp
+// loop reading 384-byte rows of random 6 KB blocks with some arithmetic a row, Zen 5:
+// 6.6-7.5 ms with each row's lines requested 32-64 rows ahead, 8.0-8.7 with 5-8 rows' at
+// once, 11.4-12.1 with a block's). units[u]: unit u's first row (kv head h0 + its head);
+// chunk_unit0[j]: chunk j's first unit (`chunks` + 1 entries); bounds(j): chunk j's
+// positions [first, end); rows0: scratch.
+template <typename T, typename Bounds>
+void list_reads(const T* k_cache, const T* v_cache, const int64_t* table, int64_t block_size, int64_t kv_heads,
+                int64_t dim, int64_t h0, int64_t h1, int64_t chunks, Bounds bounds, std::vector<const char*>& units,
+                std::vector<int64_t>& chunk_unit0, std::vector<int64_t>& rows0) {
+  units.clear();
+  chunk_unit0.clear();
+  for (int64_t j = 0; j < chunks; ++j) {
+    const int64_t f = bounds(j).first, e = bounds(j).second;
+    chunk_unit0.push_back(static_cast<int64_t>(units.size()));
+    rows0.clear();  // the slot of each group's first row
+    for (int64_t t0 = f - f % block_size; t0 < e; t0 += block_size)
+      for (int64_t i = std::max<int64_t>(0, f - t0), n = std::min(e - t0, block_size); i < n; i += 16)
+        rows0.push_back(table[t0 / block_size] * block_size + i);
+    for (int64_t slot : rows0)
+      for (int64_t h = h0; h < h1; ++h)
+        units.push_back(reinterpret_cast<const char*>(k_cache + (slot * kv_heads + h) * dim));
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t slot : rows0) units.push_back(reinterpret_cast<const char*>(v_cache + (slot * kv_heads + h) * dim));
+  }
+  chunk_unit0.push_back(static_cast<int64_t>(units.size()));
+}
+
 #ifdef __AVX512BF16__
 // ---- bf16 caches with bf16 queries on AVX512-BF16 CPUs --------------------------------------
 // A bf16 cache belongs to a bf16 model, whose queries are bf16 too: q . k then is a sum of

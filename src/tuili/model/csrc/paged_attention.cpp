@@ -160,38 +160,14 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
         return {std::max(seq_first, chunk0),
                 c + 1 < chunks ? std::min(seq_end, chunk0 + chunk_blocks * block_size) : seq_end};
       };
-      // The bf16 loops (fast, without AMX) request what they read next from one list of the
-      // task's reads in the order they come: per chunk, the score pass's K rows (16-row groups,
-      // a kv head at a time), then the output passes' V rows (a kv head's pass over all the
-      // groups, then the next head's). A unit is one group's rows of one kv head; each unit read
-      // requests the unit kAheadUnits on, a row's lines at a time, so requests go out at the
-      // rate of the reads in every pass and from chunk to chunk. Before, the first output pass
-      // requested whole V rows (the other heads' passes then read from L2 and requested
-      // nothing), V's first blocks were requested whole during each score pass, and requests
-      // for whole blocks stall the loops until they drain (a /tmp loop reading 384-byte rows of
-      // random 6 KB blocks with some arithmetic a row, Zen 5: 6.6-7.5 ms with each row's lines
-      // requested 32-64 rows ahead, 8.0-8.7 with 5-8 rows' at once, 11.4-12.1 with a block's).
+      // The bf16 loops without AMX request what they read next from one list of the task's
+      // reads (list_reads in attention_bf16.h): units[u] is unit u's first row, and chunk
+      // c_begin + j's units start at chunk_unit0[j].
       const bool streamed = fast && !amx;
       const int64_t hn = h1 - h0;  // units per group
-      if (streamed) {  // units[u]: unit u's first row; chunk_unit0[j]: chunk c_begin + j's first unit
-        units.clear();
-        chunk_unit0.clear();
-        for (int64_t c = c_begin; c < c_end; ++c) {
-          const int64_t f = bounds(c).first, e = bounds(c).second;
-          chunk_unit0.push_back(static_cast<int64_t>(units.size()));
-          rows0.clear();  // the slot of each group's first row
-          for (int64_t t0 = f - f % block_size; t0 < e; t0 += block_size)
-            for (int64_t i = std::max<int64_t>(0, f - t0), n = std::min(e - t0, block_size); i < n; i += 16)
-              rows0.push_back(table[t0 / block_size] * block_size + i);
-          for (int64_t slot : rows0)
-            for (int64_t h = h0; h < h1; ++h)
-              units.push_back(reinterpret_cast<const char*>(k_cache + (slot * kv_heads + h) * dim));
-          for (int64_t h = h0; h < h1; ++h)
-            for (int64_t slot : rows0)
-              units.push_back(reinterpret_cast<const char*>(v_cache + (slot * kv_heads + h) * dim));
-        }
-        chunk_unit0.push_back(static_cast<int64_t>(units.size()));
-      }
+      if (streamed)
+        list_reads(k_cache, v_cache, table, block_size, kv_heads, dim, h0, h1, c_end - c_begin,
+                   [&](int64_t j) { return bounds(c_begin + j); }, units, chunk_unit0, rows0);
       auto unit_at = [&](int64_t u) -> const char* {
         return u < static_cast<int64_t>(units.size()) ? units[u] : nullptr;
       };
