@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "vec.h"
@@ -35,7 +36,8 @@ void list_reads(const T* k_cache, const T* v_cache, const int64_t* table, int64_
   units.clear();
   chunk_unit0.clear();
   for (int64_t j = 0; j < chunks; ++j) {
-    const int64_t f = bounds(j).first, e = bounds(j).second;
+    const std::pair<int64_t, int64_t> span = bounds(j);
+    const int64_t f = span.first, e = span.second;
     chunk_unit0.push_back(static_cast<int64_t>(units.size()));
     rows0.clear();  // the slot of each group's first row
     for (int64_t t0 = f - f % block_size; t0 < e; t0 += block_size)

@@ -157,8 +157,8 @@ struct NextPair {
   int64_t p, part, parts;
 };
 
-// Items [0, n) over the threads; f(q, q_next, acc) per item, with q_next the item the thread
-// takes after q (-1: none or not known) and acc a per-thread float buffer of AccFloats.
+// Items [0, n) over the threads; f(q, q_next) per item, with q_next the item the thread takes
+// after q (-1: none or not known).
 // two_ended: each thread's share is taken as it goes, not fixed up front. A product of a
 // decode step lasts 20-110 us a thread, and with halves fixed at the start a thread that
 // started late or was held up (the server's event loop shares the cores) left the other
@@ -169,12 +169,11 @@ struct NextPair {
 // pays where the tiles request the next item's weights themselves (the bf16 pair tiles from
 // kBf16PairRows rows; kernel_ab.py, Zen 5: 0.91-0.93x at 1 and 6 rows without the requests,
 // and no gain for the int8 tiles). Otherwise: contiguous shares fixed up front.
-template <typename F, int AccFloats>
-void for_each_item_two_ended(int64_t n, F&& f, std::integral_constant<int, AccFloats>, bool two_ended) {
+template <typename F>
+void for_each_item_two_ended(int64_t n, bool two_ended, F&& f) {
   if (!two_ended) {
     at::parallel_for(0, n, 1, [&](int64_t q0, int64_t q1) {
-      alignas(64) float acc[AccFloats];
-      for (int64_t q = q0; q < q1; ++q) f(q, q + 1 < q1 ? q + 1 : -1, acc);
+      for (int64_t q = q0; q < q1; ++q) f(q, q + 1 < q1 ? q + 1 : -1);
     });
     return;
   }
@@ -183,16 +182,15 @@ void for_each_item_two_ended(int64_t n, F&& f, std::integral_constant<int, AccFl
   std::vector<std::atomic<int64_t>> taken(ranges);
   for (auto& a : taken) a.store(0, std::memory_order_relaxed);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    alignas(64) float acc[AccFloats];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t / 2, lo = n * (2 * r) / threads, hi = n * std::min(2 * r + 2, threads) / threads;
       std::atomic<int64_t>& count = taken[r];
       const bool back = t % 2 == 1;
       for (int64_t i = 0; count.fetch_add(1, std::memory_order_relaxed) < hi - lo; ++i) {
         if (back)
-          f(hi - 1 - i, hi - 2 - i >= lo ? hi - 2 - i : -1, acc);
+          f(hi - 1 - i, hi - 2 - i >= lo ? hi - 2 - i : -1);
         else
-          f(lo + i, lo + i + 1 < hi ? lo + i + 1 : -1, acc);
+          f(lo + i, lo + i + 1 < hi ? lo + i + 1 : -1);
       }
     }
   });
@@ -212,7 +210,8 @@ void for_each_pair_tile(int64_t M, int64_t N, int64_t row_bytes, bool joint, boo
   const int64_t row_block = row_block_rows(row_bytes, TileRows);
   for (int64_t m0 = 0; m0 < M; m0 += row_block) {
     const int64_t m1 = std::min(M, m0 + row_block), tiles = (m1 - m0 + TileRows - 1) / TileRows;
-    for_each_item_two_ended(pairs, [&](int64_t q, int64_t q_next, float* acc) {
+    for_each_item_two_ended(pairs, two_ended, [&](int64_t q, int64_t q_next) {
+      alignas(64) float acc[2 * TileRows * kPanel];
       auto tiles_of = [&](int64_t p, auto np, int64_t next) {  // np: panels per tile, a compile-time 1 or 2
         int64_t part = 0;
         balanced_tiles(m0, m1, tiles, [&](int64_t m, int rows) {
@@ -229,7 +228,7 @@ void for_each_pair_tile(int64_t M, int64_t N, int64_t row_bytes, bool joint, boo
       } else {
         for (int64_t j = p; j < std::min(p + 2, panels); ++j) tiles_of(j, std::integral_constant<int, 1>{}, -1);
       }
-    }, std::integral_constant<int, 2 * TileRows * kPanel>{}, two_ended);
+    });
   }
 }
 
