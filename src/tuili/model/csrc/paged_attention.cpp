@@ -174,10 +174,8 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
       for (int64_t c = c_begin; c < c_end; ++c) {
         const std::pair<int64_t, int64_t> span = bounds(c);
         const int64_t first = span.first, end_pos = span.second;
-        const int64_t chunk0 = (seq_first - seq_first % block_size) + c * chunk_blocks * block_size;
         // Requests ahead run on to the end of this task's last chunk.
-        const int64_t ahead_end =
-            c_end < chunks ? std::min(seq_end, chunk0 + (c_end - c) * chunk_blocks * block_size) : seq_end;
+        const int64_t ahead_end = bounds(c_end - 1).second;
         const int64_t len = std::max<int64_t>(0, end_pos - first);
         const int64_t part = part0[b] + c * heads + h0 * group;  // first partial row of this task
         float* ob = chunks > 1 ? part_o.get() + part * dim : out + (b * heads + h0 * group) * dim;
