@@ -370,8 +370,12 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
         const char* v_ahead = nullptr;  // in the first output pass, the V block kAhead blocks on
   #ifdef __AVX512BF16__
         if constexpr (kFastType) {
-          if (fast) {  // 64 dims of the G heads' outputs in registers, one pass per slice
-            const int64_t gs = amx ? 1 : len, ps = amx ? G : 1;  // a weight's index: g * gs + pos * ps
+          if (streamed) {  // group by group, the heads in turn (attention_bf16.h)
+            v_pass_grouped<G>(v_cache, table, block_size, kv_heads, dim, h0, h1, first, end_pos, sc, len, norm.data(),
+                              ob, v_unit0, unit_at, kAheadUnits);
+            continue;
+          }
+          if (fast) {  // AMX scores: 64 dims of the G heads' outputs in registers, one pass per slice
             for (int64_t kvh = h0; kvh < h1; ++kvh) {
               const float* sk = sc + (kvh - h0) * G * len;
               float* ok = ob + (kvh - h0) * G * dim;
@@ -381,7 +385,6 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
                 for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = _mm512_setzero_ps();
                 const bool first_pass = kvh == h0 && d == 0;  // requests the rows ahead
                 auto pf = [&](int64_t t0) {
-                  if (streamed) return;  // the list requests each pass's rows
                   v_ahead = first_pass ? ahead_row(v_cache, t0) : nullptr;
                   // The next block's 64 dims of this kv head, into L1: the passes after the first
                   // find the rows in L2 only and waited on them (kernel_ab --bf16-queries, Zen 5:
@@ -397,34 +400,26 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
                 // Block by block, the row and weight addresses walked by pointer: through
                 // for_each_position each row cost a division (its offset in the block, for the
                 // request ahead) and a product for its address, and the pass ran 1.1x slower.
-                int64_t u = v_unit0 + (kvh - h0) * groups;  // streamed: the unit being read
                 for (int64_t t0 = start_block; t0 < end_pos; t0 += block_size) {
                   pf(t0);
                   const int64_t i0 = std::max<int64_t>(0, first - t0), n = std::min(end_pos - t0, block_size);
                   const T* vp = v_cache + ((table[t0 / block_size] * block_size + i0) * kv_heads + kvh) * dim + d;
-                  const float* w = sk + (t0 + i0 - first) * ps;
-                  const char* pa = !streamed && v_ahead != nullptr ? v_ahead + i0 * row_bytes2 : nullptr;
-                  for (int64_t g0 = i0; g0 < n; g0 += 16, ++u) {  // a group of 16 rows at a time
-                    if (streamed && d == 0) pa = unit_at(u + kAheadUnits);
-                    for (int64_t i = g0, ge = std::min(g0 + 16, n); i < ge; ++i, vp += row_stride, w += ps) {
-                      if (pa != nullptr) {
-                        if (streamed) {  // one kv head's lines of the row
-                          for (int64_t off = 0; off < head_bytes; off += 64) _mm_prefetch(pa + off, _MM_HINT_T0);
-                        } else {
-                          prefetch_at(pa);
-                        }
-                        pa += row_bytes2;
-                      }
-                      const __m512 v0 = tuili::load16(vp), v1 = tuili::load16(vp + 16), v2 = tuili::load16(vp + 32),
-                                   v3 = tuili::load16(vp + 48);
+                  const float* w = sk + (t0 + i0 - first) * G;
+                  const char* pa = v_ahead != nullptr ? v_ahead + i0 * row_bytes2 : nullptr;
+                  for (int64_t i = i0; i < n; ++i, vp += row_stride, w += G) {
+                    if (pa != nullptr) {
+                      prefetch_at(pa);
+                      pa += row_bytes2;
+                    }
+                    const __m512 v0 = tuili::load16(vp), v1 = tuili::load16(vp + 16), v2 = tuili::load16(vp + 32),
+                                 v3 = tuili::load16(vp + 48);
   #pragma GCC unroll 8
-                      for (int g = 0; g < G; ++g) {
-                        const __m512 wg = _mm512_set1_ps(w[g * gs]);
-                        acc[g][0] = _mm512_fmadd_ps(wg, v0, acc[g][0]);
-                        acc[g][1] = _mm512_fmadd_ps(wg, v1, acc[g][1]);
-                        acc[g][2] = _mm512_fmadd_ps(wg, v2, acc[g][2]);
-                        acc[g][3] = _mm512_fmadd_ps(wg, v3, acc[g][3]);
-                      }
+                    for (int g = 0; g < G; ++g) {
+                      const __m512 wg = _mm512_set1_ps(w[g]);
+                      acc[g][0] = _mm512_fmadd_ps(wg, v0, acc[g][0]);
+                      acc[g][1] = _mm512_fmadd_ps(wg, v1, acc[g][1]);
+                      acc[g][2] = _mm512_fmadd_ps(wg, v2, acc[g][2]);
+                      acc[g][3] = _mm512_fmadd_ps(wg, v3, acc[g][3]);
                     }
                   }
                 }
