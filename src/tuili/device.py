@@ -25,6 +25,9 @@ The environment switches it reads (the README's "Switches" lists them too):
 - `TUILI_INT8_AMX_ROWS=N`: on CPUs with AMX, int8 products of at least N rows run on AMX
   tiles instead of the VNNI tiles (0: never). Unset: measured once per machine, `model/paths.py`.
 
+- `TUILI_HUGEPAGES=0`: the packed weights and the KV cache stay in ordinary memory instead of
+  mappings that ask Linux for 2 MB pages (`model/hugepages.py`; `huge_pages_wanted`).
+
 It imports nothing from `tuili.model`: the kernels report what they were built with
 (`gemm_available`, `gemm_amx_available`) and the policy here takes those as arguments.
 """
@@ -132,6 +135,12 @@ def amx_allowed() -> bool:
     """TUILI_AMX: AMX tiles may be used where the CPU has them (unless it is 0). The C++
     product reads the same variable (gemm.cpp, gemm_amx_available)."""
     return os.environ.get("TUILI_AMX", "1") != "0"
+
+
+def huge_pages_wanted(device: torch.device) -> bool:
+    """TUILI_HUGEPAGES: large CPU buffers (packed weights, the KV cache) ask for 2 MB pages
+    (unless it is 0); whether Linux lends them is `model/hugepages.py`'s `available`."""
+    return device.type == "cpu" and os.environ.get("TUILI_HUGEPAGES", "1") != "0"
 
 
 def weight_packing(device: torch.device, gemm_built: bool, amx_tiles: bool) -> tuple[bool, bool]:

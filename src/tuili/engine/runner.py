@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..device import huge_pages_wanted
+from ..model import hugepages
 from ..model.layers import AttentionMetadata, PrefillSpan
 from .kv_cache import cdiv
 from .sampler import SampleRequest, Sampler
@@ -59,12 +61,19 @@ class ModelRunner:
         cfg = model.cfg
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
 
+        # On the CPU the caches ask Linux for 2 MB pages (model/hugepages.py): a decode step
+        # reads blocks placed anywhere in the pool, each a TLB miss on 4 KB pages.
+        huge = huge_pages_wanted(self.device) and hugepages.available()
+
+        def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            if huge:
+                return hugepages.zeros(shape, dtype)
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+
         def layer_cache() -> tuple[torch.Tensor, ...]:
-            kv = (torch.zeros(shape, dtype=kv_dtype, device=self.device),
-                  torch.zeros(shape, dtype=kv_dtype, device=self.device))
+            kv = (zeros(shape, kv_dtype), zeros(shape, kv_dtype))
             if kv_dtype is torch.int8:
-                kv += (torch.zeros(shape[:-1], dtype=torch.float32, device=self.device),
-                       torch.zeros(shape[:-1], dtype=torch.float32, device=self.device))
+                kv += (zeros(shape[:-1], torch.float32), zeros(shape[:-1], torch.float32))
             return kv
 
         self.kv_caches = [layer_cache() for _ in range(cfg.num_layers)]

@@ -19,7 +19,8 @@ import logging
 import torch
 
 from ..config import INT4_GROUP_SIZES, QUANT_MODES, parse_quantization  # noqa: F401 - re-exported
-from ..device import cpu_has_avx512, weight_packing
+from ..device import cpu_has_avx512, huge_pages_wanted, weight_packing
+from . import hugepages
 from .kernels import cpu_kernels
 from .paths import bf16_rows_invariant, int8_paths
 from .packed import (PACKED_MAX_ROWS, bf16_dense_rows, PackedInt4Weight, PackedWeight, int8_activations,  # noqa: F401
@@ -107,16 +108,35 @@ def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> No
     if mode == "int4" and packing:  # straight to the packed codes
         _convert_linears(model, lambda w: quantize_int4_packed(w, group), f"quantizing to {mode}",
                          head=quantize_int8_packed)
-        return
-    if mode == "int8" and packing:  # scales per block of 32 (torch's op has per column only)
+    elif mode == "int8" and packing:  # scales per block of 32 (torch's op has per column only)
         _convert_linears(model, quantize_int8_packed, f"quantizing to {mode}")
-        return
-    if mode != "none":
-        quantize_model(model, mode, group)
-    if packing:
-        if dense and mode == "none":  # the measured crossover decides whether a plain copy pays
-            dense = bf16_dense_rows([tuple(getattr(model.layers[0], n).shape) for n in LINEARS])
-        _convert_linears(model, lambda w: pack_weight(w, dense), None)
+    else:
+        if mode != "none":
+            quantize_model(model, mode, group)
+        if packing:
+            if dense and mode == "none":  # the measured crossover decides whether a plain copy pays
+                dense = bf16_dense_rows([tuple(getattr(model.layers[0], n).shape) for n in LINEARS])
+            _convert_linears(model, lambda w: pack_weight(w, dense), None)
+    if packing and huge_pages_wanted(model.device) and hugepages.available():
+        packed_to_huge_pages(model)
+
+
+def packed_to_huge_pages(model: torch.nn.Module) -> int:
+    """Move the packed weights' panels (bf16 and int8 panels, int4 codes) into one mapping on
+    2 MB pages (model/hugepages.py); returns the bytes moved."""
+    weights = [getattr(layer, n) for layer in model.layers for n in LINEARS] + [model.lm_head]
+    fields = [(w, "packed") if isinstance(w, PackedWeight) else (w, "codes")
+              for w in weights if isinstance(w, (PackedWeight, PackedInt4Weight))]
+    tensors = [getattr(w, f) for w, f in fields]
+    if not tensors:
+        return 0
+    arena = hugepages.Arena(hugepages.arena_bytes(tensors))
+    for (w, f), t in zip(fields, tensors):
+        setattr(w, f, arena.take(t.contiguous()))
+    moved = hugepages.arena_bytes(tensors)
+    log.info("packed weights: %.0f MB in one mapping asking for 2 MB pages (THP %s; this process: %.0f MB on "
+             "huge pages)", moved / 1e6, hugepages.thp_mode(), hugepages.process_huge_bytes() / 1e6)
+    return moved
 
 
 def _convert_linears(model: torch.nn.Module, convert, desc: str | None, head=None) -> None:
