@@ -37,20 +37,21 @@ def test_zeros_come_on_huge_pages_when_linux_lends_them():
 @pytest.mark.skipif(cpu_kernels() is None or not cpu_kernels().gemm_available(), reason="no packed products here")
 @pytest.mark.parametrize("quant,kv", [("none", "auto"), ("int8", "int8"), ("int4", "auto")])
 def test_weights_and_caches_on_huge_pages_give_the_same_tokens_to_the_bit(tiny_model, monkeypatch, quant, kv):
-    """The packed weights move into one mapping and each K/V cache gets one of its own; the
-    tokens and logprobs are those of ordinary memory (TUILI_HUGEPAGES=0)."""
+    """The packed weights move into one mapping and the K/V caches into another; the tokens
+    and logprobs are those of ordinary memory (TUILI_HUGEPAGES=0)."""
     import tuili.device
     from tuili import LLM, SamplingParams
     from tuili.model.quant import PackedInt4Weight, PackedWeight
 
     monkeypatch.setattr(tuili.device, "cpu_has_fast_bf16", lambda: False)  # the packed products
-    folder = tiny_model("llama", vocab_size=300, intermediate_size=128, seed=5)
+    # packed weights of 2.6 MB (int4) to 10 MB (bf16), 3-6 MB of K/V: past the one-page threshold
+    folder = tiny_model("llama", vocab_size=2000, hidden_size=256, intermediate_size=2048, seed=5)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
     prompts = [[5, 9, 17, 33, 2, 8], list(range(20, 47))]
     results = {}
     for setting in ("0", "1"):
         monkeypatch.setenv("TUILI_HUGEPAGES", setting)
-        llm = LLM(str(folder), dtype="bfloat16", quantization=quant, kv_cache_dtype=kv, block_size=4, num_kv_blocks=64)
+        llm = LLM(str(folder), dtype="bfloat16", quantization=quant, kv_cache_dtype=kv, block_size=4, num_kv_blocks=1024)
         model = llm.engine.model
         weights = [w for layer in model.layers
                    for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight)]
@@ -61,13 +62,21 @@ def test_weights_and_caches_on_huge_pages_give_the_same_tokens_to_the_bit(tiny_m
         caches = [t for layer in llm.engine.runner.kv_caches for t in layer]
         if setting == "1":  # one mapping for all panels, 2 MB aligned caches
             assert len(storages) == 1 and min(p.data_ptr() for p in panels) % hugepages.PAGE == 0
-            assert all(t.data_ptr() % hugepages.PAGE == 0 for t in caches)
+            assert len({t.untyped_storage().data_ptr() for t in caches}) == 1
+            assert min(t.data_ptr() for t in caches) % hugepages.PAGE == 0
         else:
             assert len(storages) == len(panels)
         outs = llm.generate(prompts, params)
         results[setting] = [(o.outputs[0].token_ids, [(lp.logprob, lp.top) for lp in o.outputs[0].logprobs])
                             for o in outs]
     assert results["0"] == results["1"]
+
+
+@thp
+def test_less_than_a_page_in_all_stays_in_ordinary_memory():
+    assert hugepages.arena_for([((100, 100), torch.float32)] * 10) is None  # 400 KB
+    arena = hugepages.arena_for([((512, 1024), torch.float32)] * 2)  # 4 MB
+    assert arena is not None and arena.nbytes >= 4 << 20
 
 
 def test_the_switch_keeps_ordinary_memory(monkeypatch):

@@ -61,22 +61,19 @@ class ModelRunner:
         cfg = model.cfg
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
 
-        # On the CPU the caches ask Linux for 2 MB pages (model/hugepages.py): a decode step
-        # reads blocks placed anywhere in the pool, each a TLB miss on 4 KB pages.
-        huge = huge_pages_wanted(self.device) and hugepages.available()
+        layout = [(shape, kv_dtype)] * 2 + ([(shape[:-1], torch.float32)] * 2 if kv_dtype is torch.int8 else [])
+        # On the CPU the caches lie in one mapping that asks Linux for 2 MB pages
+        # (model/hugepages.py): a decode step reads blocks placed anywhere in the pool, each a
+        # TLB miss on 4 KB pages.
+        arena = hugepages.arena_for([(s, d) for s, d in layout] * cfg.num_layers) \
+            if huge_pages_wanted(self.device) else None
 
         def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            if huge:
-                return hugepages.zeros(shape, dtype)
+            if arena is not None:
+                return arena.empty(shape, dtype).zero_()
             return torch.zeros(shape, dtype=dtype, device=self.device)
 
-        def layer_cache() -> tuple[torch.Tensor, ...]:
-            kv = (zeros(shape, kv_dtype), zeros(shape, kv_dtype))
-            if kv_dtype is torch.int8:
-                kv += (zeros(shape[:-1], torch.float32), zeros(shape[:-1], torch.float32))
-            return kv
-
-        self.kv_caches = [layer_cache() for _ in range(cfg.num_layers)]
+        self.kv_caches = [tuple(zeros(s, d) for s, d in layout) for _ in range(cfg.num_layers)]
 
     # ---- whole blocks, for the KV tiers --------------------------------------
     def _tensors(self) -> list[torch.Tensor]:

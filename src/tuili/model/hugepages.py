@@ -10,8 +10,8 @@ at batch 32 1.02-1.05x faster. Where the kernel lends none (THP `never`, another
 fragmented machine) the buffers are ordinary memory and everything works the same.
 
 `Arena` is one mapping that tensors are copied into (the packed weights: one arena for the
-model, so small weights share pages); `zeros` is a tensor of its own mapping (a layer's K
-or V cache). TUILI_HUGEPAGES=0 (`tuili.device.huge_pages_wanted`) keeps plain allocations.
+model, so small weights share pages; one for a runner's K/V caches); `zeros` is a tensor of
+its own mapping. TUILI_HUGEPAGES=0 (`tuili.device.huge_pages_wanted`) keeps plain allocations.
 """
 from __future__ import annotations
 
@@ -83,6 +83,13 @@ class Arena:
 def arena_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes an arena needs to take all of `tensors`."""
     return sum(_round_up(t.numel() * t.element_size(), _ALIGN) for t in tensors)
+
+
+def arena_for(layout: list[tuple[tuple[int, ...], torch.dtype]]) -> Arena | None:
+    """An arena for tensors of these (shape, dtype), or None where huge pages are not to be
+    had here or would not pay (less than one 2 MB page in all)."""
+    nbytes = sum(_round_up(_tensor_bytes(shape, dtype), _ALIGN) for shape, dtype in layout)
+    return Arena(nbytes) if available() and nbytes >= PAGE else None
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

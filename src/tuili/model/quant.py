@@ -117,7 +117,7 @@ def prepare_linears(model: torch.nn.Module, quantization: tuple[str, int]) -> No
             if dense and mode == "none":  # the measured crossover decides whether a plain copy pays
                 dense = bf16_dense_rows([tuple(getattr(model.layers[0], n).shape) for n in LINEARS])
             _convert_linears(model, lambda w: pack_weight(w, dense), None)
-    if packing and huge_pages_wanted(model.device) and hugepages.available():
+    if packing and huge_pages_wanted(model.device):
         packed_to_huge_pages(model)
 
 
@@ -128,9 +128,9 @@ def packed_to_huge_pages(model: torch.nn.Module) -> int:
     fields = [(w, "packed") if isinstance(w, PackedWeight) else (w, "codes")
               for w in weights if isinstance(w, (PackedWeight, PackedInt4Weight))]
     tensors = [getattr(w, f) for w, f in fields]
-    if not tensors:
+    arena = hugepages.arena_for([(tuple(t.shape), t.dtype) for t in tensors])
+    if arena is None:
         return 0
-    arena = hugepages.Arena(hugepages.arena_bytes(tensors))
     for (w, f), t in zip(fields, tensors):
         setattr(w, f, arena.take(t.contiguous()))
     moved = hugepages.arena_bytes(tensors)
