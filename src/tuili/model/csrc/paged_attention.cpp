@@ -62,7 +62,7 @@ void decode_kernel_avx2(const float* q, const T* k_cache, const T* v_cache, cons
   constexpr bool kFastType = kBf16Attention && G > 0 && std::is_same_v<T, at::BFloat16>;
   const bool fast = kFastType && q16 != nullptr && dim % 64 == 0 && block_size % 16 == 0;
   constexpr int64_t kAhead = 4;  // blocks requested ahead of the one being read
-  constexpr int64_t kAheadUnits = 12;  // units requested ahead (`streamed`): 4 groups of 3 kv heads
+  constexpr int64_t kAheadUnits = 3;  // units requested ahead (`streamed`): the next group, head for head
   const int64_t group = G > 0 ? G : heads / kv_heads;
   const int64_t threads = at::get_num_threads();
   const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
