@@ -24,7 +24,6 @@ The environment switches it reads (the README's "Switches" lists them too):
   the crossover above, `model/paths.py`.
 - `TUILI_INT8_AMX_ROWS=N`: on CPUs with AMX, int8 products of at least N rows run on AMX
   tiles instead of the VNNI tiles (0: never). Unset: measured once per machine, `model/paths.py`.
-
 - `TUILI_HUGEPAGES=0`: the packed weights and the KV cache stay in ordinary memory instead of
   mappings that ask Linux for 2 MB pages (`model/hugepages.py`; `huge_pages_wanted`).
 

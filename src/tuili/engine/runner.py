@@ -65,8 +65,7 @@ class ModelRunner:
         # On the CPU the caches lie in one mapping that asks Linux for 2 MB pages
         # (model/hugepages.py): a decode step reads blocks placed anywhere in the pool, each a
         # TLB miss on 4 KB pages.
-        arena = hugepages.arena_for([(s, d) for s, d in layout] * cfg.num_layers) \
-            if huge_pages_wanted(self.device) else None
+        arena = hugepages.arena_for(layout * cfg.num_layers) if huge_pages_wanted(self.device) else None
 
         def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             if arena is not None:
