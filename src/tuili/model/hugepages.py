@@ -5,7 +5,7 @@ of weights and 57,000 of K/V (blocks of 16 tokens placed anywhere in the pool), 
 translation the TLB does not hold; on 2 MB pages the same bytes lie on about 250 pages.
 Linux lends them to memory that asks for them (`madvise(MADV_HUGEPAGE)`; transparent huge
 pages in `madvise` mode, the usual default, give them to nobody else). Measured on the
-Zen 5 EPYC (benchmarks/decode_step.py --huge-pages, docs/BENCHMARKS.md): a decode step
+Zen 5 EPYC (benchmarks/decode_step.py, docs/BENCHMARKS.md): a decode step
 at batch 32 1.02-1.05x faster. Where the kernel lends none (THP `never`, another OS, a
 fragmented machine) the buffers are ordinary memory and everything works the same.
 
