@@ -52,16 +52,13 @@ def main() -> None:
                     for _ in range(2)) for _ in range(cfg.num_layers)]
     norms, stack_caches, linears, sizes = model._decode_stack(caches)
 
-    def huge(t: torch.Tensor) -> torch.Tensor:
-        out = hugepages.zeros(tuple(t.shape), t.dtype)
-        out.copy_(t)
-        return out
-
-    arena = hugepages.Arena(hugepages.arena_bytes([w[0] for w in linears]))
+    # as the server lays them out: one mapping for the packed panels, one for the caches
+    panels = hugepages.Arena(hugepages.arena_bytes([w[0] for w in linears]))
+    kv = hugepages.Arena(hugepages.arena_bytes([t for c in stack_caches for t in c[:2]]))
     layouts = {
         "4 KB pages": ([[t.clone() for t in c] for c in stack_caches], [[w[0].clone()] + w[1:] for w in linears]),
-        "2 MB pages": ([[huge(c[0]), huge(c[1])] + c[2:] for c in stack_caches],
-                       [[arena.take(w[0])] + w[1:] for w in linears]),
+        "2 MB pages": ([[kv.take(c[0]), kv.take(c[1])] + c[2:] for c in stack_caches],
+                       [[panels.take(w[0])] + w[1:] for w in linears]),
     }
 
     def step(c, w) -> None:

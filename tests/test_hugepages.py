@@ -23,9 +23,10 @@ def test_an_arena_holds_exact_copies_aligned_and_refuses_to_overflow():
 
 
 @thp
-def test_zeros_come_on_huge_pages_when_linux_lends_them():
+def test_an_arena_comes_on_huge_pages_when_linux_lends_them():
     before = hugepages.process_huge_bytes()
-    t = hugepages.zeros((8, 1024, 1024), torch.float32)  # 32 MB, written once
+    layout = [((8, 1024, 1024), torch.float32)]  # 32 MB, written once
+    t = hugepages.arena_for(layout).empty(*layout[0]).zero_()
     assert t.data_ptr() % hugepages.PAGE == 0 and not t.any()
     t += 1
     assert t.sum() == t.numel()
@@ -51,7 +52,8 @@ def test_weights_and_caches_on_huge_pages_give_the_same_tokens_to_the_bit(tiny_m
     results = {}
     for setting in ("0", "1"):
         monkeypatch.setenv("TUILI_HUGEPAGES", setting)
-        llm = LLM(str(folder), dtype="bfloat16", quantization=quant, kv_cache_dtype=kv, block_size=4, num_kv_blocks=1024)
+        llm = LLM(str(folder), dtype="bfloat16", quantization=quant, kv_cache_dtype=kv, block_size=4,
+                  num_kv_blocks=1024)
         model = llm.engine.model
         weights = [w for layer in model.layers
                    for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight)]

@@ -9,20 +9,17 @@ Zen 5 EPYC (benchmarks/decode_step.py, docs/BENCHMARKS.md): a decode step
 at batch 32 1.02-1.05x faster. Where the kernel lends none (THP `never`, another OS, a
 fragmented machine) the buffers are ordinary memory and everything works the same.
 
-`Arena` is one mapping that tensors are copied into (the packed weights: one arena for the
-model, so small weights share pages; one for a runner's K/V caches); `zeros` is a tensor of
-its own mapping. TUILI_HUGEPAGES=0 (`tuili.device.huge_pages_wanted`) keeps plain allocations.
+`Arena` is one mapping that tensors are copied into or laid out in (the packed weights: one
+arena for the model, so small weights share pages; one for a runner's K/V caches);
+`arena_for` makes one where it pays. TUILI_HUGEPAGES=0 (`tuili.device.huge_pages_wanted`) keeps plain allocations.
 """
 from __future__ import annotations
 
-import logging
 import mmap
 import re
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger("tuili.memory")
 
 PAGE = 2 << 20
 _ALIGN = 64  # each tensor in an arena starts on a cache line
@@ -64,6 +61,11 @@ class Arena:
     def nbytes(self) -> int:
         return self._raw.numel()
 
+    @property
+    def used(self) -> int:
+        """Bytes handed out so far (the last tensor's end)."""
+        return self._used
+
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor in the next free stretch (zeros when never written)."""
         nbytes = _tensor_bytes(shape, dtype)
@@ -80,29 +82,28 @@ class Arena:
         return out
 
 
+def _tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * dtype.itemsize
+
+
+def _layout_bytes(layout: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Bytes an arena needs for tensors of these (shape, dtype), each starting on a cache line."""
+    return sum(_round_up(_tensor_bytes(shape, dtype), _ALIGN) for shape, dtype in layout)
+
+
 def arena_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes an arena needs to take all of `tensors`."""
-    return sum(_round_up(t.numel() * t.element_size(), _ALIGN) for t in tensors)
+    return _layout_bytes([(tuple(t.shape), t.dtype) for t in tensors])
 
 
 def arena_for(layout: list[tuple[tuple[int, ...], torch.dtype]]) -> Arena | None:
     """An arena for tensors of these (shape, dtype), or None where huge pages are not to be
     had here or would not pay (less than one 2 MB page in all)."""
-    nbytes = sum(_round_up(_tensor_bytes(shape, dtype), _ALIGN) for shape, dtype in layout)
+    nbytes = _layout_bytes(layout)
     return Arena(nbytes) if available() and nbytes >= PAGE else None
-
-
-def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor on a mapping of its own that asks for huge pages, written once so its
-    memory is taken now, as torch.zeros would."""
-    return Arena(_tensor_bytes(shape, dtype)).empty(shape, dtype).zero_()
-
-
-def _tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * torch.empty(0, dtype=dtype).element_size()
 
 
 def process_huge_bytes() -> int:

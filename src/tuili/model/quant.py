@@ -133,10 +133,9 @@ def packed_to_huge_pages(model: torch.nn.Module) -> int:
         return 0
     for (w, f), t in zip(fields, tensors):
         setattr(w, f, arena.take(t.contiguous()))
-    moved = hugepages.arena_bytes(tensors)
     log.info("packed weights: %.0f MB in one mapping asking for 2 MB pages (THP %s; this process: %.0f MB on "
-             "huge pages)", moved / 1e6, hugepages.thp_mode(), hugepages.process_huge_bytes() / 1e6)
-    return moved
+             "huge pages)", arena.used / 1e6, hugepages.thp_mode(), hugepages.process_huge_bytes() / 1e6)
+    return arena.used
 
 
 def _convert_linears(model: torch.nn.Module, convert, desc: str | None, head=None) -> None:

@@ -1,7 +1,7 @@
 // The decode attention's AVX512-BF16 and AMX pieces (paged_attention.cpp): the list of a
 // task's reads that its requests ahead follow, bf16 score tiles with their lane sums, the
-// weighted sum of V rows group by group, and the AMX scores' softmax (bf16 rows are widened by vec.h's load16). Kept
-// apart so that file stays one readable kernel; included by it alone.
+// weighted sum of V rows group by group, and the AMX scores' softmax (bf16 rows are widened
+// by vec.h's load16). Kept apart so that file stays one readable kernel; included by it alone.
 #pragma once
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -23,9 +23,9 @@ namespace {
 // unit read requests the unit kAheadUnits on (paged_attention.cpp: 3, the next group's same
 // head; kernel_ab --bf16-queries at batch 32, Zen 5: 1.07-1.08x 6 units against 12, 1.04x 3
 // against 6, 0.97-0.98x 4 against 3, 0.88x 2 against 3), a row's lines at a time, so
-// requests go out at the rate of the reads in every pass and from chunk to chunk. Before, the first output pass requested whole V rows (the other heads' passes
-// then read from L2 and requested nothing), V's first blocks were requested whole during
-// each score pass, and requests for whole blocks stall the loops until they drain (a /tmp
+// requests go out at the rate of the reads in every pass and from chunk to chunk. Before,
+// the first output pass requested whole V rows (the other heads' passes then read from L2
+// and requested nothing), V's first blocks were requested whole during each score pass, and requests for whole blocks stall the loops until they drain (a /tmp
 // loop reading 384-byte rows of random 6 KB blocks with some arithmetic a row, Zen 5:
 // 6.6-7.5 ms with each row's lines requested 32-64 rows ahead, 8.0-8.7 with 5-8 rows' at
 // once, 11.4-12.1 with a block's). units[u]: unit u's first row (kv head h0 + its head);
