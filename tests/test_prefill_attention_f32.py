@@ -38,6 +38,13 @@ def test_matches_the_pytorch_path(heads, kv_heads, dim, q_len, ctx_len, window, 
     assert err_got <= 3 * err_want + 1e-6, (err_got, err_want)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 48), (2, 1, 16)])  # an odd number of 16-dim panels
+@pytest.mark.parametrize("q_len,ctx_len,window,block_size", [(200, 200, 0, 16), (37, 300, 0, 16), (120, 120, 50, 16)])
+def test_head_dims_of_an_odd_number_of_panels(heads, kv_heads, dim, q_len, ctx_len, window, block_size, monkeypatch):
+    test_matches_the_pytorch_path(heads, kv_heads, dim, q_len, ctx_len, window, block_size, torch.bfloat16,
+                                  monkeypatch)
+
+
 def test_positions_past_the_context_and_outside_the_window_weigh_nothing():
     """Rows past ctx_len are never read (here NaN), and positions a query may not see, though
     their scores are made in the same panel, get a weight of exactly 0 (here huge values)."""

