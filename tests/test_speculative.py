@@ -251,6 +251,62 @@ def test_drafts_follow_row_cost_and_acceptance():
     assert tries > 0
 
 
+def test_sequences_whose_drafts_cannot_pay_are_not_looked_up(monkeypatch):
+    """A sequence whose first draft could not clear the step's bar even at the best shared rate
+    costs no look-up; the plan is the one the look-ups would have given."""
+    def trained(slope, accepted):
+        prop = NgramProposer(6)
+        for _ in range(40):
+            prop.observe_step(1, 1.0)
+            prop.observe_step(5, 1.0 + 4 * slope)
+        seqs = [_copying(i) for i in range(4)]
+        for s in seqs:
+            prop.propose(s, 6)
+            for _ in range(8):
+                prop.observe(s, 6, accepted)
+        return prop, seqs
+
+    looked = []
+    real = NgramProposer._lookup
+    monkeypatch.setattr(NgramProposer, "_lookup", lambda self, *a: looked.append(1) or real(self, *a))
+    prop, seqs = trained(1.0, 0)  # dear rows, drafts that fail: nothing can pay in a batch of 16
+    looked.clear()
+    assert prop.plan([(s, 6) for s in seqs], 16, 100) == {}
+    assert not looked
+    prop, seqs = trained(0.02, 6)  # cheap rows, drafts that land: looked up and drafted
+    looked.clear()
+    assert prop.plan([(seqs[0], 6)], 1, 100) == {0: list(range(101, 107))}
+    assert looked
+    # the same plans as with every sequence looked up, over states from failing to landing
+    for slope in (0.02, 0.3, 1.0):
+        for accepted in (0, 2, 6):
+            for rows in (1, 4, 16, 32):
+                prop, seqs = trained(slope, accepted)
+                ref, ref_seqs = trained(slope, accepted)
+                want = _plan_looking_up_all(ref, [(s, 6) for s in ref_seqs], rows, 100)
+                assert prop.plan([(s, 6) for s in seqs], rows, 100) == want, (slope, accepted, rows)
+
+
+def _plan_looking_up_all(prop, candidates, base_rows, max_drafts):
+    """`plan` as it was before sequences were skipped: every candidate looked up."""
+    drafts, offers = {}, []
+    for seq, limit in candidates:
+        toks = prop.propose(seq, limit)
+        if toks:
+            drafts[seq.seq_id] = toks
+            offers += [(p, seq.seq_id, j) for j, p in enumerate(prop.emit_chances(seq, len(toks)))]
+    offers.sort(key=lambda o: -o[0])
+    a, b = prop.cost.line()
+    expected, cost, taken = float(base_rows), a + b * base_rows, {}
+    for p, sid, j in offers[:max_drafts]:
+        if p * cost <= b * expected:
+            break
+        expected += p
+        cost += b
+        taken[sid] = j + 1
+    return {sid: drafts[sid][:n] for sid, n in taken.items()}
+
+
 def test_prometheus_counters_follow_engine_totals():
     from tuili.serve.metrics import Metrics
 

@@ -48,7 +48,8 @@ so the length is chosen per step from two things the engine measures as it runs:
 A step's drafts are then taken greedily, most likely first, while a draft's chance p of
 being emitted beats what its row costs at the step's current rate: p / b > E / T, with E
 the tokens the step is expected to emit (a row per sequence, prefill tokens counted as
-rows of work) and T its cost. At batch 1 a sequence copying its prompt drafts up to
+rows of work) and T its cost. That bar only rises as drafts are taken, so a sequence whose
+first draft could not clear it even at the best shared rate is not looked up that step. At batch 1 a sequence copying its prompt drafts up to
 `speculative_tokens`, one that paraphrases drafts one or none; in a full batch only the
 sequences whose drafts keep landing draft at all. A sequence left without drafts drifts
 back towards the shared rates, so it tries again later.
@@ -207,14 +208,27 @@ class NgramProposer:
         self.pending.clear()  # drafts planned last step but dropped (no room) were never verified
         drafts: dict[int, list[int]] = {}
         offers = []  # (chance, seq_id, position)
+        a, b = self.cost.line()
+        # A draft is taken while p * cost > b * expected, and that bar only rises as drafts are
+        # taken; so a sequence whose first draft could not clear it at the start, even at the best
+        # shared rate, is not looked up (at batch 32 on a CPU most are not: its look-ups took
+        # about 2% of a run), and drifts back towards the shared rates as if it had been.
+        bar = b * base_rows / max(a + b * base_rows, 1e-30)
+        best_shared = max(r.value for r in self.first[self.min_n:])
         for seq, limit in candidates:
+            if limit > 0 and getattr(seq, "guide", None) is None:
+                st = self._state(seq)
+                bound = self.calibration * (st.first.hits + PRIOR_WEIGHT * best_shared) / (st.first.tries + PRIOR_WEIGHT)
+                if bound <= bar:
+                    st.first.hits *= IDLE_DECAY
+                    st.first.tries *= IDLE_DECAY
+                    continue
             toks = self.propose(seq, limit)
             if not toks:
                 continue
             drafts[seq.seq_id] = toks
             offers += [(p, seq.seq_id, j) for j, p in enumerate(self.emit_chances(seq, len(toks)))]
         offers.sort(key=lambda o: -o[0])
-        a, b = self.cost.line()
         expected, cost = float(base_rows), a + b * base_rows
         taken: dict[int, int] = {}
         for p, sid, j in offers[:max(max_drafts, 0)]:
