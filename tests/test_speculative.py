@@ -210,36 +210,39 @@ def _copying(seq_id):  # a sequence whose last tokens match earlier ones, 6 foll
     return SimpleNamespace(seq_id=seq_id, token_ids=list(range(100, 110)) * 2 + [100], guide=None)
 
 
-def test_drafts_follow_row_cost_and_acceptance():
-    def trained(slope, accepted):
-        prop = NgramProposer(6)
-        for _ in range(40):
-            prop.observe_step(1, 1.0)
-            prop.observe_step(5, 1.0 + 4 * slope)
-        seqs = [_copying(i) for i in range(4)]
-        for s in seqs:
-            prop.propose(s, 6)
-            for _ in range(8):
-                prop.observe(s, 6, accepted)
-        return prop, seqs
+def _trained(slope, accepted):
+    """A proposer whose steps cost 1 + slope a row beyond the first, and four sequences copying
+    their prompts whose last 8 verifications accepted `accepted` of 6 drafts."""
+    prop = NgramProposer(6)
+    for _ in range(40):
+        prop.observe_step(1, 1.0)
+        prop.observe_step(5, 1.0 + 4 * slope)
+    seqs = [_copying(i) for i in range(4)]
+    for s in seqs:
+        prop.propose(s, 6)
+        for _ in range(8):
+            prop.observe(s, 6, accepted)
+    return prop, seqs
 
+
+def test_drafts_follow_row_cost_and_acceptance():
     # cheap rows (a step bound by reading the weights) and drafts that land: all of them
-    prop, seqs = trained(0.02, 6)
+    prop, seqs = _trained(0.02, 6)
     assert prop.plan([(seqs[0], 6)], 1, 100) == {0: list(range(101, 107))}
     assert prop.plan([(seqs[0], 3)], 1, 100) == {0: [101, 102, 103]}  # within the sequence's limit
     assert sum(map(len, prop.plan([(s, 6) for s in seqs], 4, 5).values())) == 5  # within the budget
     # rows that cost as much as the step: even landing drafts do not pay in a batch of 16
-    prop, seqs = trained(1.0, 6)
+    prop, seqs = _trained(1.0, 6)
     assert prop.plan([(s, 6) for s in seqs], 16, 100) == {}
     # drafts that break after the third: three
-    prop, seqs = trained(0.3, 3)
+    prop, seqs = _trained(0.3, 3)
     assert prop.plan([(seqs[0], 6)], 1, 100) == {0: [101, 102, 103]}
     # drafts that keep failing: none at batch 1 even with cheap rows
-    prop, seqs = trained(0.02, 0)
+    prop, seqs = _trained(0.02, 0)
     assert prop.plan([(seqs[0], 6)], 1, 100) == {}
     # with dearer rows, the sequence drifts back to the shared rate while it does not draft,
     # then tries again once other sequences' drafts land
-    prop, seqs = trained(0.3, 0)
+    prop, seqs = _trained(0.3, 0)
     other = SimpleNamespace(seq_id=9, token_ids=[5, 6, 7, 5, 6, 7, 5, 6, 7, 5], guide=None)
     for _ in range(60):  # the other sequences land theirs (the shared rates recover)
         prop.propose(other, 6)
@@ -254,26 +257,14 @@ def test_drafts_follow_row_cost_and_acceptance():
 def test_sequences_whose_drafts_cannot_pay_are_not_looked_up(monkeypatch):
     """A sequence whose first draft could not clear the step's bar even at the best shared rate
     costs no look-up; the plan is the one the look-ups would have given."""
-    def trained(slope, accepted):
-        prop = NgramProposer(6)
-        for _ in range(40):
-            prop.observe_step(1, 1.0)
-            prop.observe_step(5, 1.0 + 4 * slope)
-        seqs = [_copying(i) for i in range(4)]
-        for s in seqs:
-            prop.propose(s, 6)
-            for _ in range(8):
-                prop.observe(s, 6, accepted)
-        return prop, seqs
-
     looked = []
     real = NgramProposer._lookup
     monkeypatch.setattr(NgramProposer, "_lookup", lambda self, *a: looked.append(1) or real(self, *a))
-    prop, seqs = trained(1.0, 0)  # dear rows, drafts that fail: nothing can pay in a batch of 16
+    prop, seqs = _trained(1.0, 0)  # dear rows, drafts that fail: nothing can pay in a batch of 16
     looked.clear()
     assert prop.plan([(s, 6) for s in seqs], 16, 100) == {}
     assert not looked
-    prop, seqs = trained(0.02, 6)  # cheap rows, drafts that land: looked up and drafted
+    prop, seqs = _trained(0.02, 6)  # cheap rows, drafts that land: looked up and drafted
     looked.clear()
     assert prop.plan([(seqs[0], 6)], 1, 100) == {0: list(range(101, 107))}
     assert looked
@@ -281,8 +272,8 @@ def test_sequences_whose_drafts_cannot_pay_are_not_looked_up(monkeypatch):
     for slope in (0.02, 0.3, 1.0):
         for accepted in (0, 2, 6):
             for rows in (1, 4, 16, 32):
-                prop, seqs = trained(slope, accepted)
-                ref, ref_seqs = trained(slope, accepted)
+                prop, seqs = _trained(slope, accepted)
+                ref, ref_seqs = _trained(slope, accepted)
                 want = _plan_looking_up_all(ref, [(s, 6) for s in ref_seqs], rows, 100)
                 assert prop.plan([(s, 6) for s in seqs], rows, 100) == want, (slope, accepted, rows)
 

@@ -71,7 +71,7 @@ inline void attn_tile(const float* x, int64_t ldx, const float* panel, int64_t K
 // attn_tile over two panels (the second `stride` floats after the first) at once: each query
 // value broadcast feeds two FMAs instead of one, so the tile is bound by the FMAs, not by its
 // loads. Each sum is the same chain as attn_tile's (the same bits); the second panel's sums go
-// to acc + kAttnRows * kPanel. With the exponentials 16 at a time (softmax_numerators), against
+// to acc + kAttnRows * kPanel. With the exponentials 16 at a time (vec.h: exp_minus_max), against
 // one panel a tile, 30 layers on the Zen 5 EPYC: 245 queries 1.09x, 150 queries over 300
 // positions 1.12x, 37 over 200 1.07x, bit for bit the same output. The tiles now run near the
 // float32 FMA peak; the rest of the time is the softmax and reading K/V out of the blocks.
@@ -109,44 +109,6 @@ inline void attn_tile2(const float* x, int64_t ldx, const float* panel, int64_t 
   tile<MR>(x, ldx, panel + stride, K, acc + kAttnRows * kPanel);
 }
 #endif
-
-// tuili::exp_minus_max (vec.h) with the exponentials taken 16 at a time where AVX-512 is
-// built: the same values (exp16 is exp8's steps lane for lane) and the same sum, added in the
-// same order into 8 partial sums (a vector's low half, then its high half).
-inline float softmax_numerators(float* s, int64_t n, float* max_out) {
-#ifdef __AVX512F__
-  __m256 mx = _mm256_set1_ps(-INFINITY);
-  int64_t t = 0;
-  for (; t + 8 <= n; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + t));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
-  for (; t < n; ++t) m = s[t] > m ? s[t] : m;
-  const __m512 mv = _mm512_set1_ps(m);
-  __m256 sv = _mm256_setzero_ps();
-  t = 0;
-  for (; t + 16 <= n; t += 16) {
-    const __m512 e = tuili::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
-    _mm512_storeu_ps(s + t, e);
-    sv = _mm256_add_ps(sv, _mm512_castps512_ps256(e));
-    sv = _mm256_add_ps(sv, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
-  }
-  for (; t + 8 <= n; t += 8) {
-    const __m256 e = tuili::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm512_castps512_ps256(mv)));
-    _mm256_storeu_ps(s + t, e);
-    sv = _mm256_add_ps(sv, e);
-  }
-  float sum = tuili::hsum(sv);
-  for (; t < n; ++t) {
-    s[t] = std::exp(s[t] - m);
-    sum += s[t];
-  }
-  *max_out = m;
-  return sum;
-#else
-  return tuili::exp_minus_max(s, n, max_out);
-#endif
-}
 
 template <typename T>
 void prefill_f32(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, float* out, int64_t L,
@@ -218,7 +180,7 @@ void prefill_f32(const float* q, const T* k_cache, const T* v_cache, const int64
         float* sr = s.data() + r * span;
         const int64_t lo = first_visible(p0 + r, window) - base - c0, hi = p0 + r - base - c0;  // visible: [lo, hi]
         float m;
-        const float sum = softmax_numerators(sr + lo, hi - lo + 1, &m);
+        const float sum = tuili::exp_minus_max(sr + lo, hi - lo + 1, &m);
         std::fill(sr, sr + lo, 0.f);
         std::fill(sr + hi + 1, sr + width, 0.f);
         inv[r] = 1.f / sum;

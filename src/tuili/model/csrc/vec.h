@@ -48,33 +48,6 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
 }
 
-// Softmax without the division, in place over s[0, n): the max m, then s[j] = exp(s[j] - m);
-// returns the sum of the exponentials and leaves m in *max_out.
-inline float exp_minus_max(float* s, int64_t n, float* max_out) {
-  __m256 mx = _mm256_set1_ps(-INFINITY);
-  int64_t t = 0;
-  for (; t + 8 <= n; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + t));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
-  for (; t < n; ++t) m = s[t] > m ? s[t] : m;
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 sv = _mm256_setzero_ps();
-  t = 0;
-  for (; t + 8 <= n; t += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
-    _mm256_storeu_ps(s + t, e);
-    sv = _mm256_add_ps(sv, e);
-  }
-  float sum = hsum(sv);
-  for (; t < n; ++t) {
-    s[t] = std::exp(s[t] - m);
-    sum += s[t];
-  }
-  *max_out = m;
-  return sum;
-}
-
 // The first position a query at position p sees: all from 0, or its last `window` (> 0).
 inline int64_t first_visible(int64_t p, int64_t window) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0; }
 
@@ -143,6 +116,45 @@ inline __m512 round16(__m512 v, const at::BFloat16*) {
   return _mm512_castsi512_ps(_mm512_and_si512(bf16_round_bits(v), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 #endif  // __AVX512F__
+
+// Softmax without the division, in place over s[0, n): the max m, then s[j] = exp(s[j] - m);
+// returns the sum of the exponentials and leaves m in *max_out. Where AVX-512 is built the
+// exponentials go 16 at a time: exp16 is exp8's steps lane for lane, and each vector's low
+// half then its high half is added into the same 8 partial sums, so the values and the sum
+// are the same bits either way (prefill attention, 30 layers on the Zen 5 EPYC, with its
+// two-panel tiles: 1.07-1.12x at 37-245 queries).
+inline float exp_minus_max(float* s, int64_t n, float* max_out) {
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + t));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+  for (; t < n; ++t) m = s[t] > m ? s[t] : m;
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sv = _mm256_setzero_ps();
+  t = 0;
+#ifdef __AVX512F__
+  for (; t + 16 <= n; t += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), _mm512_set1_ps(m)));
+    _mm512_storeu_ps(s + t, e);
+    sv = _mm256_add_ps(sv, _mm512_castps512_ps256(e));
+    sv = _mm256_add_ps(sv, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+  }
+#endif
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+    _mm256_storeu_ps(s + t, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = hsum(sv);
+  for (; t < n; ++t) {
+    s[t] = std::exp(s[t] - m);
+    sum += s[t];
+  }
+  *max_out = m;
+  return sum;
+}
 
 #ifdef __AMX_TILE__
 // The 64-byte operand of ldtilecfg (palette 1): rows and bytes per row of each tile register.
